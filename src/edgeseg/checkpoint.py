@@ -1,0 +1,223 @@
+"""One checkpoint loader for every layout a user may hold.
+
+Users arrive with official mmseg ``.pth`` files, ImageNet backbone files, Hugging Face folders or edgeseg's own
+checkpoints; none of them should have to name the format or the architecture. Reading, layout detection (delegated
+to each family's ``convert_state_dict``) and strict loading with readable errors all live here.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .models import FAMILIES, create_model, family_of
+
+EDGESEG_FORMAT = "edgeseg"
+
+
+@dataclass
+class LoadReport:
+    """What a load did: the layout it recognised, and every key it could not place."""
+
+    family: str
+    layout_notes: list[str] = field(default_factory=list)
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    skipped_keys: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"loaded a {self.family} checkpoint"]
+        lines += [f"  note: {n}" for n in self.layout_notes]
+        for label, keys in (("missing", self.missing_keys), ("unexpected", self.unexpected_keys),
+                            ("skipped", self.skipped_keys)):
+            if keys:
+                shown = ", ".join(keys[:6]) + (f", ... (+{len(keys) - 6})" if len(keys) > 6 else "")
+                lines.append(f"  {label} ({len(keys)}): {shown}")
+        return "\n".join(lines)
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint file as a dict, safely (``weights_only=True``), with a one-line error on failure."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist: check the path")
+    if path.is_dir():
+        raise ValueError(f"checkpoint '{path}' is a folder without config.json: pass a .pth file or a Hugging Face folder")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as err:
+            raise ImportError(f"reading '{path}' needs safetensors: pip install safetensors") from err
+        return {"state_dict": load_file(str(path))}
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors are long and deep; the user needs the file name and the cause
+        raise ValueError(f"checkpoint '{path}' could not be read as a torch file ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]})") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint '{path}' holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def unwrap_state_dict(ckpt: dict[str, Any]) -> dict[str, Tensor]:
+    """The weights inside a checkpoint dict: mmcv's ``state_dict``, the ImageNet files' ``state_dict_ema``
+    (official TopFormer backbones are loaded from the EMA weights), ``model`` (DeiT-style) or a bare state dict."""
+    for key in ("state_dict_ema", "state_dict", "model"):
+        if key in ckpt and isinstance(ckpt[key], dict):
+            sd = ckpt[key]
+            break
+    else:
+        sd = ckpt
+    sd = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
+    if sd and all(k.startswith("module.") for k in sd):  # saved from a DDP wrapper
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def detect_layout(sd: dict[str, Tensor], source: str = "checkpoint") -> tuple[str, dict[str, Tensor], list[str]]:
+    """Find the family whose layout the keys are in; return (family, edgeseg-layout state dict, notes)."""
+    for fam_name, fam in FAMILIES.items():
+        converted = fam.convert_state_dict(sd)
+        if converted is not None:
+            return fam_name, converted[0], converted[1]
+    sample = ", ".join(list(sd)[:3])
+    raise ValueError(f"{source}: keys ({sample}, ...) match no supported layout "
+                     f"({', '.join(FAMILIES)} in official, Hugging Face or edgeseg form)")
+
+
+def _model_family(model: nn.Module) -> str:
+    name = getattr(model, "model_name", None)
+    if name is None:
+        raise TypeError("load_checkpoint expects an edgeseg model (built by edgeseg.create_model)")
+    return family_of(name)
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True,
+                    drop_head: bool = False) -> LoadReport:
+    """Load any supported checkpoint into ``model`` and report what happened.
+
+    - The layout (official, ImageNet backbone, Hugging Face, edgeseg) is detected from the keys.
+    - An ImageNet classification checkpoint given to a segmentation model loads the backbone; the classifier head
+      and the model's decode head are reported (skipped / missing) rather than failing: that is its purpose.
+    - A class-count mismatch fails with both counts, unless ``drop_head=True`` keeps the model's own classifier.
+    - ``strict=False`` tolerates missing/unexpected keys (still reported); shape mismatches always fail.
+    """
+    path = Path(path)
+    if _is_hf_folder(path):
+        from .models.hf_segformer import load_hf_folder
+
+        sd = load_hf_folder(path).state_dict()
+    else:
+        sd = unwrap_state_dict(read_checkpoint(path))
+    family, sd, notes = detect_layout(sd, source=f"checkpoint '{path}'")
+    target = _model_family(model)
+    if family != target:
+        src = FAMILIES[family].infer_model(sd)[0]
+        raise ValueError(f"checkpoint '{path}' holds a {family} model ({src}) but the model is "
+                         f"{model.model_name} ({target}): build it with edgeseg.load_model('{path}')")
+    report = LoadReport(family=family, layout_notes=list(notes))
+
+    own = model.state_dict()
+    src_name, src_args = FAMILIES[family].infer_model(sd)
+    backbone_only = src_name.endswith("-cls") or (src_name.startswith("mit-") and
+                                                  not model.model_name.startswith("mit-"))
+    backbone_only = backbone_only and src_name != model.model_name
+    if backbone_only:  # ImageNet file into a segmentation model: keep what both share
+        report.skipped_keys = [k for k in sd if k not in own]
+        sd = {k: v for k, v in sd.items() if k in own}
+        report.layout_notes.append(f"backbone weights from {src_name}; classifier skipped")
+
+    mismatched = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    src_classes = src_args.get("num_classes")
+    head = [k for k in mismatched if sd[k].ndim >= 1 and own[k].ndim >= 1
+            and sd[k].shape[0] == src_classes and own[k].shape[0] == model.num_classes]
+    if head and len(head) == len(mismatched):
+        if not drop_head:
+            raise ValueError(f"checkpoint '{path}' has {src_classes} classes but the model has {model.num_classes}: "
+                             f"pass drop_head=True (CLI: --drop-head) to load all but the classifier")
+        report.skipped_keys += head
+        report.layout_notes.append(f"classifier ({src_classes} classes) dropped; the model keeps its own "
+                                   f"{model.num_classes}-class classifier")
+        sd = {k: v for k, v in sd.items() if k not in head}
+        mismatched = []
+    if mismatched:
+        k = mismatched[0]
+        raise ValueError(f"checkpoint '{path}' does not fit {model.model_name}: {len(mismatched)} tensors differ in "
+                         f"shape (e.g. {k}: {list(sd[k].shape)} vs {list(own[k].shape)}); it holds {src_name} "
+                         f"{src_args}: build it with edgeseg.load_model('{path}')")
+
+    result = model.load_state_dict(sd, strict=False)
+    report.missing_keys = [k for k in result.missing_keys if k not in report.skipped_keys]
+    report.unexpected_keys = list(result.unexpected_keys)
+    if strict and not backbone_only and not drop_head and (report.missing_keys or report.unexpected_keys):
+        raise ValueError(f"checkpoint '{path}' does not match {model.model_name}: "
+                         f"{len(report.missing_keys)} missing keys (e.g. {report.missing_keys[:2]}), "
+                         f"{len(report.unexpected_keys)} unexpected (e.g. {report.unexpected_keys[:2]}); "
+                         f"pass strict=False to load the rest")
+    if strict and drop_head and report.unexpected_keys:
+        raise ValueError(f"checkpoint '{path}': unexpected keys {report.unexpected_keys[:3]} for "
+                         f"{model.model_name}; pass strict=False to ignore them")
+    return report
+
+
+def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
+    """Build the right model for any supported checkpoint and load it strictly.
+
+    edgeseg checkpoints name their architecture; for official and Hugging Face files the variant and class count are
+    read off the tensor shapes, so a user holding only an official ``.pth`` never guesses the architecture.
+    """
+    path = Path(path)
+    if _is_hf_folder(path):
+        from .models.hf_segformer import load_hf_folder
+
+        return load_hf_folder(path)
+    ckpt = read_checkpoint(path)
+    if ckpt.get("format") == EDGESEG_FORMAT:
+        name, args = ckpt["model_name"], dict(ckpt.get("model_args", {}))
+    else:
+        family, sd, _ = detect_layout(unwrap_state_dict(ckpt), source=f"checkpoint '{path}'")
+        name, args = FAMILIES[family].infer_model(sd)
+    args.update(overrides)
+    model = create_model(name, **args)
+    load_checkpoint(model, path, strict=True)
+    return model.eval()
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, extra: dict[str, Any] | None = None) -> Path:
+    """Write an edgeseg checkpoint: weights plus what rebuilds the model, plus any training state in ``extra``."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    obj = {
+        "format": EDGESEG_FORMAT,
+        "model_name": model.model_name,
+        "model_args": dict(model.model_args),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    if getattr(model, "class_names", None):
+        obj["class_names"] = list(model.class_names)
+    obj.update(extra or {})
+    return atomic_save(obj, path)

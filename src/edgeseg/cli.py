@@ -1,0 +1,168 @@
+"""``edgeseg`` command line: each subcommand parses its flags and calls the public API in a few lines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if getattr(args, "num_classes", None) is not None:
+        kwargs["num_classes"] = args.num_classes
+    if getattr(args, "sparsity", None) is not None:
+        kwargs["sparsity"] = args.sparsity
+    return kwargs
+
+
+def _build(args: argparse.Namespace):
+    from .checkpoint import load_model
+    from .models import create_model
+
+    if args.model.endswith((".pth", ".pt", ".bin", ".safetensors")) or Path(args.model).is_dir():
+        return load_model(args.model, **_model_kwargs(args))
+    return create_model(args.model, **_model_kwargs(args))
+
+
+# ----------------------------------------------------------------------------------------------------------- info
+def _info_row(name: str, size: tuple[int, int], num_classes: int | None, sparsity: float | None) -> dict[str, Any]:
+    from .deploy.benchmark import count_gmacs, count_params
+    from .models import PAPER, create_model
+
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    if sparsity is not None:
+        kwargs["sparsity"] = sparsity
+    model = create_model(name, **kwargs).eval()
+    paper = PAPER.get(name)
+    paper_out = None
+    if paper is not None:
+        paper_out = {"params_m": paper.get("params_m"), "gmacs": paper.get("gmacs"),
+                     "input_size": paper.get("input_size")}
+        if sparsity is not None and "gmacs_at_sparsity" in paper:
+            paper_out["gmacs"] = paper["gmacs_at_sparsity"].get(str(sparsity), paper_out["gmacs"])
+    return {"model": name, "input_size": list(size), "num_classes": model.num_classes,
+            "params": count_params(model), "gmacs": round(count_gmacs(model, size), 4),
+            "sparsity": sparsity, "paper": paper_out}
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .deploy.benchmark import MAC_CONVENTION
+    from .models import PAPER, list_models
+
+    size = tuple(args.size) if args.size else None
+    names = [args.model] if args.model else list_models()
+    rows = []
+    for name in names:
+        paper_size = tuple(PAPER.get(name, {}).get("input_size") or (512, 512))
+        rows.append(_info_row(name, size or paper_size, args.num_classes, args.sparsity))
+    if args.json:
+        out = rows[0] if args.model else rows
+        if args.model:
+            out = {**out, "mac_convention": MAC_CONVENTION}
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{'model':<22} {'input':>9} {'classes':>7} {'params':>12} {'paper M':>8} {'GMACs':>8} {'paper':>7}")
+    for r in rows:
+        p = r["paper"] or {}
+        pm = f"{p['params_m']:.2f}" if p.get("params_m") is not None else "-"
+        pg = f"{p['gmacs']:.1f}" if p.get("gmacs") is not None else "-"
+        size_s = "x".join(map(str, r["input_size"]))
+        print(f"{r['model']:<22} {size_s:>9} {r['num_classes']:>7} {r['params']:>12,} {pm:>8} {r['gmacs']:>8.3f} {pg:>7}")
+    print(f"GMACs: {MAC_CONVENTION}.")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .deploy.benchmark import benchmark
+
+    model = _build(args)
+    res = benchmark(model, tuple(args.size), batch=args.batch, threads=args.threads, fuse=args.fuse,
+                    min_seconds=args.seconds, name=args.model)
+    if args.sparsity is not None:
+        res.extra = {"sparsity": args.sparsity}
+    if args.json:
+        print(json.dumps(res.as_dict(), indent=2))
+    else:
+        print(f"{res.model}  {res.input_size[0]}x{res.input_size[1]}  batch {res.batch}  threads {res.threads}  "
+              f"{'fused' if res.fused else 'eager'}")
+        print(f"  latency median {res.latency_ms_median:.2f} ms   p90 {res.latency_ms_p90:.2f} ms   "
+              f"{res.images_per_s:.1f} images/s   {res.gmacs:.3f} GMACs/image   ({res.runs} runs)")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------------- convert
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model, save_checkpoint
+
+    model = load_model(args.src)
+    if args.to == "hf":
+        from .models.hf_segformer import save_hf_folder
+
+        out = save_hf_folder(model, args.dst)
+    else:
+        out = save_checkpoint(args.dst, model)
+    print(f"wrote {model.model_name} ({args.to} layout) to {out}")
+    return 0
+
+
+# Engine subcommands (train, eval, demo, ...) register a parser builder here: ENGINE_PARSERS.append(fn), where
+# fn(subparsers) adds its parser and sets `func`.
+ENGINE_PARSERS: list[Callable[[Any], None]] = []
+
+# --- engine commands ---
+# --- end engine commands ---
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeseg", description="Efficient semantic segmentation on edge devices.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="params, GMACs and the paper's figures of one or all models")
+    p.add_argument("model", nargs="?", help="model name (omit for the table of all models)")
+    p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), help="input size (default: the paper's)")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--sparsity", type=float, help="dynamic models: fraction of gated neurons pruned")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", help="latency of a model (median and p90 after warm-up)")
+    p.add_argument("model", help="model name or checkpoint path")
+    p.add_argument("--size", nargs=2, type=int, default=[512, 512], metavar=("H", "W"))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--fuse", action="store_true", help="benchmark the inference form (BN folded, decoder folded)")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--sparsity", type=float, help="dynamic models: fraction of gated neurons pruned")
+    p.add_argument("--seconds", type=float, default=3.0, help="minimum timed duration")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("convert", help="rewrite any supported checkpoint in edgeseg or Hugging Face layout")
+    p.add_argument("src", help="checkpoint file or Hugging Face folder")
+    p.add_argument("dst", help="output file (edgeseg) or folder (hf)")
+    p.add_argument("--to", choices=["edgeseg", "hf"], default="edgeseg")
+    p.set_defaults(func=cmd_convert)
+
+    for register in ENGINE_PARSERS:
+        register(sub)
+    return parser
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, ImportError) as err:  # user errors: one line, no traceback
+        print(f"edgeseg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

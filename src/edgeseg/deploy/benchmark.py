@@ -1,0 +1,125 @@
+"""The one measuring harness: parameter counts, MACs and latency.
+
+Every benchmark script and ``edgeseg info``/``edgeseg bench`` go through these functions, so a number in the README
+and a number a user measures mean the same thing.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+MAC_CONVENTION = "1 MAC = 2 FLOPs, counted by torch.utils.flop_counter (convolutions and matrix products, " \
+                 "attention products included; interpolation, norms and activations are not counted)"
+
+
+def count_params(model: nn.Module, trainable_only: bool = True) -> int:
+    """Exact number of (trainable) parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+@torch.no_grad()
+def count_gmacs(model: nn.Module, input_size: tuple[int, int] = (512, 512), batch: int = 1,
+                forward: Callable[[torch.Tensor], Any] | None = None) -> float:
+    """GMACs of one forward pass of ``batch`` images, per image.
+
+    Counted on the ops actually executed, so a dynamic model reports the MACs it really spends.
+    """
+    was_training = model.training
+    model.eval()
+    x = torch.randn(batch, 3, *input_size)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        (forward or model)(x)
+    model.train(was_training)
+    return counter.get_total_flops() / 2 / 1e9 / batch
+
+
+@dataclass
+class BenchResult:
+    """Latency statistics of one configuration (all times in milliseconds)."""
+
+    model: str
+    input_size: list[int]
+    batch: int
+    threads: int
+    fused: bool
+    latency_ms_median: float
+    latency_ms_p90: float
+    images_per_s: float
+    runs: int
+    gmacs: float | None = None
+    extra: dict | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    idx = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
+    return values[idx]
+
+
+@torch.inference_mode()
+def time_forward(fn: Callable[[], Any], warmup: int = 5, min_runs: int = 10, max_runs: int = 200,
+                 min_seconds: float = 2.0) -> list[float]:
+    """Run ``fn`` after a warm-up until both ``min_runs`` and ``min_seconds`` are reached; return ms per run."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < min_seconds):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def compare_latency(fns: dict[str, Callable[[], Any]], rounds: int = 15, warmup: int = 3) -> dict[str, list[float]]:
+    """Time several callables alternately (A, B, A, B, ...) so machine noise hits all of them alike.
+
+    Ratios of the medians are what benchmarks quote: on a shared, noisy machine only same-run ratios are stable.
+    """
+    with torch.inference_mode():
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def benchmark(model: nn.Module, input_size: tuple[int, int] = (512, 512), batch: int = 1, threads: int | None = None,
+              fuse: bool = False, min_seconds: float = 2.0, name: str | None = None,
+              with_gmacs: bool = True) -> BenchResult:
+    """Median / p90 latency of ``model`` on random input in eval mode (optionally fused first)."""
+    prev_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        model = model.eval()
+        if fuse:
+            model = model.fuse()
+        x = torch.randn(batch, 3, *input_size)
+        times = time_forward(lambda: model(x), min_seconds=min_seconds)
+        med = statistics.median(times)
+        return BenchResult(
+            model=name or getattr(model, "model_name", type(model).__name__),
+            input_size=list(input_size), batch=batch, threads=torch.get_num_threads(), fused=fuse,
+            latency_ms_median=round(med, 3), latency_ms_p90=round(_percentile(times, 0.9), 3),
+            images_per_s=round(batch * 1e3 / med, 2), runs=len(times),
+            gmacs=round(count_gmacs(model, input_size), 4) if with_gmacs else None,
+        )
+    finally:
+        torch.set_num_threads(prev_threads)

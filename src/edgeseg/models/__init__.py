@@ -1,0 +1,56 @@
+"""Model families and the one place that knows them all.
+
+Each family module exposes ``MODELS`` (name → builder), ``PAPER`` (published figures), ``convert_state_dict``
+(foreign checkpoint layouts → ours) and ``infer_model`` (architecture from tensor shapes). This module only merges
+those tables: a plain dict of builders, no registry decorators.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from torch import nn
+
+from . import segformer, topformer
+
+FAMILIES: dict[str, ModuleType] = {"TopFormer": topformer, "SegFormer": segformer}
+try:  # DynaSegFormer builds on SegFormer; it joins the table when present.
+    from . import dynamic  # noqa: F401
+
+    if hasattr(dynamic, "MODELS"):
+        FAMILIES["DynaSegFormer"] = dynamic
+except ImportError:  # pragma: no cover - only while the module does not exist yet
+    pass
+
+MODELS: dict[str, Any] = {name: build for fam in FAMILIES.values() for name, build in fam.MODELS.items()}
+PAPER: dict[str, dict] = {name: fig for fam in FAMILIES.values() for name, fig in getattr(fam, "PAPER", {}).items()}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`, in family order."""
+    return list(MODELS)
+
+
+def family_of(name: str) -> str:
+    """The family ("TopFormer", "SegFormer", ...) a model name belongs to."""
+    for fam_name, fam in FAMILIES.items():
+        if name in fam.MODELS:
+            return fam_name
+    raise KeyError(name)
+
+
+def create_model(name: str, num_classes: int | None = None, **overrides: Any) -> nn.Module:
+    """Build a model by name, e.g. ``create_model("topformer-tiny", num_classes=19)``.
+
+    ``overrides`` reach the family builder unchanged (e.g. ``head_channels=128`` for the Base Cityscapes config).
+    """
+    if name not in MODELS:
+        import difflib
+
+        close = difflib.get_close_matches(name, MODELS, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model '{name}'.{hint} `edgeseg info` lists all models.")
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    return MODELS[name](**overrides)

@@ -1,0 +1,109 @@
+"""The few building blocks shared by the model families.
+
+Every block here knows how to fold itself for inference (``fuse()``), so a model's ``fuse()`` is a walk over its
+children rather than a second implementation of the network.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """Return a conv computing ``bn(conv(x))`` in eval mode: ``W' = W·γ/σ``, ``b' = (b − μ)·γ/σ + β``."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    with torch.no_grad():
+        fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+        fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+    return fused
+
+
+class ConvBN(nn.Sequential):
+    """Conv2d (no bias) followed by BatchNorm2d, with an optional activation.
+
+    Children are named ``conv``/``bn``/``act`` so state-dict keys read as what they are; family converters map
+    the official names (``c``/``bn``, mmcv's ``conv``/``bn``) onto these.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        padding: int | None = None,
+        groups: int = 1,
+        act: type[nn.Module] | None = None,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if padding is None:
+            padding = kernel_size // 2
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
+        self.bn = nn.BatchNorm2d(out_channels)
+        if act is not None:
+            self.act = act()
+
+    def fuse(self) -> nn.Module:
+        """Fold BN into the conv; the activation (if any) stays after it."""
+        conv = fold_bn(self.conv, self.bn)
+        return nn.Sequential(conv, self.act) if hasattr(self, "act") else conv
+
+
+class HSigmoid(nn.Module):
+    """Hard sigmoid ``ReLU6(x + 3) / 6`` (TopFormer's gate, MobileNetV3's h-sigmoid)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(x + 3.0) / 6.0
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample during training, rescaling survivors."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+def fuse_modules(module: nn.Module) -> nn.Module:
+    """Replace, depth first, every child that has ``fuse()`` by its fused form; drop Dropout/DropPath.
+
+    Used by each family's ``fuse()``: blocks know how to fold themselves, this walks the tree.
+    """
+    for name, child in list(module.named_children()):
+        if isinstance(child, (nn.Dropout, nn.Dropout2d, DropPath)):
+            setattr(module, name, nn.Identity())
+        elif hasattr(child, "fuse") and callable(child.fuse):
+            setattr(module, name, child.fuse())
+        else:
+            fuse_modules(child)
+    return module
+
+
+def resize(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Bilinear resize with ``align_corners=False``, the convention of every official model here."""
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
