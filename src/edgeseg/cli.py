@@ -118,6 +118,9 @@ ENGINE_PARSERS: list[Callable[[Any], None]] = []
 # --- engine commands ---
 # --- end engine commands ---
 
+# --- distill commands ---
+# --- end distill commands ---
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgeseg", description="Efficient semantic segmentation on edge devices.")
