@@ -1,0 +1,69 @@
+"""Config loading: typed YAML, dotted overrides, typo suggestions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgeseg.config import Config, load_config
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_values_are_typed(tmp_path):
+    # PyYAML reads 6e-5 as a string; the float field must turn it into a number.
+    cfg = load_config(_write(tmp_path, "optim:\n  lr: 6e-5\ndata:\n  crop_size: [480, 480]\n"))
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 6e-5
+    assert cfg.data.crop_size == (480, 480)
+    assert cfg.schedule.warmup_iters == 1500 and cfg.optim.head_lr_mult == 10.0  # defaults kept
+
+
+def test_overrides_are_typed_by_field(tmp_path):
+    cfg = load_config(_write(tmp_path, "model:\n  name: topformer-tiny\n"),
+                      ["optim.lr=1e-4", "data.crop_size=256,256", "train.sync_bn=false", "model.num_classes=19",
+                       "model.overrides.head_channels=128", "eval.stride=null", "schedule.iters=1_000"])
+    assert cfg.optim.lr == 1e-4
+    assert cfg.data.crop_size == (256, 256)
+    assert cfg.train.sync_bn is False
+    assert cfg.model.num_classes == 19
+    assert cfg.model.overrides == {"head_channels": 128}
+    assert cfg.eval.stride is None
+    assert cfg.schedule.iters == 1000
+
+
+def test_unknown_key_suggests_nearest(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key 'optim.lrr'.*did you mean 'optim.lr'"):
+        load_config(_write(tmp_path, "optim:\n  lrr: 0.1\n"))
+    with pytest.raises(ValueError, match=r"'schedule.warmup_iter'.*did you mean 'schedule.warmup_iters'"):
+        load_config(None, ["schedule.warmup_iter=10"])
+    with pytest.raises(ValueError, match="unknown config key 'optimizer'"):
+        load_config(_write(tmp_path, "optimizer:\n  lr: 0.1\n"))
+
+
+def test_bad_values_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="optim.lr: expected float"):
+        load_config(None, ["optim.lr=fast"])
+    with pytest.raises(ValueError, match="eval.mode must be 'whole' or 'slide'"):
+        load_config(None, ["eval.mode=sliding"])
+    with pytest.raises(ValueError, match="needs eval.crop_size and eval.stride"):
+        load_config(None, ["eval.mode=slide"])
+    with pytest.raises(ValueError, match="data.crop_size: expected 2 values"):
+        load_config(None, ["data.crop_size=[1,2,3]"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(Path("no/such.yaml"))
+
+
+def test_base_and_roundtrip(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim:\n  lr: 3.0e-4\n  weight_decay: 0.05\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("_base_: base.yaml\noptim:\n  lr: 1.0e-3\n")
+    cfg = load_config(child)
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (1e-3, 0.05)
+    cfg.dump(tmp_path / "dump.yaml")
+    again = load_config(tmp_path / "dump.yaml")
+    assert again == cfg and isinstance(again, Config)
