@@ -1,0 +1,99 @@
+"""Data: mmseg dataset layouts, the papers' train/test pipelines, palettes, and the procedural ``scenes`` set.
+
+``data`` knows no model. Typical use::
+
+    from edgeseg.data import build_dataset, TrainTransform, TestTransform, collate
+
+    train = build_dataset("ade20k", "data/ade/ADEChallengeData2016", "train", TrainTransform((512, 512)))
+    val = build_dataset("ade20k", "data/ade/ADEChallengeData2016", "val", TestTransform((2048, 512), 32))
+    toy = build_dataset("scenes", None, "train", TrainTransform((256, 256), scale=(512, 256)), size=(256, 256))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .classes import CLASSES, PALETTES
+from .datasets import (
+    ADE20KDataset,
+    CityscapesDataset,
+    COCOStuff164kDataset,
+    FileSegDataset,
+    FolderDataset,
+    PascalContext60Dataset,
+    PascalContextDataset,
+    SegDataset,
+    collate,
+    read_image,
+    read_label,
+    reduce_zero_label,
+)
+from .scenes import ScenesDataset, generate_scene, save_label_png, scene_rng, write_scenes
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PhotoMetricDistortion,
+    TestTransform,
+    TrainTransform,
+    rescale_size,
+    resize_bilinear,
+    resize_nearest,
+    worker_rng,
+)
+
+# A plain dict, not a registry: the name a config gives maps straight to the class.
+DATASETS: dict[str, type[SegDataset]] = {
+    "ade20k": ADE20KDataset,
+    "cityscapes": CityscapesDataset,
+    "pascal_context": PascalContextDataset,
+    "pascal_context_60": PascalContext60Dataset,
+    "coco_stuff164k": COCOStuff164kDataset,
+    "folder": FolderDataset,
+    "scenes": ScenesDataset,
+}
+
+
+def build_dataset(
+    name: str, root: str | Path | None, split: str, transform: Callable[..., Any] | None = None, **kwargs: Any
+) -> SegDataset:
+    """``DATASETS[name](root=root, split=split, transform=transform, **kwargs)`` with a clear error for unknown
+    names. ``root`` may be None only for ``scenes`` (generated on the fly)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return DATASETS[name](root=root, split=split, transform=transform, **kwargs)
+
+
+__all__ = [
+    "ADE20KDataset",
+    "CLASSES",
+    "COCOStuff164kDataset",
+    "CityscapesDataset",
+    "DATASETS",
+    "FileSegDataset",
+    "FolderDataset",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PALETTES",
+    "PascalContext60Dataset",
+    "PascalContextDataset",
+    "PhotoMetricDistortion",
+    "ScenesDataset",
+    "SegDataset",
+    "TestTransform",
+    "TrainTransform",
+    "build_dataset",
+    "collate",
+    "generate_scene",
+    "read_image",
+    "read_label",
+    "reduce_zero_label",
+    "rescale_size",
+    "resize_bilinear",
+    "resize_nearest",
+    "save_label_png",
+    "scene_rng",
+    "worker_rng",
+    "write_scenes",
+]

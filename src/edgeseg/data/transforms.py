@@ -1,0 +1,380 @@
+"""Joint image/mask transforms: the mmseg 0.x train and test pipelines of the TopFormer and SegFormer papers.
+
+Train (``configs/_base_/datasets/ade20k.py`` and friends)::
+
+    Resize(img_scale, ratio_range, keep_ratio) -> RandomCrop(crop_size, cat_max_ratio) -> RandomFlip(0.5)
+    -> PhotoMetricDistortion -> Normalize -> Pad(crop_size, img 0, mask 255)
+
+Test::
+
+    Resize(img_scale, keep_ratio) [-> ResizeToMultiple(32) (TopFormer) / AlignedResize(32) (SegFormer)] -> Normalize
+
+The label is *not* resized at test time: mIoU is computed at the original resolution.
+
+Images are ``H×W×3`` uint8 RGB numpy arrays until ``Normalize``; labels ``H×W`` integer arrays with 255 = ignore.
+Only numpy and torch are used (no OpenCV). Resizing follows OpenCV's ``INTER_LINEAR`` (what mmcv's ``imresize``
+calls) rather than Pillow's bilinear filter, which low-pass filters when shrinking and so shifts mIoU: see
+:func:`resize_bilinear`. Label resizing follows ``INTER_NEAREST`` exactly.
+
+Randomness comes from a :class:`numpy.random.Generator`. Pass one explicitly, or let :func:`worker_rng` derive it
+from torch's per-process seed: a ``DataLoader`` worker's ``torch.initial_seed()`` is ``base_seed + worker_id`` and
+``base_seed`` is drawn from the main process's torch generator, so ``torch.manual_seed(seed + rank)`` makes every
+worker of every DDP rank reproducible and distinct.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+_RNG_CACHE: dict[tuple[int, int], np.random.Generator] = {}
+
+
+def worker_rng() -> np.random.Generator:
+    """A generator seeded from ``torch.initial_seed()`` of this process (DataLoader worker or main process).
+
+    Cached per (pid, seed): each worker keeps one stream for its lifetime, a new epoch's workers (new seeds) get
+    new streams.
+    """
+    key = (os.getpid(), torch.initial_seed())
+    rng = _RNG_CACHE.get(key)
+    if rng is None:
+        _RNG_CACHE.clear()
+        rng = _RNG_CACHE[key] = np.random.default_rng(key[1])
+    return rng
+
+
+# --------------------------------------------------------------------------------------------------- geometry
+def rescale_size(h: int, w: int, scale: Sequence[int]) -> tuple[int, int]:
+    """New ``(h, w)`` for mmcv's ``imrescale(img, scale)`` (``Resize(keep_ratio=True)``).
+
+    The long image side may reach ``max(scale)`` and the short side ``min(scale)``; the factor is
+    ``min(max(scale) / max(h, w), min(scale) / min(h, w))`` and each side is rounded as ``int(x * f + 0.5)``.
+    """
+    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+def _linear_taps(in_size: int, out_size: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of output pixels ``start..stop-1`` for OpenCV ``INTER_LINEAR``.
+
+    Half-pixel centres (``src = (dst + 0.5) * in / out - 0.5``), clamped to the border like OpenCV (and like
+    ``F.interpolate(mode="bilinear", align_corners=False)``).
+    """
+    src = (np.arange(start, stop, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5
+    src = np.maximum(src, 0.0)
+    i0 = np.floor(src).astype(np.int64)
+    frac = (src - i0).astype(np.float32)
+    i0 = np.minimum(i0, in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    return i0, i1, frac
+
+
+def _nearest_taps(in_size: int, out_size: int, start: int, stop: int) -> np.ndarray:
+    """OpenCV ``INTER_NEAREST``: ``src = floor(dst * in / out)`` (no half-pixel offset, as mmcv's labels get)."""
+    src = np.floor(np.arange(start, stop, dtype=np.float64) * (in_size / out_size)).astype(np.int64)
+    return np.minimum(src, in_size - 1)
+
+
+Window = tuple[int, int, int, int]  # (y1, y2, x1, x2) in the resized image, end-exclusive
+
+
+def resize_bilinear(img: np.ndarray, size: tuple[int, int], window: Window | None = None) -> np.ndarray:
+    """Resize an ``H×W×C`` uint8 image to ``size = (h, w)`` as OpenCV ``INTER_LINEAR`` does, optionally computing
+    only ``window`` of the result.
+
+    Computing just the crop window gives the same pixels as resizing the whole image and cropping afterwards
+    (mmseg's Resize → RandomCrop), at the cost of the crop rather than of an image up to 2× larger.
+    OpenCV rounds its weights to 11-bit fixed point, so values may differ from mmcv by at most 1 grey level.
+    """
+    out_h, out_w = size
+    y1, y2, x1, x2 = window if window is not None else (0, out_h, 0, out_w)
+    in_h, in_w = img.shape[:2]
+    if (in_h, in_w) == (out_h, out_w):
+        return img[y1:y2, x1:x2].copy()
+    r0, r1, fy = _linear_taps(in_h, out_h, y1, y2)
+    c0, c1, fx = _linear_taps(in_w, out_w, x1, x2)
+    lo, hi = int(c0.min()), int(c1.max()) + 1  # only the source columns the window reads
+    src = img[:, lo:hi]
+    top = np.take(src, r0, axis=0).astype(np.float32)
+    rows = np.take(src, r1, axis=0).astype(np.float32)
+    rows -= top
+    rows *= fy[:, None, None] if img.ndim == 3 else fy[:, None]
+    rows += top
+    left = np.take(rows, c0 - lo, axis=1)
+    out = np.take(rows, c1 - lo, axis=1)
+    out -= left
+    out *= fx[None, :, None] if img.ndim == 3 else fx[None, :]
+    out += left
+    return np.rint(out, out=out).astype(np.uint8)  # a convex combination of uint8 values: no clipping needed
+
+
+def resize_nearest(label: np.ndarray, size: tuple[int, int], window: Window | None = None) -> np.ndarray:
+    """Resize an ``H×W`` label map to ``size = (h, w)`` with OpenCV ``INTER_NEAREST``, optionally only ``window``."""
+    out_h, out_w = size
+    y1, y2, x1, x2 = window if window is not None else (0, out_h, 0, out_w)
+    in_h, in_w = label.shape[:2]
+    rows = _nearest_taps(in_h, out_h, y1, y2)
+    cols = _nearest_taps(in_w, out_w, x1, x2)
+    return np.take(np.take(label, rows, axis=0), cols, axis=1)
+
+
+def normalize_to_chw(
+    img: np.ndarray, mean: Sequence[float], std: Sequence[float], pad_to: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """``(img - mean) / std`` per RGB channel as a float32 ``3×H×W`` tensor, zero-padded at the bottom/right to
+    ``pad_to`` (mmseg pads *after* Normalize, so the pad is 0 in normalised space)."""
+    h, w = img.shape[:2]
+    ph, pw = (max(pad_to[0], h), max(pad_to[1], w)) if pad_to is not None else (h, w)
+    out = np.zeros((3, ph, pw), dtype=np.float32) if (ph, pw) != (h, w) else np.empty((3, h, w), dtype=np.float32)
+    for c in range(3):
+        dst = out[c, :h, :w]
+        np.subtract(img[..., c], np.float32(mean[c]), out=dst, dtype=np.float32)
+        dst *= np.float32(1.0 / std[c])
+    return torch.from_numpy(out)
+
+
+# ----------------------------------------------------------------------------------------------- photometric
+def rgb_to_hsv(img: np.ndarray) -> np.ndarray:
+    """uint8 RGB → uint8 HSV with OpenCV's 8-bit ranges (H in 0..179 = degrees / 2, S and V in 0..255)."""
+    r, g, b = (img[..., c].astype(np.float32) for c in range(3))
+    v = np.maximum(np.maximum(r, g), b)
+    diff = v - np.minimum(np.minimum(r, g), b)
+    s = np.floor(diff * 255.0 / np.maximum(v, 1.0) + 0.5)
+    # OpenCV's precedence: V == R first, then V == G, else V == B; hue in sextants of 30 units.
+    num = np.where(v == r, g - b, np.where(v == g, b - r + 2.0 * diff, r - g + 4.0 * diff))
+    h = np.floor(num * 30.0 / np.maximum(diff, 1.0) + 0.5)  # OpenCV rounds half up
+    h[h < 0] += 180.0
+    out = np.empty(img.shape, dtype=np.uint8)
+    out[..., 0], out[..., 1], out[..., 2] = h, s, v
+    return out
+
+
+def _hue_weights() -> np.ndarray:
+    """``clip(min(k, 4 − k), 0, 1)`` with ``k = (n + H/30) mod 6``, n = 5, 3, 1 (R, G, B), for every 8-bit hue."""
+    k = np.mod(np.arange(256, dtype=np.float32)[:, None] / 30.0 + np.array([5.0, 3.0, 1.0], dtype=np.float32), 6.0)
+    return np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0).astype(np.float32)
+
+
+_HUE_WEIGHTS = _hue_weights()
+
+
+def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`rgb_to_hsv` (OpenCV ``COLOR_HSV2RGB`` for uint8), in the closed form
+    ``channel_n = V − V·S·clip(min(k, 4 − k), 0, 1)`` with ``k = (n + H/30) mod 6``; the hue factor is a table."""
+    vs = hsv[..., 2].astype(np.float32) * hsv[..., 1].astype(np.float32) * np.float32(1.0 / 255.0)
+    out = np.take(_HUE_WEIGHTS, hsv[..., 0], axis=0)  # np.take: several times faster than fancy indexing
+    out *= -vs[..., None]
+    out += hsv[..., 2:3]
+    return np.rint(out, out=out).astype(np.uint8)
+
+
+def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """mmseg's ``x * alpha + beta``, clipped and *truncated* back to uint8 (kept: it is not rounding)."""
+    return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+class PhotoMetricDistortion:
+    """mmseg's PhotoMetricDistortion on a uint8 RGB image; each step happens with probability 0.5.
+
+    Order: brightness (±``brightness_delta``); a coin ``mode``; contrast here if ``mode == 1``; saturation
+    (in HSV); hue (±``hue_delta`` in OpenCV's 0..179 hue units); contrast here if ``mode == 0``. mmseg's comment says
+    the opposite mapping of ``mode``; the code (followed here) does contrast first when ``mode == 1``. Saturation and
+    hue each make their own RGB→HSV→RGB round trip, as mmseg does.
+    """
+
+    def __init__(
+        self,
+        brightness_delta: int = 32,
+        contrast_range: tuple[float, float] = (0.5, 1.5),
+        saturation_range: tuple[float, float] = (0.5, 1.5),
+        hue_delta: int = 18,
+    ) -> None:
+        self.brightness_delta = brightness_delta
+        self.contrast_range = contrast_range
+        self.saturation_range = saturation_range
+        self.hue_delta = hue_delta
+
+    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if rng.integers(2):
+            img = _convert(img, beta=rng.uniform(-self.brightness_delta, self.brightness_delta))
+        mode = rng.integers(2)
+        if mode == 1:
+            img = self._contrast(img, rng)
+        if rng.integers(2):
+            hsv = rgb_to_hsv(img)
+            hsv[..., 1] = _convert(hsv[..., 1], alpha=rng.uniform(*self.saturation_range))
+            img = hsv_to_rgb(hsv)
+        if rng.integers(2):
+            hsv = rgb_to_hsv(img)
+            # numpy's randint(-d, d) excludes +d; kept.
+            shift = int(rng.integers(-self.hue_delta, self.hue_delta))
+            hsv[..., 0] = (hsv[..., 0].astype(np.int64) + shift) % 180
+            img = hsv_to_rgb(hsv)
+        if mode == 0:
+            img = self._contrast(img, rng)
+        return img
+
+    def _contrast(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if rng.integers(2):
+            return _convert(img, alpha=rng.uniform(*self.contrast_range))
+        return img
+
+
+# ------------------------------------------------------------------------------------------------ pipelines
+class TrainTransform:
+    """The papers' training pipeline (mmseg 0.x), applied to one ``(image, label)`` pair.
+
+    Args:
+        crop_size: ``(h, w)`` of the training crop (ADE20K 512×512, Cityscapes 512×1024, Pascal-Context 480×480).
+        scale: mmseg ``img_scale`` ``(long, short)`` bound, e.g. ``(2048, 512)``; the random ratio multiplies it.
+        ratio_range: range of that ratio.
+        cat_max_ratio: a crop is redrawn (up to 10 times) while one class covers ``>= cat_max_ratio`` of its
+            non-ignored pixels or it holds fewer than two classes; after 10 failures the next draw is kept unchecked.
+        flip_prob: probability of a horizontal flip.
+        photometric: apply :class:`PhotoMetricDistortion`.
+        mean, std: RGB normalisation.
+        ignore_index: label value ignored by the crop statistics and used to pad the label.
+
+    Returns from ``__call__``: ``(img 3×ch×cw float32 tensor, gt ch×cw int64 tensor, info dict)``.
+    """
+
+    def __init__(
+        self,
+        crop_size: tuple[int, int],
+        scale: tuple[int, int] = (2048, 512),
+        ratio_range: tuple[float, float] | None = (0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+        flip_prob: float = 0.5,
+        photometric: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        ignore_index: int = 255,
+    ) -> None:
+        if len(crop_size) != 2 or min(crop_size) <= 0:
+            raise ValueError(f"crop_size must be (h, w) with positive sides, got {crop_size!r}")
+        self.crop_size = (int(crop_size[0]), int(crop_size[1]))
+        self.scale = tuple(scale)
+        self.ratio_range = tuple(ratio_range) if ratio_range is not None else None
+        self.cat_max_ratio = cat_max_ratio
+        self.flip_prob = flip_prob
+        self.photometric = PhotoMetricDistortion() if photometric else None
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.ignore_index = ignore_index
+
+    def __repr__(self) -> str:
+        return (
+            f"TrainTransform(crop_size={self.crop_size}, scale={self.scale}, ratio_range={self.ratio_range}, "
+            f"cat_max_ratio={self.cat_max_ratio}, flip_prob={self.flip_prob}, "
+            f"photometric={self.photometric is not None})"
+        )
+
+    def _random_window(self, size: tuple[int, int], rng: np.random.Generator) -> Window:
+        h, w = size
+        ch, cw = self.crop_size
+        y1 = int(rng.integers(0, max(h - ch, 0) + 1))
+        x1 = int(rng.integers(0, max(w - cw, 0) + 1))
+        return y1, min(y1 + ch, h), x1, min(x1 + cw, w)
+
+    def _crop_ok(self, crop: np.ndarray) -> bool:
+        counts = np.bincount(crop.ravel().astype(np.int64, copy=False))
+        if self.ignore_index < len(counts):
+            counts[self.ignore_index] = 0
+        counts = counts[counts > 0]
+        return len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio
+
+    def __call__(
+        self, img: np.ndarray, gt: np.ndarray, rng: np.random.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        rng = rng if rng is not None else worker_rng()
+        h, w = img.shape[:2]
+        if gt.shape[:2] != (h, w):
+            raise ValueError(f"image {h}x{w} and label {gt.shape[0]}x{gt.shape[1]} differ in size")
+        # Resize: random ratio × img_scale, then keep-ratio rescale (mmseg "mode 2").
+        if self.ratio_range is not None:
+            lo, hi = self.ratio_range
+            ratio = rng.random() * (hi - lo) + lo
+            scale = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
+        else:
+            scale = self.scale
+        size = rescale_size(h, w, scale)
+        # RandomCrop on the resized pair, evaluated lazily on the crop window only.
+        window = self._random_window(size, rng)
+        gt_crop = resize_nearest(gt, size, window)
+        if self.cat_max_ratio < 1.0:
+            for _ in range(10):
+                if self._crop_ok(gt_crop):
+                    break
+                window = self._random_window(size, rng)
+                gt_crop = resize_nearest(gt, size, window)
+        img_crop = resize_bilinear(img, size, window)
+        flip = bool(rng.random() < self.flip_prob)
+        if flip:
+            img_crop, gt_crop = img_crop[:, ::-1], gt_crop[:, ::-1]
+        if self.photometric is not None:
+            img_crop = self.photometric(np.ascontiguousarray(img_crop), rng)
+        # Normalize, then Pad to the crop size (image 0 in normalised space, label ignore_index).
+        x = normalize_to_chw(img_crop, self.mean, self.std, pad_to=self.crop_size)
+        lab = np.full(x.shape[1:], self.ignore_index, dtype=np.int64)
+        lab[: gt_crop.shape[0], : gt_crop.shape[1]] = gt_crop
+        info = {"img_shape": size, "crop": window, "flip": flip}
+        return x, torch.from_numpy(lab), info
+
+
+class TestTransform:
+    """The papers' single-scale test pipeline: keep-ratio resize, optional rounding up to a multiple, Normalize.
+
+    Args:
+        scale: ``(long, short)`` bound of mmseg's ``Resize(img_scale=scale, keep_ratio=True)``; the factor is
+            ``min(long / max(h, w), short / min(h, w))`` (see :func:`rescale_size`).
+        size_divisor: if set, the resized image is resized *again* (stretched, not padded) to the next multiple of
+            ``size_divisor`` on each side, as TopFormer's ``ResizeToMultiple(32)`` and SegFormer's
+            ``AlignedResize(size_divisor=32)`` do. Two interpolations, as in the official pipelines.
+        mean, std: RGB normalisation.
+
+    The label is returned unchanged at its original size: evaluation upsamples the logits to it.
+    Returns from ``__call__``: ``(img 3×h'×w' float32 tensor, gt H×W int64 tensor or None, info dict)``.
+    """
+
+    def __init__(
+        self,
+        scale: tuple[int, int] = (2048, 512),
+        size_divisor: int | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        self.scale = tuple(scale)
+        self.size_divisor = size_divisor
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __repr__(self) -> str:
+        return f"TestTransform(scale={self.scale}, size_divisor={self.size_divisor})"
+
+    def resize(self, img: np.ndarray) -> np.ndarray:
+        """The resize part alone, uint8 in, uint8 out."""
+        h, w = img.shape[:2]
+        size = rescale_size(h, w, self.scale)
+        img = resize_bilinear(img, size)
+        if self.size_divisor:
+            d = self.size_divisor
+            aligned = (-(-size[0] // d) * d, -(-size[1] // d) * d)
+            if aligned != size:
+                img = resize_bilinear(img, aligned)
+        return img
+
+    def __call__(
+        self, img: np.ndarray, gt: np.ndarray | None = None, rng: np.random.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        h, w = img.shape[:2]
+        resized = self.resize(img)
+        nh, nw = resized.shape[:2]
+        x = normalize_to_chw(resized, self.mean, self.std)
+        info = {"img_shape": (nh, nw), "scale_factor": (nw / w, nh / h)}
+        label = torch.from_numpy(gt.astype(np.int64)) if gt is not None else None
+        return x, label, info

@@ -1,0 +1,223 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edgeseg.data import (
+    CLASSES,
+    DATASETS,
+    PALETTES,
+    FolderDataset,
+    SegDataset,
+    build_dataset,
+    collate,
+    read_label,
+    reduce_zero_label,
+)
+
+from data_fakes import EXPECTED, H, W, label_values
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_layout_lengths_shapes_and_classes(make_tree, name):
+    root = make_tree(name)
+    num_classes, n_train, n_val = EXPECTED[name]
+    train = build_dataset(name, root, "train")
+    val = build_dataset(name, root, "val")
+    assert isinstance(train, SegDataset)
+    assert (len(train), len(val)) == (n_train, n_val)
+    assert train.num_classes == len(train.classes) == len(train.palette) == num_classes
+    assert train.ignore_index == 255
+    sample = train[0]
+    assert sample["img"].shape == (3, H, W) and sample["img"].dtype == torch.float32
+    assert sample["gt"].shape == (H, W) and sample["gt"].dtype == torch.int64
+    # transform=None: raw RGB values 0..255, exactly the decoded file.
+    assert torch.equal(sample["img"], torch.from_numpy(train.load_image(0)).permute(2, 0, 1).float())
+    assert torch.equal(sample["gt"], torch.from_numpy(train.load_label(0).astype(np.int64)))
+    meta = sample["meta"]
+    assert meta["ori_size"] == (H, W)
+    assert Path(meta["img_path"]).is_file()
+    assert meta["name"] and meta["name"] in Path(meta["img_path"]).name
+    assert "." not in meta["name"]  # the suffix is stripped
+    assert len({train[i]["meta"]["name"] for i in range(len(train))}) == len(train)
+
+
+def test_dataset_table_names():
+    assert set(DATASETS) == {
+        "ade20k", "cityscapes", "pascal_context", "pascal_context_60", "coco_stuff164k", "folder", "scenes",
+    }
+
+
+def test_class_tables_match_mmseg_sizes_and_order():
+    sizes = {"ade20k": 150, "cityscapes": 19, "pascal_context": 59, "pascal_context_60": 60, "coco_stuff": 171}
+    for key, n in sizes.items():
+        assert len(CLASSES[key]) == len(PALETTES[key]) == n
+        assert all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in PALETTES[key])
+    assert CLASSES["ade20k"][:3] == ("wall", "building", "sky") and CLASSES["ade20k"][-1] == "flag"
+    assert CLASSES["cityscapes"][0] == "road" and CLASSES["cityscapes"][-1] == "bicycle"
+    assert CLASSES["pascal_context_60"] == ("background",) + CLASSES["pascal_context"]
+    assert CLASSES["coco_stuff"][0] == "person" and PALETTES["cityscapes"][0] == (128, 64, 128)
+
+
+def test_ade20k_reduce_zero_label(make_tree):
+    root = make_tree("ade20k")
+    ds = build_dataset("ade20k", root, "train")
+    assert ds.reduce_zero_label
+    raw = label_values(0, 48)
+    lab = ds.load_label(0)
+    assert np.all(lab[raw == 0] == 255)
+    assert np.all(lab[raw == 255] == 255)
+    keep = (raw != 0) & (raw != 255)
+    np.testing.assert_array_equal(lab[keep], raw[keep] - 1)
+    assert lab.max() == 255 and lab[lab != 255].max() == 46
+
+
+def test_root_may_be_the_parent_folder(make_tree):
+    base = make_tree("ade20k")  # .../ADEChallengeData2016
+    assert len(build_dataset("ade20k", base.parent, "val")) == 2
+    voc = make_tree("pascal_context")  # .../VOCdevkit/VOC2010
+    assert len(build_dataset("pascal_context", voc.parent.parent, "val")) == 2
+
+
+def test_pascal_context_59_vs_60_and_split_files(make_tree):
+    root = make_tree("pascal_context")
+    c59 = build_dataset("pascal_context", root, "train")
+    c60 = build_dataset("pascal_context_60", root, "train")
+    assert [c59.sample_name(i) for i in range(3)] == ["2008_000000", "2008_000001", "2008_000002"]
+    val = build_dataset("pascal_context", root, "val")
+    assert [val.sample_name(i) for i in range(2)] == ["2008_000003", "2008_000004"]
+    raw = label_values(0, 48)
+    np.testing.assert_array_equal(c60.load_label(0), raw)  # background kept as class 0
+    np.testing.assert_array_equal(c59.load_label(0), reduce_zero_label(raw))
+    assert c59.reduce_zero_label and not c60.reduce_zero_label
+
+
+def test_cityscapes_pairs_only_train_ids(make_tree):
+    root = make_tree("cityscapes")
+    ds = build_dataset("cityscapes", root, "train")
+    assert [ds.sample_name(i) for i in range(len(ds))] == [
+        "aachen_000000_000019", "aachen_000001_000019", "bremen_000000_000019", "bremen_000001_000019",
+    ]
+    assert ds.ann_files[0].endswith("aachen_000000_000019_gtFine_labelTrainIds.png")
+    np.testing.assert_array_equal(ds.load_label(1), label_values(1, 19))
+
+
+def test_palette_indices_are_preserved(tmp_path):
+    lab = label_values(3, 40)
+    path = tmp_path / "lab.png"
+    im = Image.fromarray(lab)
+    im.putpalette([v for i in range(256) for v in (i, 255 - i, 3)])
+    im.save(path)
+    assert Image.open(path).mode == "P"
+    out = read_label(path)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, lab)
+
+
+def test_rgb_label_is_rejected_with_the_path(tmp_path):
+    path = tmp_path / "colour.png"
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(path)
+    with pytest.raises(ValueError, match="colour.png"):
+        read_label(path)
+
+
+@pytest.mark.parametrize("name", ["ade20k", "cityscapes", "pascal_context", "coco_stuff164k", "folder"])
+def test_missing_folder_errors_name_the_path(tmp_path, name):
+    root = tmp_path / "empty"
+    root.mkdir()
+    with pytest.raises((FileNotFoundError, ValueError)) as err:
+        build_dataset(name, root, "train")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert str(root) in msg
+    assert "expected" in msg or "dataset.yaml" in msg
+
+
+def test_missing_label_file_names_it(make_tree):
+    root = make_tree("coco_stuff164k")
+    victim = root / "annotations" / "val2017" / f"{10:012d}_labelTrainIds.png"
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=victim.name):
+        build_dataset("coco_stuff164k", root, "val")
+
+
+def test_root_none_and_unknown_names():
+    with pytest.raises(ValueError, match="ade20k"):
+        build_dataset("ade20k", None, "train")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        build_dataset("imagenet", "/nonexistent", "train")
+    with pytest.raises(FileNotFoundError, match="/nonexistent/ade"):
+        build_dataset("ade20k", "/nonexistent/ade", "train")
+
+
+def test_unknown_split_is_an_error(make_tree):
+    root = make_tree("ade20k")
+    with pytest.raises(ValueError, match="split"):
+        build_dataset("ade20k", root, "trainval")
+
+
+def test_folder_yaml_split_file_and_overrides(make_tree, tmp_path):
+    root = make_tree("folder")
+    ds = build_dataset("folder", root, "train")
+    assert ds.classes == ("road", "car", "person", "tree")
+    assert ds.palette[1] == (4, 5, 6)
+    np.testing.assert_array_equal(ds.load_label(2), label_values(2, 4))
+    # Flat folders + split file, reduce_zero_label from the YAML.
+    flat = tmp_path / "flat"
+    (flat / "imgs").mkdir(parents=True)
+    (flat / "labels").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((H, W, 3), i, np.uint8)).save(flat / "imgs" / f"a{i}.png")
+        Image.fromarray(np.full((H, W), i, np.uint8)).save(flat / "labels" / f"a{i}_mask.png")
+    (flat / "train.txt").write_text("a1\na3\n")
+    (flat / "dataset.yaml").write_text(
+        "classes: [x, y, z]\nimg_dir: imgs\nann_dir: labels\nimg_suffix: .png\nseg_map_suffix: _mask.png\n"
+        "reduce_zero_label: true\nsplits: {train: train.txt}\n"
+    )
+    ds = build_dataset("folder", flat, "train")
+    assert len(ds) == 2 and ds.sample_name(1) == "a3"
+    assert ds.load_label(0).max() == 0 and ds.load_label(1).max() == 2  # 1 -> 0, 3 -> 2
+    assert len(ds.palette) == 3  # generated
+    everything = FolderDataset(flat, split=None, reduce_zero_label=False)
+    assert len(everything) == 4 and everything.load_label(3).max() == 3
+    with pytest.raises(FileNotFoundError, match="val"):
+        build_dataset("folder", flat, "val")
+
+
+def test_folder_without_classes_names_the_yaml(make_tree):
+    root = make_tree("folder")
+    (root / "dataset.yaml").unlink()
+    with pytest.raises(ValueError, match="dataset.yaml"):
+        build_dataset("folder", root, "train")
+    ds = build_dataset("folder", root, "train", classes=["a", "b", "c", "d"])
+    assert ds.num_classes == 4
+
+
+def test_transform_output_and_meta_are_used(make_tree):
+    root = make_tree("cityscapes")
+
+    def half(img, gt):
+        return img[::2, ::2].astype(np.float32), gt[::2, ::2], {"img_shape": (H // 2, W // 2)}
+
+    ds = build_dataset("cityscapes", root, "val", transform=half)
+    s = ds[-1]
+    assert s["img"].shape == (H // 2, W // 2, 3) and s["gt"].shape == (H // 2, W // 2)
+    assert s["meta"]["img_shape"] == (H // 2, W // 2) and s["meta"]["ori_size"] == (H, W)
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_collate_stacks_or_keeps_lists(make_tree):
+    root = make_tree("cityscapes")
+    ds = build_dataset("cityscapes", root, "train")
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate)
+    batch = next(iter(loader))
+    assert batch["img"].shape == (2, 3, H, W) and batch["gt"].shape == (2, H, W)
+    assert [m["name"] for m in batch["meta"]] == [ds.sample_name(0), ds.sample_name(1)]
+    odd = collate([{"img": torch.zeros(3, 4, 4), "gt": torch.zeros(4, 4), "meta": {}},
+                   {"img": torch.zeros(3, 4, 6), "gt": torch.zeros(4, 6), "meta": {}}])
+    assert isinstance(odd["img"], list) and len(odd["img"]) == 2
