@@ -1,6 +1,6 @@
 """Tiny fake dataset trees in each real on-disk layout (32×48 images written with Pillow, palette PNG labels).
 
-Used by tests/data (fixture `make_tree`, re-exported by conftest.py).
+Used by tests/data (fixture `make_tree`, re-exported by conftest.py)."""
 
 from __future__ import annotations
 
