@@ -1,0 +1,222 @@
+from __future__ import annotations
+
+import colorsys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgeseg.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PhotoMetricDistortion,
+    TestTransform,
+    TrainTransform,
+    rescale_size,
+    resize_bilinear,
+    resize_nearest,
+    worker_rng,
+)
+from edgeseg.data.transforms import hsv_to_rgb, rgb_to_hsv
+
+
+def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------- resizing
+def test_rescale_size_follows_mmcv_rule():
+    # factor = min(long / max(h, w), short / min(h, w)); sides int(x * f + 0.5)
+    assert rescale_size(512, 683, (2048, 512)) == (512, 683)  # factor 1
+    assert rescale_size(375, 500, (2048, 512)) == (512, 683)  # f = 512/375: 500 f = 682.67
+    assert rescale_size(1024, 2048, (2048, 1024)) == (1024, 2048)
+    assert rescale_size(1024, 2048, (1024, 512)) == (512, 1024)
+    assert rescale_size(100, 1000, (2048, 512)) == (205, 2048)  # long side binds: f = 2.048
+    assert rescale_size(300, 400, (512, 512)) == (384, 512)  # both bounds given by the same number
+
+
+@pytest.mark.parametrize("src,dst", [((17, 23), (40, 31)), ((40, 60), (13, 29)), ((32, 48), (64, 96))])
+def test_resize_bilinear_is_half_pixel_bilinear(src, dst):
+    img = _image(*src)
+    ref = F.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None].double(), size=dst, mode="bilinear",
+                        align_corners=False)[0].permute(1, 2, 0).numpy()
+    out = resize_bilinear(img, dst)
+    assert out.shape == (*dst, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(np.float64) - ref).max() <= 0.5 + 1e-3
+
+
+def test_resize_window_equals_resize_then_crop():
+    img = _image(30, 40)
+    lab = np.random.default_rng(1).integers(0, 5, (30, 40)).astype(np.uint8)
+    size, window = (71, 95), (13, 50, 20, 77)
+    y1, y2, x1, x2 = window
+    np.testing.assert_array_equal(resize_bilinear(img, size, window), resize_bilinear(img, size)[y1:y2, x1:x2])
+    np.testing.assert_array_equal(resize_nearest(lab, size, window), resize_nearest(lab, size)[y1:y2, x1:x2])
+
+
+@pytest.mark.parametrize("dst", [(45, 61), (11, 17)])
+def test_resize_nearest_is_opencv_nearest(dst):
+    lab = np.random.default_rng(2).integers(0, 150, (30, 40)).astype(np.uint8)
+    # torch's legacy "nearest" uses OpenCV's floor(dst * in / out) rule.
+    ref = F.interpolate(torch.from_numpy(lab)[None, None].float(), size=dst, mode="nearest")[0, 0].byte().numpy()
+    np.testing.assert_array_equal(resize_nearest(lab, dst), ref)
+    assert set(np.unique(resize_nearest(lab, dst))) <= set(np.unique(lab))
+
+
+# ------------------------------------------------------------------------------------------------ test time
+def test_test_transform_keeps_ratio_and_label_size():
+    img, gt = _image(32, 48), np.ones((32, 48), np.uint8)
+    x, y, info = TestTransform(scale=(96, 40))(img, gt)
+    assert x.shape == (3, 40, 60)  # f = min(96/48, 40/32) = 1.25
+    assert info["img_shape"] == (40, 60) and info["scale_factor"] == (60 / 48, 40 / 32)
+    assert y.shape == (32, 48) and y.dtype == torch.int64  # evaluation is at the original size
+
+
+def test_test_transform_size_divisor_rounds_up():
+    img = _image(32, 48)
+    x, y, info = TestTransform(scale=(96, 40), size_divisor=32)(img)
+    assert x.shape == (3, 64, 64) and y is None  # 40x60 -> next multiples of 32
+    x, _, _ = TestTransform(scale=(96, 40), size_divisor=20)(img)
+    assert x.shape == (3, 40, 60)  # already multiples: unchanged
+
+
+def test_test_transform_normalises_rgb():
+    img = np.empty((8, 8, 3), np.uint8)
+    img[...] = (10, 120, 250)
+    x, _, _ = TestTransform(scale=(8, 8))(img)
+    expected = [(v - m) / s for v, m, s in zip((10, 120, 250), IMAGENET_MEAN, IMAGENET_STD)]
+    assert torch.allclose(x.mean(dim=(1, 2)), torch.tensor(expected, dtype=torch.float32), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- training
+def test_train_transform_crop_size_and_padding():
+    img, gt = _image(20, 30), np.zeros((20, 30), np.uint8)
+    t = TrainTransform((64, 48), scale=(30, 20), ratio_range=None, cat_max_ratio=1.0, photometric=False)
+    x, y, info = t(img, gt, np.random.default_rng(0))
+    assert x.shape == (3, 64, 48) and y.shape == (64, 48)
+    assert info["img_shape"] == (20, 30)
+    assert torch.all(x[:, 20:, :] == 0) and torch.all(x[:, :, 30:] == 0)  # image pad 0 after Normalize
+    assert torch.all(y[20:, :] == 255) and torch.all(y[:, 30:] == 255)  # label pad = ignore
+    assert torch.all(y[:20, :30] == 0)
+
+
+def test_train_transform_resize_ratio_range():
+    img, gt = _image(40, 60), np.zeros((40, 60), np.uint8)
+    t = TrainTransform((8, 8), scale=(120, 40), ratio_range=(0.5, 2.0), cat_max_ratio=1.0, photometric=False)
+    rng = np.random.default_rng(0)
+    heights = [t(img, gt, rng)[2]["img_shape"][0] for _ in range(50)]
+    # scale = (int(120 r), int(40 r)), the short side binds: h = 40 r rounded.
+    assert 19 <= min(heights) < 26 and 70 < max(heights) <= 80
+
+
+def _crop_ratio(y: torch.Tensor) -> tuple[int, float]:
+    counts = torch.bincount(y[y != 255].flatten())
+    counts = counts[counts > 0]
+    return len(counts), float(counts.max() / counts.sum())
+
+
+def test_cat_max_ratio_rejects_dominated_crops():
+    img = _image(100, 100)
+    gt = np.full((100, 100), 1, np.uint8)
+    gt[:, 70:] = 2  # class 1 dominates most 30x30 crops
+    gt[:5] = 255
+    def crops(ratio: float) -> list[tuple[int, float]]:
+        t = TrainTransform((30, 30), scale=(100, 100), ratio_range=None, cat_max_ratio=ratio, flip_prob=0.0,
+                           photometric=False)
+        rng = np.random.default_rng(0)
+        return [_crop_ratio(t(img, gt, rng)[1]) for _ in range(40)]
+
+    strict = crops(0.75)
+    loose = crops(1.0)
+    ok = lambda c: c[0] > 1 and c[1] < 0.75  # noqa: E731
+    # One draw is mixed enough with p ~ 0.21 (crop straddling x = 70 by > 7.5 px on each side); 10 redraws
+    # (plus the unchecked 11th) make it ~0.92.
+    assert sum(map(ok, strict)) >= 30
+    assert sum(map(ok, loose)) <= 16
+
+
+def test_cat_max_ratio_ignores_255():
+    t = TrainTransform((4, 4), cat_max_ratio=0.75)
+    crop = np.full((10, 10), 255, np.uint8)
+    crop[0, :5], crop[1, :5] = 1, 2  # 80 % ignore, classes 1 and 2 balanced
+    assert t._crop_ok(crop)
+    crop[1, :5] = 1
+    assert not t._crop_ok(crop)  # one class only
+    crop[1, :4] = 2  # 6 vs 4 of 10 non-ignored: 0.6 < 0.75
+    assert t._crop_ok(crop)
+
+
+def test_flip_moves_image_and_mask_together():
+    gt = np.random.default_rng(3).integers(0, 20, (24, 36)).astype(np.uint8)
+    img = np.repeat((gt * 10)[..., None], 3, axis=2).astype(np.uint8)
+    t = TrainTransform((16, 16), scale=(36, 24), ratio_range=None, cat_max_ratio=1.0, photometric=False,
+                       mean=(0, 0, 0), std=(1, 1, 1))
+    rng = np.random.default_rng(0)
+    flips = set()
+    for _ in range(12):
+        x, y, info = t(img, gt, rng)
+        flips.add(info["flip"])
+        assert torch.equal(x[0], (y * 10).float())
+        y1, y2, x1, x2 = info["crop"]
+        expected = torch.from_numpy(gt[y1:y2, x1:x2].astype(np.int64))
+        assert torch.equal(y, expected.flip(-1) if info["flip"] else expected)
+    assert flips == {True, False}
+
+
+def test_train_transform_is_reproducible_from_the_generator():
+    img = _image(50, 70)
+    gt = np.random.default_rng(1).integers(0, 4, (50, 70)).astype(np.uint8)
+    t = TrainTransform((32, 32), scale=(140, 50))
+    a = t(img, gt, np.random.default_rng(7))
+    b = t(img, gt, np.random.default_rng(7))
+    c = t(img, gt, np.random.default_rng(8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_worker_rng_follows_torch_seed():
+    torch.manual_seed(123)
+    first = worker_rng().random(3)
+    torch.manual_seed(123)
+    again = worker_rng().random(3)
+    torch.manual_seed(124)
+    other = worker_rng().random(3)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+# -------------------------------------------------------------------------------------------- photometric
+def test_hsv_matches_colorsys_in_opencv_units():
+    px = _image(1, 4000, seed=5)
+    hsv = rgb_to_hsv(px)[0].astype(np.float64)
+    ref = np.array([colorsys.rgb_to_hsv(*(c / 255.0)) for c in px[0].astype(np.float64)])
+    dh = np.abs((hsv[:, 0] / 180.0 - ref[:, 0] + 0.5) % 1.0 - 0.5) * 180.0
+    assert dh.max() <= 0.5 + 1e-6
+    assert np.abs(hsv[:, 1] - ref[:, 1] * 255).max() <= 0.5 + 1e-6
+    assert np.array_equal(hsv[:, 2], px[0].max(axis=1))
+    back = np.array([colorsys.hsv_to_rgb(h / 180.0, s / 255.0, v / 255.0) for h, s, v in hsv]) * 255.0
+    assert np.abs(hsv_to_rgb(hsv.astype(np.uint8)[None])[0] - back).max() <= 0.5 + 1e-6
+
+
+def test_photometric_distortion_ranges():
+    img = _image(16, 16)
+    pm = PhotoMetricDistortion()
+    rng = np.random.default_rng(0)
+    outs = [pm(img, rng) for _ in range(20)]
+    assert all(o.shape == img.shape and o.dtype == np.uint8 for o in outs)
+    assert any(not np.array_equal(o, img) for o in outs)
+    # Brightness alone: a constant image moves by at most ±32.
+    grey = np.full((4, 4, 3), 128, np.uint8)
+    only_brightness = PhotoMetricDistortion(contrast_range=(1, 1), saturation_range=(1, 1), hue_delta=0)
+    shifts = {int(only_brightness(grey, rng)[0, 0, 0]) - 128 for _ in range(40)}
+    assert max(abs(s) for s in shifts) <= 32 and len(shifts) > 5
+
+
+def test_convert_table_equals_mmseg_float_formula():
+    from edgeseg.data.transforms import _convert
+
+    x = _image(20, 20, seed=9)
+    for alpha, beta in ((1.37, -20.5), (0.51, 0.0), (1.0, 31.9), (1.5, 0.0)):
+        ref = np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)  # truncation, as mmseg
+        np.testing.assert_array_equal(_convert(x, alpha, beta), ref)
