@@ -123,7 +123,9 @@ class SegDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         i = self._check_index(int(i))
         img, gt = self.load_pair(i)
-        meta: dict[str, Any] = {"name": self.sample_name(i), "ori_size": tuple(img.shape[:2]), "img_path": self.img_path(i)}
+        meta: dict[str, Any] = {
+            "name": self.sample_name(i), "ori_size": tuple(img.shape[:2]), "img_path": self.img_path(i),
+        }
         if self.transform is None:
             x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32))
             y = torch.from_numpy(gt.astype(np.int64))
@@ -252,7 +254,10 @@ class ADE20KDataset(FileSegDataset):
     """ADE20K (SceneParsing, 150 classes): ``ADEChallengeData2016/images/{training,validation}/*.jpg`` with
     ``annotations/{training,validation}/*.png``. Label 0 is "other objects" and is ignored (reduce_zero_label)."""
 
-    LAYOUT = "<root>/images/{training,validation}/*.jpg and <root>/annotations/{training,validation}/*.png (root = ADEChallengeData2016)"
+    LAYOUT = (
+        "<root>/images/{training,validation}/*.jpg and <root>/annotations/{training,validation}/*.png "
+        "(root = ADEChallengeData2016)"
+    )
     img_suffix = ".jpg"
 
     def __init__(self, root: str | Path | None, split: str = "train", transform: Transform | None = None) -> None:
@@ -268,7 +273,10 @@ class CityscapesDataset(FileSegDataset):
     """Cityscapes (19 train ids): ``leftImg8bit/{train,val}/<city>/*_leftImg8bit.png`` with
     ``gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png`` (made by cityscapesscripts' createTrainIdLabelImgs)."""
 
-    LAYOUT = "<root>/leftImg8bit/{train,val}/<city>/*_leftImg8bit.png and <root>/gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png"
+    LAYOUT = (
+        "<root>/leftImg8bit/{train,val}/<city>/*_leftImg8bit.png and "
+        "<root>/gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png"
+    )
     img_suffix = "_leftImg8bit.png"
 
     def __init__(self, root: str | Path | None, split: str = "train", transform: Transform | None = None) -> None:
@@ -361,7 +369,9 @@ class FolderDataset(FileSegDataset):
         reduce_zero_label: bool | None = None,
         meta_file: str = "dataset.yaml",
     ) -> None:
-        layout_hint = "<root>/img_dir/<split>/*.jpg, <root>/ann_dir/<split>/*.png and <root>/dataset.yaml with `classes: [...]`"
+        layout_hint = (
+            "<root>/img_dir/<split>/*.jpg, <root>/ann_dir/<split>/*.png and <root>/dataset.yaml with `classes: [...]`"
+        )
         path = _root("folder", root, layout_hint)
         cfg: dict[str, Any] = {}
         meta_path = path / meta_file
@@ -383,7 +393,7 @@ class FolderDataset(FileSegDataset):
             )
         if split_file is None and split is not None:
             split_file = (cfg.get("splits") or {}).get(split)
-        split_path = None if split_file is None else (path / split_file if not Path(split_file).is_absolute() else Path(split_file))
+        split_path = None if split_file is None else path / split_file  # an absolute split_file stays absolute
         img_root, ann_root = path / img_dir, path / ann_dir
         if split:
             if (img_root / split).is_dir():

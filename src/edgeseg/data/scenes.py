@@ -213,7 +213,8 @@ def generate_scene(rng: np.random.Generator, size: tuple[int, int] = (256, 256))
     # Global illumination gradient: the same class looks different across the frame.
     theta = rng.uniform(0, 2 * np.pi)
     amp = rng.uniform(0.0, 40.0)
-    offset += xs * (amp * np.cos(theta) / w) + ys * (amp * np.sin(theta) / h) - amp * (np.cos(theta) + np.sin(theta)) / 2
+    c, s = amp * np.cos(theta), amp * np.sin(theta)
+    offset += xs * (c / w) + ys * (s / h) - (c + s) / 2  # zero at the centre
     img = np.take(np.asarray(colours, dtype=np.float32), instance, axis=0)
     img *= gain[..., None]
     img += offset[..., None]

@@ -32,6 +32,7 @@ import torch
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
+
 def worker_rng() -> np.random.Generator:
     """A fresh generator seeded by a draw from torch's default generator of this process.
 
@@ -83,6 +84,8 @@ def resize_bilinear(img: np.ndarray, size: tuple[int, int], window: Window | Non
     Computing just the crop window gives the same pixels as resizing the whole image and cropping afterwards
     (mmseg's Resize → RandomCrop), at the cost of the crop rather than of an image up to 2× larger.
     OpenCV rounds its weights to 11-bit fixed point, so values may differ from mmcv by at most 1 grey level.
+    Pillow's ``BILINEAR`` is not used: it widens its filter when shrinking (antialiasing), which OpenCV does not,
+    and test-time downscaling would then see slightly blurrier images than the official evaluation.
     """
     out_h, out_w = size
     y1, y2, x1, x2 = window if window is not None else (0, out_h, 0, out_w)
