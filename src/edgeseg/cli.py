@@ -47,6 +47,7 @@ def _info_row(name: str, size: tuple[int, int], num_classes: int | None, sparsit
             paper_out["gmacs"] = paper["gmacs_at_sparsity"].get(str(sparsity), paper_out["gmacs"])
     return {"model": name, "input_size": list(size), "num_classes": model.num_classes,
             "params": count_params(model), "gmacs": round(count_gmacs(model, size), 4),
+            "gmacs_macs_only": round(count_gmacs(model, size, convention="macs"), 4),
             "sparsity": sparsity, "paper": paper_out}
 
 

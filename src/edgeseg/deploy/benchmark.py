@@ -6,6 +6,8 @@ and a number a user measures mean the same thing.
 
 from __future__ import annotations
 
+import copy
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -13,10 +15,45 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
-MAC_CONVENTION = "1 MAC = 2 FLOPs, counted by torch.utils.flop_counter (convolutions and matrix products, " \
-                 "attention products included; interpolation, norms and activations are not counted)"
+MAC_CONVENTION = ("1 MAC = 2 FLOPs, counted by torch.utils.flop_counter on the ops executed: convolutions and "
+                  "matrix products (attention products included) as MACs; with convention 'paper' also what the "
+                  "papers' counter (mmcv get_model_complexity_info) charges: conv bias 1, BatchNorm/LayerNorm 2, "
+                  "ReLU/ReLU6 1 per output element; interpolation, GELU and additions are free in both")
+
+_aten = torch.ops.aten
+
+
+def _conv_with_bias(x_shape, w_shape, bias, _stride, _padding, _dilation, transposed, *args, out_shape=None,
+                    **kwargs) -> int:
+    flops = conv_flop_count(x_shape, w_shape, out_shape, transposed=transposed)
+    return flops + (2 * math.prod(out_shape) if bias is not None else 0)
+
+
+def _per_element(macs: int) -> Callable[..., int]:
+    def count(*args, out_shape=None, **kwargs) -> int:
+        shape = out_shape[0] if isinstance(out_shape, (tuple, list)) and isinstance(out_shape[0], (tuple, list,
+                                                                                                  torch.Size)) \
+            else out_shape
+        return 2 * macs * math.prod(shape)
+
+    return count
+
+
+# The official tools of both papers (mmcv's get_model_complexity_info, plus SegFormer's attention term) charge these
+# element-wise ops too; counting them is what makes our numbers comparable with the published tables.
+PAPER_MAPPING = {
+    _aten.convolution: _conv_with_bias,
+    _aten._convolution: _conv_with_bias,
+    _aten._native_batch_norm_legit_no_training: _per_element(2),
+    _aten.native_batch_norm: _per_element(2),
+    _aten.native_layer_norm: _per_element(2),
+    _aten.relu: _per_element(1),
+    _aten.relu_: _per_element(1),
+    _aten.hardtanh: _per_element(1),
+    _aten.hardtanh_: _per_element(1),
+}
 
 
 def count_params(model: nn.Module, trainable_only: bool = True) -> int:
@@ -26,17 +63,31 @@ def count_params(model: nn.Module, trainable_only: bool = True) -> int:
 
 @torch.no_grad()
 def count_gmacs(model: nn.Module, input_size: tuple[int, int] = (512, 512), batch: int = 1,
-                forward: Callable[[torch.Tensor], Any] | None = None) -> float:
+                forward: Callable[[torch.Tensor], Any] | None = None, convention: str = "paper") -> float:
     """GMACs of one forward pass of ``batch`` images, per image.
 
     Counted on the ops actually executed, so a dynamic model reports the MACs it really spends.
+    ``convention="macs"`` counts only multiply-accumulates of convolutions and matrix products; ``"paper"`` adds
+    the element-wise charges of the papers' counter (see ``MAC_CONVENTION``).
     """
+    if convention not in ("paper", "macs"):
+        raise ValueError(f"convention must be 'paper' or 'macs', not {convention!r}")
+    mapping = PAPER_MAPPING if convention == "paper" else None
+    if forward is None:
+        # Shapes are all a count needs: a meta-device copy costs no compute (a big model at 640² is instant).
+        try:
+            meta = copy.deepcopy(model).eval().to("meta")
+            counter = FlopCounterMode(display=False, custom_mapping=mapping)
+            with counter:
+                meta(torch.empty(batch, 3, *input_size, device="meta"))
+            return counter.get_total_flops() / 2 / 1e9 / batch
+        except (RuntimeError, NotImplementedError):  # an op without a meta kernel: count on the CPU instead
+            pass
     was_training = model.training
     model.eval()
-    x = torch.randn(batch, 3, *input_size)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
     with counter:
-        (forward or model)(x)
+        (forward or model)(torch.randn(batch, 3, *input_size))
     model.train(was_training)
     return counter.get_total_flops() / 2 / 1e9 / batch
 

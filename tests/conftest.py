@@ -1,0 +1,31 @@
+"""Fixtures shared by the whole suite: the official reference outputs in ../shared/reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not REFERENCE.is_dir():
+        pytest.skip(f"reference fixtures not found at {REFERENCE}")
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def reference_input(reference_dir: Path) -> torch.Tensor:
+    return torch.load(reference_dir / "inputs" / "input_1x3x512x512_seed0.pt", weights_only=True)
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    """The suite runs on a 2-core machine beside other work: keep torch from oversubscribing it."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(min(prev, 2))
+    yield
+    torch.set_num_threads(prev)

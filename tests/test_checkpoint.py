@@ -1,0 +1,103 @@
+"""One loader for every layout: detection, architecture inference, clear failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import edgeseg
+from edgeseg.checkpoint import read_checkpoint, unwrap_state_dict
+
+TOPFORMER = "topformer-tiny_ade20k-150_1x3x512x512_seed0"
+SEGFORMER = "segformer-b0_nvlabs_ade20k-150_1x3x512x512_seed0"
+
+
+def test_load_model_builds_official_topformer_and_reproduces_logits(reference_dir, reference_input):
+    model = edgeseg.load_model(reference_dir / TOPFORMER / "checkpoint.pth")
+    assert model.model_name == "topformer-tiny" and model.num_classes == 150
+    with torch.inference_mode():
+        out = model(reference_input)
+    ref = torch.load(reference_dir / TOPFORMER / "logits_native.pt", weights_only=True)
+    assert (out - ref).abs().max().item() <= 1e-4
+
+
+def test_load_model_builds_official_segformer(reference_dir):
+    model = edgeseg.load_model(reference_dir / SEGFORMER / "checkpoint.pth")
+    assert model.model_name == "segformer-b0" and model.num_classes == 150
+
+
+def test_class_count_mismatch_is_one_clear_line_and_drop_head_loads_the_rest(reference_dir):
+    path = reference_dir / TOPFORMER / "checkpoint.pth"
+    model = edgeseg.create_model("topformer-tiny", num_classes=19)
+    with pytest.raises(ValueError) as err:
+        edgeseg.load_checkpoint(model, path)
+    msg = str(err.value)
+    assert "150" in msg and "19" in msg and "drop_head" in msg and str(path) in msg and "\n" not in msg
+
+    report = edgeseg.load_checkpoint(model, path, drop_head=True)
+    assert report.skipped_keys and not report.missing_keys[len(report.skipped_keys):]
+    official = edgeseg.load_model(path)
+    kept = [k for k in model.state_dict() if k not in report.skipped_keys]
+    assert all(torch.equal(model.state_dict()[k], official.state_dict()[k]) for k in kept)
+
+
+def test_family_mismatch_names_both(reference_dir):
+    segformer = edgeseg.create_model("segformer-b0")
+    with pytest.raises(ValueError, match="TopFormer.*segformer-b0"):
+        edgeseg.load_checkpoint(segformer, reference_dir / TOPFORMER / "checkpoint.pth")
+    topformer = edgeseg.create_model("topformer-tiny")
+    with pytest.raises(ValueError, match="SegFormer.*topformer-tiny"):
+        edgeseg.load_checkpoint(topformer, reference_dir / SEGFORMER / "checkpoint.pth")
+
+
+def test_variant_mismatch_points_to_load_model(reference_dir):
+    model = edgeseg.create_model("topformer-small")
+    with pytest.raises(ValueError, match="topformer-tiny.*load_model"):
+        edgeseg.load_checkpoint(model, reference_dir / TOPFORMER / "checkpoint.pth")
+
+
+@pytest.mark.parametrize("name", ["topformer-tiny", "segformer-b0"])
+def test_edgeseg_checkpoint_round_trip(tmp_path: Path, name: str):
+    model = edgeseg.create_model(name, num_classes=7).eval()
+    path = edgeseg.save_checkpoint(tmp_path / "m.pth", model, extra={"iteration": 3})
+    assert not list(tmp_path.glob(".*.tmp")), "atomic save left a temporary file"
+    again = edgeseg.load_model(path)
+    assert again.model_name == name and again.num_classes == 7
+    assert read_checkpoint(path)["iteration"] == 3
+    x = torch.randn(1, 3, 64, 96)
+    with torch.inference_mode():
+        assert torch.equal(model(x), again(x))
+
+
+def test_imagenet_backbone_into_segmentation_model(tmp_path: Path):
+    cls = edgeseg.create_model("topformer-tiny-cls")
+    torch.save({"state_dict_ema": cls.state_dict()}, tmp_path / "topformer-T-224-66.2.pth")
+    seg = edgeseg.create_model("topformer-tiny")
+    report = edgeseg.load_checkpoint(seg, tmp_path / "topformer-T-224-66.2.pth")
+    assert report.skipped_keys and all(k.startswith("head") or "classifier" in k for k in report.skipped_keys)
+    shared = [k for k in seg.state_dict() if k in cls.state_dict()]
+    assert len(shared) > 100
+    assert all(torch.equal(seg.state_dict()[k], cls.state_dict()[k]) for k in shared)
+
+
+def test_ddp_prefix_and_wrappers_are_unwrapped():
+    sd = {"module.a": torch.zeros(1), "module.b": torch.ones(1)}
+    assert set(unwrap_state_dict({"state_dict": sd})) == {"a", "b"}
+
+
+@pytest.mark.parametrize("content", [b"not a torch file", None])
+def test_bad_files_give_one_line_errors(tmp_path: Path, content):
+    path = tmp_path / "bad.pth"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises((ValueError, FileNotFoundError)) as err:
+        edgeseg.load_model(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_layout_is_named(tmp_path: Path):
+    torch.save({"state_dict": {"foo.weight": torch.zeros(2)}}, tmp_path / "x.pth")
+    with pytest.raises(ValueError, match="match no supported layout"):
+        edgeseg.load_model(tmp_path / "x.pth")

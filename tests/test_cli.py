@@ -1,0 +1,66 @@
+"""The command line: machine-readable output and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgeseg.cli import main
+
+
+def test_info_json_has_the_documented_fields(capsys):
+    assert main(["info", "topformer-tiny", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "topformer-tiny" and out["input_size"] == [512, 512] and out["num_classes"] == 150
+    assert out["params"] == 1_389_654
+    assert round(out["gmacs"], 1) == 0.6
+    assert out["paper"]["params_m"] == pytest.approx(1.4, abs=0.05) and out["paper"]["gmacs"] == 0.6
+    assert "2 FLOPs" in out["mac_convention"]
+
+
+def test_info_size_and_classes(capsys):
+    assert main(["info", "topformer-tiny", "--size", "448", "448", "--num-classes", "19", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["input_size"] == [448, 448] and out["num_classes"] == 19
+    assert round(out["gmacs"], 1) == 0.5
+
+
+def test_info_table_lists_every_model(capsys):
+    from edgeseg import list_models
+
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    for name in list_models():
+        assert name in text
+
+
+def test_bench_json(capsys):
+    assert main(["bench", "topformer-tiny", "--size", "64", "64", "--seconds", "0.1", "--fuse", "--threads", "1",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("model", "input_size", "batch", "threads", "fused", "latency_ms_median", "latency_ms_p90", "gmacs"):
+        assert key in out
+    assert out["fused"] is True and out["threads"] == 1 and out["latency_ms_p90"] >= out["latency_ms_median"] > 0
+
+
+def test_unknown_model_is_one_line(capsys):
+    assert main(["info", "topformer-tinyy"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "topformer-tiny" in err
+
+
+def test_convert_official_to_edgeseg(reference_dir, tmp_path, capsys):
+    src = reference_dir / "topformer-tiny_ade20k-150_1x3x512x512_seed0" / "checkpoint.pth"
+    assert main(["convert", str(src), str(tmp_path / "t.pth")]) == 0
+    import edgeseg
+
+    model = edgeseg.load_model(tmp_path / "t.pth")
+    assert model.model_name == "topformer-tiny"
+
+
+def test_python_dash_m_works():
+    res = subprocess.run([sys.executable, "-m", "edgeseg", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "info" in res.stdout
