@@ -1,0 +1,409 @@
+"""The training loop: build data, model, optimizer and schedule; iterate; evaluate; checkpoint.
+
+Single process (``edgeseg train CONFIG``) or DDP (``torchrun --nproc-per-node N -m edgeseg train CONFIG``: gloo on
+CPU, NCCL on GPUs). What the loop reproduces from the official runs: per-iteration poly + warm-up schedule,
+AdamW groups (``optim.py``), the loss on logits upsampled to the label size, mean over *all* label pixels.
+
+Exact resumption: a resumed run computes the same losses as an uninterrupted one. Everything random is a function
+of (seed, position): the data stream (:class:`InfiniteBatchSampler`) and each sample's augmentation
+(:class:`SeededTrainSet`) depend only on the global sample position; the model's own randomness (dropout, drop
+path) uses torch's generator, whose state is saved per rank with the optimizer, scaler and iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import Config
+from ..data import SegDataset, TrainTransform, build_dataset, collate
+from ..models import create_model
+from .evaluate import build_val_dataset, evaluate
+from .optim import build_optimizer, set_lr
+
+
+# ------------------------------------------------------------------------------------------------ data stream
+class InfiniteBatchSampler:
+    """Endless batches of ``(dataset index, global position)`` for process ``rank`` of ``world``.
+
+    The global stream is epoch after epoch of ``randperm(len, seed + epoch)``; global position ``g`` belongs to rank
+    ``g % world``. Micro-batch ``b`` of every rank together covers positions ``[b·B·world, (b+1)·B·world)``, so the
+    images of an optimizer step do not depend on how they are split over processes, and resuming at micro-batch
+    ``start`` needs no replay.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0) -> None:
+        if size < 1:
+            raise ValueError("the training set is empty")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world, self.start = rank, world, start
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
+
+    def _index(self, g: int) -> int:
+        epoch, offset = divmod(g, self.size)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=gen)
+        return int(self._perm[offset])
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        b = self.start
+        while True:
+            first = b * self.batch_size
+            positions = [(first + j) * self.world + self.rank for j in range(self.batch_size)]
+            yield [(self._index(g), g) for g in positions]
+            b += 1
+
+
+class SeededTrainSet(Dataset):
+    """``dataset`` with ``transform`` applied under a generator seeded by (seed, global position): the same draw
+    gets the same crop, flip and colour jitter in any process, worker or resumed run."""
+
+    def __init__(self, dataset: SegDataset, transform: TrainTransform, seed: int) -> None:
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, position = key
+        img, gt = self.dataset.load_pair(index)
+        x, y, _ = self.transform(img, gt, rng=np.random.default_rng([self.seed, position]))
+        return {"img": x, "gt": y, "meta": {"index": index}}
+
+
+# -------------------------------------------------------------------------------------------------- processes
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # this call created the process group, so it also destroys it
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK), if any."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device is 'cuda' but torch sees no GPU: use --set train.device=cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(rank, world, local_rank, dev, owns)
+
+
+def _all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
+    if info.world == 1:
+        return [obj]
+    out: list[Any] = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ RNG states
+def rng_state() -> dict[str, Any]:
+    """This process's generators in a form ``torch.load(weights_only=True)`` accepts (tensors, lists, ints)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
+        "numpy": [int(v) for v in np_state[1]] + [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    keys, version, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    np_keys = np.array(state["numpy"][:624], dtype=np.uint32)
+    pos, has_gauss, cached = state["numpy"][624:]
+    np.random.set_state(("MT19937", np_keys, int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------------ parts
+def seg_loss(logits: Tensor, gt: Tensor, ignore_index: int = 255) -> Tensor:
+    """Cross-entropy of logits (B, K, h, w) upsampled to the label size (B, H, W).
+
+    Averaged over *all* pixels, ignored ones included (mmseg ≤ 0.23 ``weight_reduce_loss`` without
+    ``avg_non_ignore``, the version both papers trained with): kept, it sets the gradient scale of the recipes.
+    """
+    logits = F.interpolate(logits.float(), size=gt.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits, gt, ignore_index=ignore_index, reduction="none").mean()
+
+
+def build_model(cfg: Config, num_classes: int, log: Any = print) -> nn.Module:
+    """``create_model`` from the config, plus the ImageNet backbone when ``model.pretrained`` names one."""
+    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes or num_classes, **cfg.model.overrides)
+    if cfg.model.pretrained:
+        report = load_checkpoint(model, cfg.model.pretrained, strict=False)
+        log(f"pretrained weights from {cfg.model.pretrained}:\n{report}")
+    return model
+
+
+def build_train_set(cfg: Config) -> SegDataset:
+    """The training split without a transform (:class:`SeededTrainSet` applies the pipeline)."""
+    d = cfg.data
+    return build_dataset(d.dataset, d.root, d.train_split, None, **{**d.kwargs, **d.train_kwargs})
+
+
+def build_train_loader(cfg: Config, dataset: SegDataset, info: DistInfo, start_batch: int) -> DataLoader:
+    """Micro-batches of ``data.batch_size / (processes · grad_accum)`` images, from micro-batch ``start_batch``."""
+    d = cfg.data
+    per_step = info.world * cfg.train.grad_accum
+    if d.batch_size % per_step:
+        raise ValueError(f"data.batch_size {d.batch_size} (total per optimizer step) is not divisible by "
+                         f"processes × train.grad_accum = {per_step}: change one of them")
+    transform = TrainTransform(d.crop_size, d.scale, d.ratio_range, d.cat_max_ratio, d.flip_prob, d.photometric,
+                               d.mean, d.std, dataset.ignore_index)
+    sampler = InfiniteBatchSampler(len(dataset), d.batch_size // per_step, cfg.train.seed, info.rank, info.world,
+                                   start_batch)
+    loader = DataLoader(SeededTrainSet(dataset, transform, cfg.train.seed), batch_sampler=sampler,
+                        num_workers=d.workers, collate_fn=collate, pin_memory=info.device.type == "cuda",
+                        persistent_workers=d.workers > 0,
+                        generator=torch.Generator())  # own generator: creating the iterator must not draw from torch's
+    return loader
+
+
+def _autocast(amp: str, device: torch.device):
+    if amp == "none":
+        return nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("train.amp=fp16 needs a CUDA device; on CPU use --set train.amp=bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+class _Logger:
+    """rank-0 log.jsonl (+ TensorBoard when installed)."""
+
+    def __init__(self, work_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.file = open(work_dir / "log.jsonl", "a") if enabled else None
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(work_dir / "tb"))
+            except ImportError:
+                pass
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("iter",):
+                    self.tb.add_scalar(f"{row.get('mode', 'train')}/{k}", v, row["iter"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _find_resume(resume: str | None, work_dir: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        path = work_dir / "latest.pth"
+        return path if path.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint; pass a .pth written by edgeseg train or 'auto'")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------- loop
+def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress: bool = True,
+          log: Any = print) -> dict[str, Any]:
+    """Train ``cfg`` in ``work_dir`` (created); ``resume`` is None, ``"auto"`` (latest.pth if present) or a path.
+
+    Returns ``{"model", "iteration", "best_mIoU", "last_eval"}`` on every rank (``model`` unwrapped from DDP).
+    """
+    info = init_distributed(cfg.train.device)
+    work_dir = Path(work_dir)
+    log = log if info.main else (lambda *a, **k: None)
+    if info.main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        cfg.dump(work_dir / "config.yaml")
+
+    # Identical initial weights on every rank (DDP also broadcasts rank 0's); then per-rank streams for dropout.
+    seed_everything(cfg.train.seed)
+    train_set = build_train_set(cfg)
+    model = build_model(cfg, train_set.num_classes, log)
+    ignore_index = train_set.ignore_index
+    if cfg.train.sync_bn and info.world > 1:
+        if info.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            warnings.warn("train.sync_bn: SyncBatchNorm needs CUDA; on CPU each process normalises its own batch",
+                          stacklevel=2)
+    model.to(info.device)
+    optimizer = build_optimizer(model, cfg.optim)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16" and info.device.type == "cuda")
+    seed_everything(cfg.train.seed + info.rank)
+
+    start, best_miou = 0, -math.inf
+    ckpt_path = _find_resume(resume, work_dir)
+    if ckpt_path is not None:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if "optimizer" not in ckpt:
+            raise ValueError(f"--resume {ckpt_path}: holds no training state (optimizer, iteration); to start "
+                             f"from its weights set model.pretrained instead")
+        model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start, best_miou = int(ckpt["iteration"]), float(ckpt.get("best_mIoU", -math.inf))
+        states = ckpt["rng"]
+        if len(states) != info.world:
+            warnings.warn(f"resuming with {info.world} processes from a {len(states)}-process run: the data stream "
+                          f"is identical, dropout draws are not", stacklevel=2)
+        set_rng_state(states[info.rank % len(states)])
+        log(f"resumed from {ckpt_path} at iteration {start}")
+    elif resume == "auto":
+        log(f"no checkpoint in {work_dir}: starting from scratch")
+
+    net: nn.Module = model
+    if info.world > 1:
+        # Official configs set find_unused_parameters=True (SegFormer's unused conv_seg, dynamic gates).
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+            find_unused_parameters=True)
+
+    accum = cfg.train.grad_accum
+    loader = build_train_loader(cfg, train_set, info, start_batch=start * accum)
+    val_set = build_val_dataset(cfg) if cfg.train.eval_interval > 0 else None
+    logger = _Logger(work_dir, info.main)
+    batches = iter(loader)
+    iters = cfg.schedule.iters
+    bar = None
+    if progress and info.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=iters, initial=start, desc="train", dynamic_ncols=True)
+    last_eval: dict[str, Any] | None = None
+    loss_sum, loss_count = torch.zeros((), dtype=torch.float64), 0
+    t_start = time.perf_counter()
+    net.train()
+
+    for it in range(start, iters):
+        lr = set_lr(optimizer, it, cfg.optim.lr, cfg.schedule)
+        for micro in range(accum):
+            batch = next(batches)
+            img = batch["img"].to(info.device, non_blocking=True)
+            gt = batch["gt"].to(info.device, non_blocking=True)
+            sync = micro == accum - 1 or info.world == 1
+            with (nullcontext() if sync else net.no_sync()), _autocast(cfg.train.amp, info.device):
+                loss = seg_loss(net(img), gt, ignore_index)
+            scaler.scale(loss / accum).backward()
+            loss_sum += loss.detach().double().cpu() / accum
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        loss_count += 1
+        done = it + 1
+
+        if done % cfg.train.log_interval == 0 or done == iters:
+            mean_loss = loss_sum / loss_count
+            if info.world > 1:
+                dist.all_reduce(mean_loss.to(info.device if info.device.type == "cuda" else "cpu"))
+                mean_loss = mean_loss / info.world
+            elapsed = time.perf_counter() - t_start
+            eta = elapsed / (done - start) * (iters - done)
+            logger({"mode": "train", "iter": done, "loss": float(mean_loss), "lr": lr,
+                    "time_s": round(elapsed, 3), "eta_s": round(eta, 1)})
+            if bar is not None:
+                bar.set_postfix(loss=f"{float(mean_loss):.4f}", lr=f"{lr:.2e}")
+            loss_sum.zero_()
+            loss_count = 0
+        if bar is not None:
+            bar.update(1)
+
+        is_best = False
+        if val_set is not None and (done % cfg.train.eval_interval == 0 or done == iters):
+            last_eval = evaluate(net, val_set, cfg.eval, workers=min(cfg.data.workers, 2))
+            net.train()
+            logger({"mode": "val", "iter": done, "mIoU": last_eval["mIoU"], "mAcc": last_eval["mAcc"],
+                    "aAcc": last_eval["aAcc"]})
+            log(f"iter {done}: mIoU {last_eval['mIoU']:.2f}  mAcc {last_eval['mAcc']:.2f}  aAcc "
+                f"{last_eval['aAcc']:.2f}" if last_eval["mIoU"] is not None else f"iter {done}: mIoU n/a")
+            if last_eval["mIoU"] is not None and last_eval["mIoU"] > best_miou:
+                best_miou, is_best = last_eval["mIoU"], True
+
+        if (cfg.train.checkpoint_interval > 0 and done % cfg.train.checkpoint_interval == 0) or done == iters \
+                or is_best:
+            rng = _all_gather_object(rng_state(), info)  # every rank's generators, so each resumes its own
+            if info.main:
+                extra = {"iteration": done, "best_mIoU": best_miou, "rng": rng, "world_size": info.world,
+                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                         "config": cfg.to_dict()}
+                if is_best:
+                    save_checkpoint(work_dir / "best.pth", model, {"iteration": done, "mIoU": best_miou,
+                                                                   "config": cfg.to_dict()})
+                if (cfg.train.checkpoint_interval > 0 and done % cfg.train.checkpoint_interval == 0) or done == iters:
+                    path = save_checkpoint(work_dir / f"iter_{done}.pth", model, extra)
+                    _replace_copy(path, work_dir / "latest.pth")
+
+    if bar is not None:
+        bar.close()
+    logger.close()
+    if info.world > 1:
+        dist.barrier()
+        if info.owns_group:
+            dist.destroy_process_group()
+    return {"model": model, "iteration": iters, "best_mIoU": best_miou if best_miou > -math.inf else None, "last_eval": last_eval}
+
+
+def _replace_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of ``src`` atomically (hard link when the file system allows, else a copy)."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+__all__ = ["InfiniteBatchSampler", "SeededTrainSet", "build_model", "seg_loss", "train"]

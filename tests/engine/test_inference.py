@@ -1,0 +1,91 @@
+"""Whole / sliding-window / TTA inference (mmseg EncoderDecoder semantics) and dataset evaluation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from edgeseg.config import EvalCfg
+from edgeseg.data import ScenesDataset, TestTransform
+from edgeseg.engine.evaluate import evaluate, metrics_table
+from edgeseg.engine.inference import predict_probs, slide_inference, slide_windows, tta_probs, whole_inference
+from edgeseg.models import create_model
+
+
+class Pointwise(nn.Module):
+    """A 1×1 conv at full resolution: each output pixel depends on its input pixel only, so every window that covers
+    a pixel predicts the same logits there and a correctly count-normalised slide equals the whole image."""
+
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, num_classes, 1)
+        self.num_classes = num_classes
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_slide_grid_is_mmseg():
+    # H=10, crop 4, stride 3: max(10-4+3-1, 0)//3 + 1 = 3 rows, the last shifted back inside the image
+    wins = slide_windows(10, 13, (4, 4), (3, 3))
+    assert sorted({(y1, y2) for y1, y2, _, _ in wins}) == [(0, 4), (3, 7), (6, 10)]
+    assert sorted({(x1, x2) for _, _, x1, x2 in wins}) == [(0, 4), (3, 7), (6, 10), (9, 13)]
+    assert slide_windows(5, 5, (8, 8), (6, 6)) == [(0, 5, 0, 5)]  # crop larger than the image: the image
+
+
+def test_slide_count_normalisation():
+    torch.manual_seed(0)
+    model = Pointwise().eval()
+    img = torch.randn(2, 3, 10, 13)
+    whole = whole_inference(model, img)
+    slide = slide_inference(model, img, (4, 4), (3, 3))
+    torch.testing.assert_close(slide, whole, rtol=0, atol=1e-6)
+    # a plain sum of windows (no division by the coverage count) would differ where windows overlap
+    assert not torch.allclose(slide * 2, whole)
+
+
+def test_slide_equals_whole_when_crop_covers_image():
+    torch.manual_seed(0)
+    model = create_model("topformer-tiny", num_classes=4).eval()
+    img = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        whole = whole_inference(model, img, (70, 100))
+        slide = slide_inference(model, img, (64, 96), (48, 48), (70, 100))
+    assert whole.shape == (1, 4, 70, 100)
+    torch.testing.assert_close(slide, whole, rtol=0, atol=0)
+
+
+def test_tta_probabilities():
+    torch.manual_seed(0)
+    model = Pointwise().eval()
+    img = torch.randn(1, 3, 12, 16)
+    single = predict_probs(model, img, (12, 16))
+    torch.testing.assert_close(single.sum(1), torch.ones(1, 12, 16))
+    # a pointwise model is flip-equivariant: flipping the input and the output back changes nothing
+    torch.testing.assert_close(predict_probs(model, img, (12, 16), flip=True), single, rtol=0, atol=1e-6)
+    small = torch.nn.functional.interpolate(img, size=(6, 8), mode="bilinear", align_corners=False)
+    probs = tta_probs(model, [small, img], (12, 16), flip=True)
+    assert probs.shape == (1, 5, 12, 16)
+    torch.testing.assert_close(probs.sum(1), torch.ones(1, 12, 16))
+    expected = (predict_probs(model, small, (12, 16)) + predict_probs(model, small, (12, 16), flip=True)
+                + 2 * single) / 4
+    torch.testing.assert_close(probs, expected, rtol=0, atol=1e-6)
+
+
+def test_evaluate_whole_slide_and_tta():
+    torch.manual_seed(0)
+    val = ScenesDataset(split="val", num_images=3, size=(48, 64), transform=TestTransform((96, 48)))
+    model = create_model("topformer-tiny", num_classes=val.num_classes)
+    whole = evaluate(model, val, EvalCfg(mode="whole"))
+    assert model.training  # evaluate restores the mode it found
+    assert whole["num_images"] == 3 and set(whole["per_class"]) == set(val.classes)
+    assert 0 <= whole["mIoU"] <= 100 and 0 <= whole["aAcc"] <= 100
+    # the crop covers the (48, 64) test image: identical predictions
+    slide = evaluate(model, val, EvalCfg(mode="slide", crop_size=(64, 64), stride=(32, 32)))
+    assert slide == whole
+    tta = evaluate(model, val, EvalCfg(tta=True, tta_ratios=(0.5, 1.0)))
+    assert tta["num_images"] == 3 and tta["mIoU"] is not None
+    assert "mIoU" in metrics_table(whole)
+    with pytest.raises(ValueError, match="slide"):
+        predict_probs(model, torch.zeros(1, 3, 8, 8), (8, 8), mode="slide")
