@@ -14,6 +14,7 @@ It prints images/s only; comparing with a training step is the engine benchmark'
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -70,7 +71,7 @@ def main() -> None:
     print(
         f"data loading, TopFormer-Tiny ADE20K recipe (512x512 crop) on {args.size[0]}x{args.size[1]} JPEG/PNG, "
         f"{args.workers} workers, batch {args.batch_size}: {seen / elapsed:.1f} images/s "
-        f"({seen} images in {elapsed:.2f} s, {torch.get_num_threads()} torch threads in the main process)"
+        f"({seen} images in {elapsed:.2f} s; machine load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
     )
 
 

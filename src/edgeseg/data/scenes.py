@@ -11,7 +11,7 @@ A scene needs both things the papers' architectures are built for:
 
 Every class draws its colour from a hue window centred on its own hue but 0.4 turns wide, so neighbouring
 classes' colour distributions overlap: colour statistics help, a single pixel's colour does not decide.
-Objects (2..7 per image) vary ~6× in size, may leave the frame, and occlude each other in drawing order.
+Objects (3..9 per image) vary ~5× in size, may leave the frame, and occlude each other in drawing order.
 
 Generation is numpy-vectorised and works inside each object's bounding box: a 256×256 sample takes a few ms.
 Samples come on the fly (:class:`ScenesDataset`, no disk needed) or are written in the ``folder`` layout
