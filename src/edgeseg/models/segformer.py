@@ -1,0 +1,783 @@
+"""SegFormer (Xie et al., NeurIPS 2021): a Mix Transformer (MiT) encoder and an all-MLP decoder.
+
+Read top to bottom as the paper tells it:
+
+1. MiT encoder blocks — ``OverlapPatchEmbed`` (Sec. 3.1 "overlapped patch merging"), ``EfficientSelfAttention``
+   (Eq. 2, key/value sequence reduced by ``sr_ratio``), ``MixFFN`` (Eq. 3, a 3×3 depthwise conv between the two
+   linears gives positional information), ``Block`` (pre-norm transformer block), ``MiTStage``.
+2. ``MixVisionTransformer``: four stages at 1/4, 1/8, 1/16, 1/32 (Fig. 2).
+3. Decoders — ``MLPDecoder`` (Eq. 4: per-stage Linear to E, upsample to 1/4, concat, fuse, classify) and its exact
+   inference form ``AdditiveMLPDecoder`` (the fuse conv folded into the per-stage Linears; see ``MLPDecoder.fuse``).
+4. Models — ``SegFormer`` (logits at 1/4) and ``MiTClassifier`` (the ImageNet form of the encoder).
+5. Variant table B0…B5 and the paper's figures.
+6. Checkpoint layouts (official NVlabs mmseg, ImageNet ``mit_bX.pth``, Hugging Face) → edgeseg, and ``infer_model``.
+7. Builders ``segformer-b0``…``segformer-b5`` and ``mit-b0``…``mit-b5``.
+
+Parity: with the official checkpoint loaded unchanged, ``SegFormer`` computes what NVlabs/SegFormer computes
+(``tests/models/test_segformer.py`` checks it against fixtures made by the official code).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import ConvBN, DropPath, fuse_modules, resize
+
+# LayerNorm eps of the official code: ``partial(nn.LayerNorm, eps=1e-6)`` for the block norms (norm1/norm2) and
+# the stage norms (norm1..4); PyTorch's default 1e-5 in the patch embeddings and the sequence-reduction norm.
+# Hugging Face transformers builds every one of them with the default 1e-5 (its ``config.layer_norm_eps`` is not
+# read by the SegFormer modules), so a model loaded from an HF folder is built with ``ln_eps=1e-5``.
+OFFICIAL_LN_EPS = 1e-6
+HF_LN_EPS = 1e-5
+EMBED_LN_EPS = 1e-5
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 1. MiT encoder blocks
+# --------------------------------------------------------------------------------------------------------------
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Overlapped patch merging: a strided conv (7×7/4 pad 3 for stage 1, 3×3/2 pad 1 after) + LayerNorm.
+
+    (B, C_in, H, W) → tokens (B, N, C) with N = h·w, and (h, w) = (⌊(H + 2p − k)/s⌋ + 1, …).
+    """
+
+    def __init__(self, in_channels: int, embed_dim: int, patch_size: int = 7, stride: int = 4,
+                 norm_eps: float = EMBED_LN_EPS) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, embed_dim, patch_size, stride, padding=patch_size // 2)
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self.proj(x)
+        hw = (x.shape[2], x.shape[3])
+        return self.norm(x.flatten(2).transpose(1, 2)), hw
+
+
+class EfficientSelfAttention(nn.Module):
+    """Multi-head self-attention with the key/value sequence reduced by ``sr_ratio`` (paper Eq. 2).
+
+    Keys and values come from a conv with kernel = stride = ``sr_ratio`` over the (h, w) token map followed by a
+    LayerNorm, so attention costs O(N²/R²). ``kv`` is one Linear whose first C outputs are K and last C are V
+    (official layout; Hugging Face splits it into ``key``/``value``, the converter concatenates them).
+    Scale ``head_dim^-0.5``. Tokens (B, N, C) with their map size (h, w) → (B, N, C).
+
+    ``use_sdpa`` (set by ``fuse()``) computes the same attention with ``F.scaled_dot_product_attention``, which
+    never materialises the (N × N/R²) matrix; the default explicit ``softmax(q kᵀ · scale) v`` is the official
+    formulation and is what ``torch.utils.flop_counter`` sees as matrix products.
+    """
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, norm_eps: float = EMBED_LN_EPS) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"EfficientSelfAttention: dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.sr_ratio = sr_ratio
+        self.use_sdpa = False
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim, eps=norm_eps)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        B, N, C = x.shape
+        q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, d)
+        if self.sr_ratio > 1:
+            x = self.sr(x.reshape(B, *hw, C).permute(0, 3, 1, 2))
+            x = self.norm(x.flatten(2).transpose(1, 2))  # (B, N/R², C)
+        k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.use_sdpa:
+            drop = self.attn_drop.p if self.training and isinstance(self.attn_drop, nn.Dropout) else 0.0
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
+        else:
+            attn = (q @ k.transpose(-2, -1)) * self.scale
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+    def fuse(self) -> EfficientSelfAttention:
+        """Inference form: the same weights, attention by ``scaled_dot_product_attention``."""
+        fused = copy.deepcopy(self)
+        fused.use_sdpa = True
+        fused.attn_drop = nn.Identity()
+        fused.proj_drop = nn.Identity()
+        return fused
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, sr_ratio={self.sr_ratio}, use_sdpa={self.use_sdpa}"
+
+
+class MixFFN(nn.Module):
+    """Mix-FFN (paper Eq. 3): ``fc2(GELU(DWConv3×3(fc1(x))))``; the depthwise conv (with bias) leaks zero-padding
+    position information, replacing positional encodings. GELU is the exact (erf) form. (B, N, C) → (B, N, C)."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, 1, 1, groups=hidden_dim, bias=True)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        B, N, _ = x.shape
+        x = self.fc1(x)
+        # (B, N, C) viewed as (B, C, h, w) is a channels-last map: no copy in or out of the depthwise conv.
+        x = self.dwconv(x.reshape(B, *hw, -1).permute(0, 3, 1, 2)).flatten(2).transpose(1, 2)
+        x = self.drop(self.act(x))
+        return self.drop(self.fc2(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + DropPath(Attn(LN(x)))``, then ``x + DropPath(MixFFN(LN(x)))``."""
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 ln_eps: float = OFFICIAL_LN_EPS) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=ln_eps)
+        self.attn = EfficientSelfAttention(dim, num_heads, sr_ratio, qkv_bias, attn_drop, drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
+        self.mlp = MixFFN(dim, int(dim * mlp_ratio), drop)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), hw))
+        return x + self.drop_path(self.mlp(self.norm2(x), hw))
+
+
+class MiTStage(nn.Module):
+    """One encoder stage: OverlapPatchEmbed → ``depth`` Blocks → LayerNorm. (B, C_in, H, W) → (B, C, h, w).
+
+    The returned map is a channels-last view of the token sequence (no copy); every consumer accepts it.
+    """
+
+    def __init__(self, in_channels: int, dim: int, depth: int, num_heads: int, sr_ratio: int, mlp_ratio: float,
+                 patch_size: int, stride: int, drop_path: Sequence[float], qkv_bias: bool = True, drop: float = 0.0,
+                 attn_drop: float = 0.0, ln_eps: float = OFFICIAL_LN_EPS) -> None:
+        super().__init__()
+        self.patch_embed = OverlapPatchEmbed(in_channels, dim, patch_size, stride)
+        self.blocks = nn.ModuleList(
+            Block(dim, num_heads, sr_ratio, mlp_ratio, qkv_bias, drop, attn_drop, drop_path[i], ln_eps)
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim, eps=ln_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, hw = self.patch_embed(x)
+        for block in self.blocks:
+            x = block(x, hw)
+        x = self.norm(x)
+        return x.reshape(x.shape[0], *hw, -1).permute(0, 3, 1, 2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. The encoder
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MixVisionTransformer(nn.Module):
+    """MiT: four stages producing maps at 1/4, 1/8, 1/16, 1/32 with ``embed_dims`` channels (paper Fig. 2).
+
+    Stochastic depth rises linearly from 0 to ``drop_path_rate`` over all blocks (official linspace rule).
+    ``ln_eps`` is the eps of the block and stage LayerNorms (official 1e-6, Hugging Face 1e-5); the patch-embed and
+    sequence-reduction norms use 1e-5 in both.
+    """
+
+    def __init__(
+        self,
+        embed_dims: Sequence[int],
+        depths: Sequence[int],
+        num_heads: Sequence[int],
+        sr_ratios: Sequence[int],
+        mlp_ratios: Sequence[float] = (4, 4, 4, 4),
+        in_channels: int = 3,
+        patch_sizes: Sequence[int] = (7, 3, 3, 3),
+        strides: Sequence[int] = (4, 2, 2, 2),
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        ln_eps: float = OFFICIAL_LN_EPS,
+    ) -> None:
+        super().__init__()
+        self.embed_dims = tuple(embed_dims)
+        self.depths = tuple(depths)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # cpu: also under a meta device
+        stages, start, prev = [], 0, in_channels
+        for i, (dim, depth) in enumerate(zip(embed_dims, depths)):
+            stages.append(MiTStage(prev, dim, depth, num_heads[i], sr_ratios[i], mlp_ratios[i], patch_sizes[i],
+                                   strides[i], dpr[start:start + depth], qkv_bias, drop_rate, attn_drop_rate, ln_eps))
+            start, prev = start + depth, dim
+        self.stages = nn.ModuleList(stages)
+        self.apply(_init_mit_weights)
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) → [(B, C_1, H/4, W/4), (B, C_2, H/8, …), (B, C_3, H/16, …), (B, C_4, H/32, …)]
+        (sizes rounded as the strided convs round them)."""
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+    forward = forward_features
+
+    def fuse(self) -> MixVisionTransformer:
+        """A new inference encoder: attention through SDPA, dropout and drop-path removed, conv weights
+        channels-last."""
+        return fuse_modules(copy.deepcopy(self).eval()).to(memory_format=torch.channels_last)
+
+
+def _init_mit_weights(m: nn.Module) -> None:
+    """Official MiT init: Linear ~ trunc-normal(0.02), bias 0; LayerNorm (1, 0); conv ~ N(0, 2/fan_out)."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. Decoders
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A Linear over the channels of a map: (B, C, h, w) → (B, E, h, w) (tokens in, channels-last view out).
+
+    The view is built as (B, h, w, E) → permute so its strides are canonical channels-last, which is what
+    ``interpolate`` and oneDNN check for before choosing their channels-last kernels.
+    """
+    B, _, h, w = x.shape
+    return linear(x.flatten(2).transpose(1, 2)).reshape(B, h, w, -1).permute(0, 3, 1, 2)
+
+
+class MLPDecoder(nn.Module):
+    """The all-MLP decoder (paper Eq. 4): Linear(C_i → E) per stage, bilinear upsampling to the 1/4 map,
+    concatenation, 1×1 conv 4E → E (no bias) + BN + ReLU, dropout, 1×1 classifier ``linear_pred``.
+
+    The concatenation order is the official [c4, c3, c2, c1]; the fuse conv's input channels are in that order.
+    (Official checkpoints also hold ``decode_head.conv_seg`` from mmseg's base head; it is never used and the
+    converter drops it.) Four maps (B, C_i, h_i, w_i) → logits (B, K, h_1, w_1).
+    """
+
+    def __init__(self, in_channels: Sequence[int], embed_dim: int, num_classes: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.linear_c = nn.ModuleList(nn.Linear(c, embed_dim) for c in in_channels)
+        self.linear_fuse = ConvBN(len(in_channels) * embed_dim, embed_dim, 1, act=nn.ReLU)
+        self.dropout = nn.Dropout2d(dropout)  # mmseg's BaseDecodeHead uses Dropout2d
+        self.linear_pred = nn.Conv2d(embed_dim, num_classes, 1)
+        nn.init.kaiming_normal_(self.linear_fuse.conv.weight, mode="fan_out", nonlinearity="relu")  # mmcv ConvModule
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        size = features[0].shape[2:]
+        maps = [_project(linear, f) for linear, f in zip(self.linear_c, features)]
+        maps = [maps[0]] + [resize(m, size) for m in maps[1:]]
+        x = self.linear_fuse(torch.cat(maps[::-1], dim=1))  # official order [c4, c3, c2, c1]
+        return self.linear_pred(self.dropout(x))
+
+    @torch.no_grad()
+    def fuse(self) -> AdditiveMLPDecoder:
+        """The exact inference form: fold the fuse conv and its BN into the per-stage Linears.
+
+        A 1×1 conv commutes with bilinear resizing (both are linear, and bilinear weights sum to 1 so biases pass
+        through), so ``F·cat(up(A_i x_i + a_i))`` = ``Σ_i up(F_i A_i x_i + F_i a_i)`` with F_i the fuse conv's slice
+        for stage i. BN (eval) is a per-channel affine and folds in the same way; its shift goes to the
+        un-resized 1/4 stage. The 4E → E conv over the full-resolution concatenation disappears.
+        """
+        E = self.embed_dim
+        n = len(self.linear_c)
+        conv, bn = self.linear_fuse.conv, self.linear_fuse.bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        weight = conv.weight.flatten(1) * scale[:, None]  # (E, n·E), BN scale folded
+        out = AdditiveMLPDecoder([lin.in_features for lin in self.linear_c], E, self.linear_pred.out_channels,
+                                 batch_norm=False, dropout=0.0).to(conv.weight)
+        for i, lin in enumerate(self.linear_c):
+            part = weight[:, (n - 1 - i) * E:(n - i) * E]  # stage i sits at position n-1-i in [c4, c3, c2, c1]
+            out.linear_c[i].weight.copy_(part @ lin.weight)
+            out.linear_c[i].bias.copy_(part @ lin.bias)
+        out.linear_c[0].bias.add_(bn.bias - bn.running_mean * scale)
+        out.linear_pred.load_state_dict(self.linear_pred.state_dict())
+        return out.eval()
+
+
+class AdditiveMLPDecoder(nn.Module):
+    """The MLP decoder in additive form: ``Σ_i up(Linear_i(c_i))`` → [BN] → ReLU → dropout → classifier.
+
+    This is ``MLPDecoder.fuse()``'s result (``batch_norm=False``, the projections already carrying the fuse conv
+    and BN) and the decoder DynaSegFormer trains directly (``batch_norm=True``): per-stage projections to E,
+    upsampled to the 1/4 map and added, never concatenated. Four maps (B, C_i, h_i, w_i) → (B, K, h_1, w_1).
+    """
+
+    def __init__(self, in_channels: Sequence[int], embed_dim: int, num_classes: int, batch_norm: bool = True,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.linear_c = nn.ModuleList(nn.Linear(c, embed_dim) for c in in_channels)
+        self.bn = nn.BatchNorm2d(embed_dim) if batch_norm else nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.linear_pred = nn.Conv2d(embed_dim, num_classes, 1)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        size = features[0].shape[2:]
+        # Everything stays channels-last (the projections' natural layout): the upsampling and the sums then
+        # run over contiguous channel vectors, with no layout copies of the full-resolution maps.
+        x = _project(self.linear_c[0], features[0])  # a fresh tensor: safe to accumulate into in place
+        for linear, f in zip(self.linear_c[1:], features[1:]):
+            x.add_(resize(_project(linear, f), size))
+        return self.linear_pred(self.dropout(self.act(self.bn(x))))
+
+    @torch.no_grad()
+    def fuse(self) -> AdditiveMLPDecoder:
+        """Fold the BN (if any) into the projections, exactly as ``MLPDecoder.fuse`` does."""
+        fused = copy.deepcopy(self).eval()
+        if isinstance(self.bn, nn.BatchNorm2d):
+            bn = self.bn
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            for lin in fused.linear_c:
+                lin.weight.mul_(scale[:, None])
+                lin.bias.mul_(scale)
+            fused.linear_c[0].bias.add_(bn.bias - bn.running_mean * scale)
+            fused.bn = nn.Identity()
+        fused.dropout = nn.Identity()
+        return fused
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 4. The models
+# --------------------------------------------------------------------------------------------------------------
+
+
+class SegFormer(nn.Module):
+    """MiT encoder → MLP decoder. (B, 3, H, W) normalised images → logits at 1/4: (B, K, ⌊(H−1)/4⌋+1, ⌊(W−1)/4⌋+1).
+
+    Upsample them bilinearly (``align_corners=False``) to (H, W) for per-pixel labels, as mmseg does at test time.
+    """
+
+    def __init__(
+        self,
+        embed_dims: Sequence[int],
+        depths: Sequence[int],
+        num_heads: Sequence[int],
+        sr_ratios: Sequence[int],
+        decoder_dim: int,
+        num_classes: int = 150,
+        mlp_ratios: Sequence[float] = (4, 4, 4, 4),
+        in_channels: int = 3,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        dropout: float = 0.1,
+        ln_eps: float = OFFICIAL_LN_EPS,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.encoder = MixVisionTransformer(embed_dims, depths, num_heads, sr_ratios, mlp_ratios, in_channels,
+                                            drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                                            drop_path_rate=drop_path_rate, ln_eps=ln_eps)
+        self.decode_head = MLPDecoder(embed_dims, decoder_dim, num_classes, dropout)
+        self.model_name = "segformer"
+        self.model_args: dict = {"num_classes": num_classes}
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) → the four encoder maps (B, C_i, H/4 … H/32, W/4 … W/32)."""
+        return self.encoder.forward_features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode_head(self.encoder.forward_features(x))
+
+    def fuse(self) -> SegFormer:
+        """A new inference model: the decoder in additive form (fuse conv and BN folded into the per-stage
+        projections), attention through SDPA, dropout/drop-path removed, conv weights channels-last (the token
+        sequences are channels-last maps already, so oneDNN then runs the convs without layout reorders).
+        Same logits (≤ 1e-5)."""
+        return fuse_modules(copy.deepcopy(self).eval()).to(memory_format=torch.channels_last)
+
+
+class MiTClassifier(nn.Module):
+    """The ImageNet form of the encoder (official ``mit_bX.pth``): MiT → mean over the last stage's tokens (after
+    its LayerNorm) → Linear ``head``. (B, 3, H, W) → (B, num_classes).
+
+    The encoder sits under ``encoder.`` exactly as in ``SegFormer``, so an ImageNet file initialises a
+    segmentation model's encoder key for key.
+    """
+
+    def __init__(
+        self,
+        embed_dims: Sequence[int],
+        depths: Sequence[int],
+        num_heads: Sequence[int],
+        sr_ratios: Sequence[int],
+        num_classes: int = 1000,
+        mlp_ratios: Sequence[float] = (4, 4, 4, 4),
+        in_channels: int = 3,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        ln_eps: float = OFFICIAL_LN_EPS,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.encoder = MixVisionTransformer(embed_dims, depths, num_heads, sr_ratios, mlp_ratios, in_channels,
+                                            drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                                            drop_path_rate=drop_path_rate, ln_eps=ln_eps)
+        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        _init_mit_weights(self.head)
+        self.model_name = "mit"
+        self.model_args: dict = {"num_classes": num_classes}
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) → the four encoder maps (B, C_i, H/4 … H/32, W/4 … W/32)."""
+        return self.encoder.forward_features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder.forward_features(x)[-1].mean(dim=(2, 3)))
+
+    def fuse(self) -> MiTClassifier:
+        """A new inference model (attention through SDPA, drop-path removed, conv weights channels-last)."""
+        return fuse_modules(copy.deepcopy(self).eval()).to(memory_format=torch.channels_last)
+
+
+def upsample_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Native 1/4 logits (B, K, h, w) → (B, K, H, W), bilinear ``align_corners=False`` (mmseg test time)."""
+    return resize(logits, tuple(size))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 5. Variants (official mix_transformer.py mit_b0…mit_b5 and local_configs/segformer/B*/…)
+# --------------------------------------------------------------------------------------------------------------
+
+# All variants share heads (1, 2, 5, 8), sr ratios (8, 4, 2, 1), mlp ratio 4, qkv bias, patch sizes (7, 3, 3, 3),
+# strides (4, 2, 2, 2), drop path 0.1; B0 vs B1 differ in widths, B1…B5 in depths; the decoder is 256 wide for
+# B0/B1 and 768 for B2…B5 (configs' decoder_params.embed_dim).
+VARIANTS: dict[str, dict] = {
+    "b0": dict(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2), decoder_dim=256),
+    "b1": dict(embed_dims=(64, 128, 320, 512), depths=(2, 2, 2, 2), decoder_dim=256),
+    "b2": dict(embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3), decoder_dim=768),
+    "b3": dict(embed_dims=(64, 128, 320, 512), depths=(3, 4, 18, 3), decoder_dim=768),
+    "b4": dict(embed_dims=(64, 128, 320, 512), depths=(3, 8, 27, 3), decoder_dim=768),
+    "b5": dict(embed_dims=(64, 128, 320, 512), depths=(3, 6, 40, 3), decoder_dim=768),
+}
+SHARED: dict = dict(num_heads=(1, 2, 5, 8), sr_ratios=(8, 4, 2, 1), mlp_ratios=(4, 4, 4, 4))
+
+# Paper Table 1 / official README (ADE20K, 150 classes): params (M), GMACs ("FLOPs" in the paper) at the input size
+# of the ADE20K config (640×640 for B5). The paper counts the attention matrix products.
+PAPER: dict[str, dict] = {
+    "segformer-b0": {"params_m": 3.8, "gmacs": 8.4, "input_size": [512, 512]},
+    "segformer-b1": {"params_m": 13.7, "gmacs": 15.9, "input_size": [512, 512]},
+    "segformer-b2": {"params_m": 27.5, "gmacs": 62.4, "input_size": [512, 512]},
+    "segformer-b3": {"params_m": 47.3, "gmacs": 79.0, "input_size": [512, 512]},
+    "segformer-b4": {"params_m": 64.1, "gmacs": 95.7, "input_size": [512, 512]},
+    "segformer-b5": {"params_m": 84.7, "gmacs": 183.3, "input_size": [640, 640]},
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 6. Checkpoint layouts → edgeseg
+# --------------------------------------------------------------------------------------------------------------
+
+# Each layout: ordered (regex, replacement) rules over the encoder part of a key, producing edgeseg names under
+# ``encoder.``. Keys / values arrive split in Hugging Face files as temporary ``attn.k`` / ``attn.v``.
+_OFFICIAL_ENCODER = (  # NVlabs mix_transformer.py, also the bare keys of mit_bX.pth
+    (r"^patch_embed(\d)\.", lambda m: f"stages.{int(m[1]) - 1}.patch_embed."),
+    (r"^block(\d)\.(\d+)\.", lambda m: f"stages.{int(m[1]) - 1}.blocks.{m[2]}."),
+    (r"^norm(\d)\.", lambda m: f"stages.{int(m[1]) - 1}.norm."),
+    (r"\.mlp\.dwconv\.dwconv\.", ".mlp.dwconv."),
+)
+_HF_ENCODER = (  # transformers' checkpoint names (the Hub files; save_pretrained writes these too)
+    (r"^encoder\.patch_embeddings\.(\d)\.layer_norm\.", r"stages.\1.patch_embed.norm."),
+    (r"^encoder\.patch_embeddings\.(\d)\.", r"stages.\1.patch_embed."),
+    (r"^encoder\.block\.(\d)\.(\d+)\.", r"stages.\1.blocks.\2."),
+    (r"^encoder\.layer_norm\.(\d)\.", r"stages.\1.norm."),
+    (r"\.attention\.self\.query\.", ".attn.q."),
+    (r"\.attention\.self\.key\.", ".attn.k."),
+    (r"\.attention\.self\.value\.", ".attn.v."),
+    (r"\.attention\.self\.sr\.", ".attn.sr."),
+    (r"\.attention\.self\.layer_norm\.", ".attn.norm."),
+    (r"\.attention\.output\.dense\.", ".attn.proj."),
+    (r"\.layer_norm_1\.", ".norm1."),
+    (r"\.layer_norm_2\.", ".norm2."),
+    (r"\.mlp\.dense1\.", ".mlp.fc1."),
+    (r"\.mlp\.dense2\.", ".mlp.fc2."),
+    (r"\.mlp\.dwconv\.dwconv\.", ".mlp.dwconv."),
+)
+_HF_MODULE_ENCODER = (  # transformers >= 5 in-memory module names (model.state_dict())
+    (r"^stages\.(\d)\.patch_embeddings\.layer_norm\.", r"stages.\1.patch_embed.norm."),
+    (r"^stages\.(\d)\.patch_embeddings\.", r"stages.\1.patch_embed."),
+    (r"^stages\.(\d)\.layer_norm\.", r"stages.\1.norm."),
+    (r"\.layernorm_before\.", ".norm1."),
+    (r"\.layernorm_after\.", ".norm2."),
+    (r"\.attention\.q_proj\.", ".attn.q."),
+    (r"\.attention\.k_proj\.", ".attn.k."),
+    (r"\.attention\.v_proj\.", ".attn.v."),
+    (r"\.attention\.o_proj\.", ".attn.proj."),
+    (r"\.attention\.sequence_reduction\.sequence_reduction\.", ".attn.sr."),
+    (r"\.attention\.sequence_reduction\.layer_norm\.", ".attn.norm."),
+    (r"\.mlp\.dwconv\.dwconv\.", ".mlp.dwconv."),
+)
+_OFFICIAL_HEAD = (
+    (r"^decode_head\.linear_c(\d)\.proj\.", lambda m: f"decode_head.linear_c.{int(m[1]) - 1}."),
+)
+_HF_HEAD = (
+    (r"^decode_head\.(linear_c|linear_projections)\.(\d)\.proj\.", r"decode_head.linear_c.\2."),
+    (r"^decode_head\.linear_fuse\.weight$", "decode_head.linear_fuse.conv.weight"),
+    (r"^decode_head\.batch_norm\.", "decode_head.linear_fuse.bn."),
+    (r"^decode_head\.classifier\.", "decode_head.linear_pred."),
+    (r"^classifier\.", "head."),  # SegformerForImageClassification
+)
+_HF_LAYOUT_NOTE = ("Hugging Face layout: transformers builds every SegFormer LayerNorm with eps 1e-5; build the model "
+                   "with ln_eps=1e-5 (load_hf_folder does) to reproduce its outputs exactly")
+
+
+def _apply(rules: Sequence[tuple[str, str | Callable]], key: str) -> str:
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def _merge_kv(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Concatenate split ``attn.k``/``attn.v`` into the official ``attn.kv`` (first C rows K, last C rows V)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if ".attn.k." in key:
+            other = sd.get(key.replace(".attn.k.", ".attn.v."))
+            if other is None:
+                raise ValueError(f"state dict has {key} but no matching value projection")
+            out[key.replace(".attn.k.", ".attn.kv.")] = torch.cat([value, other], dim=0)
+        elif ".attn.v." not in key:
+            out[key] = value
+    return out
+
+
+def _layout(keys: Sequence[str]) -> str | None:
+    """Name the layout of a state dict from signature keys, or None if it is not SegFormer's."""
+    keyset = set(keys)
+
+    def has(pattern: str) -> bool:
+        return any(re.match(pattern, k) for k in keyset)
+
+    if "encoder.stages.0.patch_embed.proj.weight" in keyset:
+        return "edgeseg"
+    if has(r"^(segformer\.)?encoder\.patch_embeddings\.0\.proj\.weight$"):
+        return "hf"
+    if has(r"^(segformer\.)?stages\.0\.patch_embeddings\.proj\.weight$"):
+        return "hf-modules"
+    if has(r"^(backbone\.)?patch_embed1\.proj\.weight$") and has(r"^(backbone\.)?block1\.0\.attn\.kv\.weight$"):
+        return "official"
+    return None
+
+
+def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]] | None:
+    """Map any SegFormer / MiT layout onto edgeseg's; ``None`` if the keys are not SegFormer's.
+
+    Layouts: official NVlabs mmseg (``backbone.patch_embed1.proj``, ``backbone.block1.0.attn.kv``,
+    ``decode_head.linear_c1.proj``, ``decode_head.linear_fuse.conv/bn``, ``decode_head.linear_pred``), the ImageNet
+    files ``mit_bX.pth`` (the same backbone keys bare, plus ``head.*``), Hugging Face (``segformer.encoder.*`` as in
+    Hub files and ``save_pretrained``, or transformers-5 module names ``segformer.stages.*``; split key/value,
+    ``decode_head.linear_c.N``, ``linear_fuse``, ``batch_norm``, ``classifier``) and edgeseg's own.
+    """
+    layout = _layout(list(state_dict))
+    if layout is None:
+        return None
+    notes: list[str] = []
+    if layout == "edgeseg":
+        return dict(state_dict), notes
+    if layout == "official":
+        encoder_rules, head_rules, prefix = _OFFICIAL_ENCODER, _OFFICIAL_HEAD, "backbone."
+        notes.append("official NVlabs/SegFormer layout")
+    else:
+        encoder_rules = _HF_ENCODER if layout == "hf" else _HF_MODULE_ENCODER
+        head_rules, prefix = _HF_HEAD, "segformer."
+        notes.append(_HF_LAYOUT_NOTE)
+    out: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    for key, value in state_dict.items():
+        if key.startswith("decode_head.conv_seg."):
+            dropped.append(key)
+            continue
+        if key.startswith(("decode_head.", "classifier.")) or (layout == "official" and key.startswith("head.")):
+            out[_apply(head_rules, key)] = value
+            continue
+        bare = key[len(prefix):] if key.startswith(prefix) else key
+        out["encoder." + _apply(encoder_rules, bare)] = value
+    if dropped:
+        notes.append("dropped decode_head.conv_seg (created by mmseg's BaseDecodeHead, never used by SegFormerHead)")
+    if layout != "official":
+        out = _merge_kv(out)
+        notes.append("concatenated key/value projections into attn.kv (K first, then V)")
+    return out, notes
+
+
+def closest_variant(embed_dims: Sequence[int], depths: Sequence[int]) -> str:
+    """The variant with these widths and depths; for a custom shape the one sharing its depths (B2…B5 differ only
+    there), else its widths, else B0 — the builder overrides carry the rest."""
+    dims, depths = list(embed_dims), list(depths)
+    for match in (lambda c: list(c["embed_dims"]) == dims and list(c["depths"]) == depths,
+                  lambda c: list(c["depths"]) == depths,
+                  lambda c: list(c["embed_dims"]) == dims):
+        found = next((v for v, cfg in VARIANTS.items() if match(cfg)), None)
+        if found is not None:
+            return found
+    return "b0"
+
+
+def infer_model(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict]:
+    """From an edgeseg-layout state dict, the builder name and kwargs that rebuild exactly this architecture.
+
+    Widths, depths, sr ratios, mlp ratios, decoder width and classes are read off tensor shapes; the variant is the
+    one whose widths and depths match (B0 vs B1 differ by widths, B1…B5 by depths). Head counts leave no trace in
+    the weights: the official (1, 2, 5, 8) is assumed. ``segformer-*`` if a decode head is present, else ``mit-*``.
+    """
+    sd = state_dict
+    dims, depths, srs, mlps = [], [], [], []
+    while (w := sd.get(f"encoder.stages.{len(dims)}.patch_embed.proj.weight")) is not None:
+        i = len(dims)
+        dims.append(w.shape[0])
+        blocks = {int(m[1]) for k in sd if (m := re.match(rf"encoder\.stages\.{i}\.blocks\.(\d+)\.", k))}
+        depths.append(len(blocks))
+        sr = sd.get(f"encoder.stages.{i}.blocks.0.attn.sr.weight")
+        srs.append(sr.shape[-1] if sr is not None else 1)
+        fc1 = sd.get(f"encoder.stages.{i}.blocks.0.mlp.fc1.weight")
+        ratio = fc1.shape[0] / w.shape[0] if fc1 is not None else 4
+        mlps.append(int(ratio) if float(ratio).is_integer() else ratio)
+    if len(dims) != 4 or 0 in depths:
+        raise ValueError(f"state dict is not a SegFormer/MiT model (found {len(dims)} encoder stages, depths {depths})")
+    in_channels = sd["encoder.stages.0.patch_embed.proj.weight"].shape[1]
+    seg = "decode_head.linear_pred.weight" in sd
+    variant = closest_variant(dims, depths)
+    base = {**SHARED, **VARIANTS[variant]}
+    args: dict = {}
+    if seg:
+        args["num_classes"] = sd["decode_head.linear_pred.weight"].shape[0]
+        decoder_dim = sd["decode_head.linear_c.0.weight"].shape[0]
+        if decoder_dim != base["decoder_dim"]:
+            args["decoder_dim"] = decoder_dim
+    else:
+        args["num_classes"] = sd["head.weight"].shape[0] if "head.weight" in sd else 0
+    for name, found in (("embed_dims", dims), ("depths", depths), ("sr_ratios", srs), ("mlp_ratios", mlps)):
+        if found != list(base[name]):
+            args[name] = found
+    if in_channels != 3:
+        args["in_channels"] = in_channels
+    if any(d % h for d, h in zip(dims, base["num_heads"])):
+        raise ValueError(f"SegFormer widths {dims} are not divisible by the official head counts "
+                         f"{list(base['num_heads'])}; pass num_heads=... when building the model")
+    return f"{'segformer' if seg else 'mit'}-{variant}", args
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 7. Builders
+# --------------------------------------------------------------------------------------------------------------
+
+_ENCODER_ARGS = ("embed_dims", "depths", "num_heads", "sr_ratios", "mlp_ratios", "in_channels", "drop_rate",
+                 "attn_drop_rate", "drop_path_rate", "ln_eps")
+_SEG_ARGS = _ENCODER_ARGS + ("decoder_dim", "dropout")
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _create(variant: str, classifier: bool, num_classes: int, overrides: dict) -> nn.Module:
+    allowed = _ENCODER_ARGS if classifier else _SEG_ARGS
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown SegFormer override(s) {unknown}; allowed: {', '.join(allowed)}")
+    cfg = {**SHARED, **VARIANTS[variant], **overrides}
+    if classifier:
+        cfg.pop("decoder_dim")
+        model: nn.Module = MiTClassifier(num_classes=num_classes, **cfg)
+    else:
+        model = SegFormer(num_classes=num_classes, **cfg)
+    model.model_name = f"{'mit' if classifier else 'segformer'}-{variant}"
+    model.model_args = {"num_classes": num_classes, **{k: _jsonable(v) for k, v in overrides.items()}}
+    return model
+
+
+def segformer_b0(num_classes: int = 150, **overrides) -> SegFormer:
+    return _create("b0", False, num_classes, overrides)
+
+
+def segformer_b1(num_classes: int = 150, **overrides) -> SegFormer:
+    return _create("b1", False, num_classes, overrides)
+
+
+def segformer_b2(num_classes: int = 150, **overrides) -> SegFormer:
+    return _create("b2", False, num_classes, overrides)
+
+
+def segformer_b3(num_classes: int = 150, **overrides) -> SegFormer:
+    return _create("b3", False, num_classes, overrides)
+
+
+def segformer_b4(num_classes: int = 150, **overrides) -> SegFormer:
+    return _create("b4", False, num_classes, overrides)
+
+
+def segformer_b5(num_classes: int = 150, **overrides) -> SegFormer:
+    return _create("b5", False, num_classes, overrides)
+
+
+def mit_b0(num_classes: int = 1000, **overrides) -> MiTClassifier:
+    return _create("b0", True, num_classes, overrides)
+
+
+def mit_b1(num_classes: int = 1000, **overrides) -> MiTClassifier:
+    return _create("b1", True, num_classes, overrides)
+
+
+def mit_b2(num_classes: int = 1000, **overrides) -> MiTClassifier:
+    return _create("b2", True, num_classes, overrides)
+
+
+def mit_b3(num_classes: int = 1000, **overrides) -> MiTClassifier:
+    return _create("b3", True, num_classes, overrides)
+
+
+def mit_b4(num_classes: int = 1000, **overrides) -> MiTClassifier:
+    return _create("b4", True, num_classes, overrides)
+
+
+def mit_b5(num_classes: int = 1000, **overrides) -> MiTClassifier:
+    return _create("b5", True, num_classes, overrides)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "segformer-b0": segformer_b0,
+    "segformer-b1": segformer_b1,
+    "segformer-b2": segformer_b2,
+    "segformer-b3": segformer_b3,
+    "segformer-b4": segformer_b4,
+    "segformer-b5": segformer_b5,
+    "mit-b0": mit_b0,
+    "mit-b1": mit_b1,
+    "mit-b2": mit_b2,
+    "mit-b3": mit_b3,
+    "mit-b4": mit_b4,
+    "mit-b5": mit_b5,
+}
