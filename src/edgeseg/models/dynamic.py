@@ -1,0 +1,587 @@
+"""DynaSegFormer: dynamically pruned SegFormer (Nair, Bai, Mao, ICASSP 2022, arXiv 2111.09499).
+
+Read top to bottom, in the paper's order:
+
+1. ``GatePredictor`` — one gate vector per image: ``X̂ = LN(AvgPool(X))``, ``G = MLP(X̂ · W1)``; the gated layer's
+   own first weight ``W1`` takes part.
+2. ``top_r`` — ``M = Top-r(G)``: keep the largest ``1 − s`` fraction of ``G`` *with their values*, zero the rest.
+3. ``DynamicGatedLinear`` (DGL) — a linear pair ``Z = φ(X (W1 ∘ M)) (W2 ∘ Mᵀ)``: a pruned neuron is neither
+   computed (its row of ``W1``) nor consumed (its column of ``W2``). Usable by any family.
+4. ``SparsitySchedule`` (``s_t = s · min(1, t / T)``) and ``gate_l1`` (``Σ ‖G‖₁`` over every DGL layer).
+
+How the value of ``M`` enters: the paper writes ``Y = X (W1 ∘ M)`` and ``Z = Y (W2 ∘ Mᵀ)``. We apply the kept gate
+*values* once, on ``Y`` (the bias is treated as a row of ``W1`` on a constant input, so it is scaled too and a gated
+neuron is exactly ``m · (x·w + b)``), and use ``Mᵀ`` on ``W2`` as the *support*: which columns are consumed. Applying
+the values on both sides would square them (``m²`` for a linear pair) and couple the two uses; the support on ``W2`` is
+what makes a pruned neuron vanish even when ``φ(0) ≠ 0`` (Mix-FFN's depthwise conv has a bias).
+
+The gate's last layer starts at weight 0, bias 1, so a fresh gate outputs ``G ≡ 1``: at sparsity 0 a DGL computes
+exactly its dense layer, and a student built from a dense teacher starts as the teacher.
+
+Two execution forms with the same outputs:
+
+- training (and ``gather=False``): masked dense computation, ``Y = (X W1ᵀ + b) · M``; gradients reach the gate
+  through the kept values;
+- inference: the kept rows of ``W1`` (scaled by their gate values) and columns of ``W2`` are gathered per image and
+  the narrower products run as batched matmuls, so executed MACs and wall-clock time drop. Only ``topk`` and index
+  gathers are added — no Python branching on tensor values, so the graph exports to ONNX (TopK + Gather).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import fuse_modules
+from .segformer import (
+    OFFICIAL_LN_EPS,
+    SHARED,
+    VARIANTS,
+    AdditiveMLPDecoder,
+    EfficientSelfAttention,
+    MixFFN,
+    MixVisionTransformer,
+    MLPDecoder,
+    SegFormer,
+)
+from .segformer import infer_model as segformer_infer_model
+
+# --------------------------------------------------------------------------------------------------------------
+# 1. Gate predictor
+# --------------------------------------------------------------------------------------------------------------
+
+
+class GatePredictor(nn.Module):
+    """``G = MLP(LN(AvgPool(X)) · W1)`` — the instance-wise importance of each gated neuron, shape (B, n).
+
+    Called with the token average ``AvgPool(X)`` (B, C) — pooled once by the caller and shared by every gate that
+    reads the same ``X`` — and the gated layer's first weight(s) ``W1`` (the paper feeds ``X̂ W1`` to the MLP, so
+    the gate always sees the layer's current weights). ``rows`` picks, per weight, the output rows that belong to
+    ``W1`` (e.g. the K half of SegFormer's fused ``kv`` Linear); the projections are concatenated. The MLP is small
+    (``n_proj → hidden → n``) and runs once per image, so its cost is negligible next to the ``N``-token products
+    it prunes.
+    """
+
+    def __init__(self, in_features: int, gated_features: int, proj_features: int | None = None,
+                 hidden_features: int | None = None) -> None:
+        super().__init__()
+        proj_features = proj_features or gated_features
+        hidden_features = hidden_features or default_gate_hidden(gated_features)
+        self.norm = nn.LayerNorm(in_features)
+        self.fc1 = nn.Linear(proj_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, gated_features)
+        # G ≡ 1 at initialisation: the layer starts as its dense self (see module docstring).
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.ones_(self.fc2.bias)
+
+    def forward(self, pooled: Tensor, weights: Sequence[Tensor],
+                rows: Sequence[tuple[int, int] | None]) -> Tensor:
+        """``pooled``: (B, C); ``weights[i]``: (n_i, C), of which ``rows[i]`` (all if None). Returns (B, n)."""
+        x_hat = self.norm(pooled)
+        proj = [F.linear(x_hat, w) if r is None else F.linear(x_hat, w)[:, r[0]:r[1]] for w, r in zip(weights, rows)]
+        proj = proj[0] if len(proj) == 1 else torch.cat(proj, dim=1)
+        return self.fc2(self.act(self.fc1(proj)))
+
+
+def default_gate_hidden(gated_features: int) -> int:
+    """Hidden width of a gate MLP: n/32, at least 16. The paper only says the predictor is lightweight; at n/32 the
+    gates add ≈ 8 % parameters to SegFormer-B0 and their MACs are per image, not per token."""
+    return max(16, gated_features // 32)
+
+
+def avg_pool_tokens(x: Tensor) -> Tensor:
+    """``AvgPool`` over the tokens: (B, N, C) → (B, C)."""
+    return x.mean(dim=1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. Top-r selection
+# --------------------------------------------------------------------------------------------------------------
+
+
+def keep_count(features: int, sparsity: float) -> int:
+    """Neurons kept out of ``features`` at ``sparsity`` s: ``round((1 − s) · n)``, at least 1."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    return max(1, min(features, math.floor(features * (1.0 - sparsity) + 0.5)))
+
+
+def top_r(gate: Tensor, keep: int, groups: int = 1) -> tuple[Tensor, Tensor]:
+    """``Top-r(G)``: the ``keep`` largest entries of each of ``groups`` equal slices of ``gate`` (B, n).
+
+    Returns ``(values, index)``, both (B, groups·keep), group-major, ``index`` into the full ``n`` axis and sorted
+    within each group (so gathered weights are read in memory order). Per-group selection keeps every attention
+    head equally wide, so batched per-head products stay rectangular.
+    """
+    b, n = gate.shape
+    per_group = n // groups
+    _, index = gate.reshape(b, groups, per_group).topk(keep, dim=-1, sorted=False)
+    index = index.sort(dim=-1).values
+    if groups > 1:
+        index = index + torch.arange(groups, device=gate.device).mul(per_group).reshape(1, groups, 1)
+    index = index.reshape(b, groups * keep)
+    return gate.gather(1, index), index
+
+
+def scatter_mask(values: Tensor, index: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Dense ``M`` (B, n) with the kept values (zeros elsewhere) and its 0/1 support (B, n)."""
+    zeros = values.new_zeros(values.shape[0], n)
+    return zeros.scatter(1, index, values), zeros.scatter(1, index, torch.ones_like(values))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. Dynamic gated linear layer
+# --------------------------------------------------------------------------------------------------------------
+
+
+class DynamicGate(nn.Module):
+    """State every gated site shares: the predictor, the current sparsity, the execution form and the last gate.
+
+    ``sparsity`` is the *current* value (the trainer anneals it with :class:`SparsitySchedule`); ``groups`` splits
+    the gated axis into equal slices that each keep the same count (attention heads); ``rows`` says which output
+    rows of each weight passed at call time form ``W1``. ``gather`` selects the inference form in eval mode;
+    training always runs the masked dense form. ``last_gate`` keeps ``G`` of the latest training forward for the L1
+    penalty (:func:`gate_l1`).
+    """
+
+    def __init__(self, in_features: int, gated_features: int, sparsity: float = 0.0, groups: int = 1,
+                 rows: Sequence[tuple[int, int] | None] = (None,), hidden_features: int | None = None) -> None:
+        super().__init__()
+        if gated_features % groups:
+            raise ValueError(f"{gated_features} gated neurons do not split into {groups} equal groups")
+        proj = sum(gated_features if r is None else r[1] - r[0] for r in rows)
+        self.predictor = GatePredictor(in_features, gated_features, proj, hidden_features)
+        self.gated_features = gated_features
+        self.groups = groups
+        self.rows = tuple(rows)
+        keep_count(gated_features, sparsity)  # validates the value
+        self.sparsity = float(sparsity)
+        self.gather = True
+        self.last_gate: Tensor | None = None
+
+    @property
+    def keep(self) -> int:
+        """Kept neurons per group at the current sparsity."""
+        return keep_count(self.gated_features // self.groups, self.sparsity)
+
+    @property
+    def gathered(self) -> bool:
+        """Whether this forward runs the gathered inference form."""
+        return self.gather and not self.training
+
+    def forward(self, pooled: Tensor, *weights: Tensor) -> tuple[Tensor, Tensor]:
+        """Gate logits from the pooled tokens (B, C) and the weights holding ``W1``; returns ``Top-r(G)`` as
+        ``(values, index)``, each (B, k_total)."""
+        gate = self.predictor(pooled, weights, self.rows)
+        self.last_gate = gate if self.training else None
+        return top_r(gate, self.keep, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"gated={self.gated_features}, groups={self.groups}, sparsity={self.sparsity}"
+
+
+class DynamicGatedLinear(nn.Module):
+    """DGL: ``Z = φ(X (W1 ∘ M)) (W2 ∘ Mᵀ)`` on tokens (B, N, C) → (B, N, C').
+
+    ``fc1`` (C → n) and ``fc2`` (n → C') keep the names of the dense pair they replace, so a dense state dict
+    loads unchanged (only ``gate.*`` is new). ``φ`` is any element-wise activation.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
+                 act: type[nn.Module] = nn.GELU, sparsity: float = 0.0, bias: bool = True,
+                 gate_hidden: int | None = None) -> None:
+        super().__init__()
+        out_features = out_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.act = act()
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias)
+        self.gate = DynamicGate(in_features, hidden_features, sparsity, hidden_features=gate_hidden)
+
+    @classmethod
+    def from_dense(cls, fc1: nn.Linear, fc2: nn.Linear, act: type[nn.Module] = nn.GELU,
+                   sparsity: float = 0.0) -> DynamicGatedLinear:
+        """A DGL computing ``fc2(φ(fc1(x)))`` at sparsity 0, with a new gate."""
+        layer = cls(fc1.in_features, fc1.out_features, fc2.out_features, act, sparsity, bias=fc1.bias is not None)
+        layer.fc1.load_state_dict(fc1.state_dict())
+        layer.fc2.load_state_dict(fc2.state_dict())
+        return layer.to(fc1.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        values, index = self.gate(avg_pool_tokens(x), self.fc1.weight)
+        if self.gate.gathered:
+            y = gathered_linear(x, self.fc1.weight, self.fc1.bias, index, values)  # (B, N, k)
+            return consume_gathered(self.act(y), self.fc2.weight, self.fc2.bias, index)
+        m, support = scatter_mask(values, index, self.fc1.out_features)
+        y = self.fc1(x) * m.unsqueeze(1)
+        return self.fc2(self.act(y) * support.unsqueeze(1))
+
+
+def gathered_linear(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor,
+                    values: Tensor | None = None) -> Tensor:
+    """``X (W1 ∘ M)`` on the kept neurons only: (B, N, C) → (B, N, k), rows of ``W1`` (n, C) gathered per image.
+
+    The gate values scale the gathered rows (k·C multiplies per image) rather than the (N, k) output. One image
+    (the edge case) runs a plain Linear with the gathered weight — the dense layer's kernel, narrower; a batch runs
+    one batched product. (The branch is on a shape, so traced/exported graphs stay free of value-dependent flow.)
+    """
+    B, k = index.shape
+    flat = index.reshape(-1)
+    w = weight.index_select(0, flat)  # (B·k, C)
+    b = bias.index_select(0, flat) if bias is not None else None
+    if values is not None:
+        w = w * values.reshape(-1, 1)
+        b = b * values.reshape(-1) if b is not None else None
+    if B == 1:
+        return F.linear(x, w, b)
+    w = w.reshape(B, k, -1).transpose(1, 2)
+    return torch.bmm(x, w) if b is None else torch.baddbmm(b.reshape(B, 1, k), x, w)
+
+
+def consume_gathered(y: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor) -> Tensor:
+    """``Y (W2 ∘ Mᵀ)`` reading only the kept columns of ``W2`` (C', n): (B, N, k) → (B, N, C')."""
+    B, k = index.shape
+    w = weight.index_select(1, index.reshape(-1))  # (C', B·k)
+    if B == 1:
+        return F.linear(y, w, bias)
+    w = w.reshape(-1, B, k).permute(1, 2, 0)  # (B, k, C')
+    return torch.bmm(y, w) if bias is None else torch.baddbmm(bias, y, w)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 4. Sparsity annealing and the gate penalty
+# --------------------------------------------------------------------------------------------------------------
+
+
+class SparsitySchedule:
+    """``s_t = s · min(1, t / T)``: prune nothing at first, reach the target after ``T`` steps (paper, Sec. 2.2)."""
+
+    def __init__(self, target: float, anneal_steps: int) -> None:
+        keep_count(1, target)
+        self.target = float(target)
+        self.anneal_steps = int(anneal_steps)
+
+    def __call__(self, step: int) -> float:
+        if self.anneal_steps <= 0:
+            return self.target
+        return self.target * min(1.0, step / self.anneal_steps)
+
+
+def dynamic_gates(model: nn.Module) -> Iterator[DynamicGate]:
+    """Every gated site of ``model``."""
+    return (m for m in model.modules() if isinstance(m, DynamicGate))
+
+
+def set_sparsity(model: nn.Module, sparsity: float) -> None:
+    """Set the current sparsity of every DGL site (the annealing step calls this)."""
+    keep_count(1, sparsity)
+    for gate in dynamic_gates(model):
+        gate.sparsity = float(sparsity)
+
+
+def set_gather(model: nn.Module, gather: bool) -> None:
+    """Choose the eval-mode form: gathered (default, the fast one) or masked dense (the training form)."""
+    for gate in dynamic_gates(model):
+        gate.gather = gather
+
+
+def gate_l1(model: nn.Module) -> Tensor:
+    """``Σ_layers ‖G‖₁`` of the latest training forward, averaged over the images of the batch."""
+    terms = [g.last_gate.abs().sum(dim=1).mean() for g in dynamic_gates(model) if g.last_gate is not None]
+    if not terms:
+        raise RuntimeError("gate_l1 needs a training-mode forward of a model with DGL layers first")
+    return torch.stack(terms).sum()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 5. DGL inside SegFormer's MiT blocks
+# --------------------------------------------------------------------------------------------------------------
+
+
+class DynamicEfficientSelfAttention(EfficientSelfAttention):
+    """Efficient self-attention with DGL on Q, K and V (paper: "DGL is applied to Q, K, V of the MiT encoder").
+
+    Two gated pairs, each ``W1 → W2``:
+
+    - **Q/K — one shared mask.** In ``softmax(Q Kᵀ · scale)`` channel c of Q meets only channel c of K, so a
+      channel pruned from Q alone would still be computed in K for nothing; one mask ``M_qk`` prunes the same
+      channels from both (``W1`` = rows of ``W_q`` and ``W_k``; the "``W2``" that consumes them is the ``Q Kᵀ``
+      product itself, which then runs over the kept channels only). The gate reads ``X̂ · [W_q; W_k]``. Its kept
+      values scale Q (once): the logit is ``Σ_c m_c q_c k_c``.
+    - **V → output projection.** ``M_v`` prunes channels of V (``W1`` = ``W_v``) and the matching columns of
+      ``proj`` (``W2``): attention is linear in V, so a pruned V channel is an all-zero channel of the attention
+      output that ``proj`` need not read.
+
+    Heads: both masks keep the same number of channels *in every head* (``top_r`` per head). Heads then stay equally
+    wide, so Q, K, V remain (B, heads, tokens, k) tensors and the two attention products stay single batched
+    matmuls; a global top-k would give heads different widths (ragged, one product per head) and could empty a
+    head, which would turn its softmax into a uniform average. The scale stays the dense ``head_dim^-0.5`` the
+    weights were trained with. The gates read the attention input ``X`` (before sequence reduction).
+    """
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, sparsity: float = 0.0) -> None:
+        super().__init__(dim, num_heads, sr_ratio, qkv_bias, attn_drop, proj_drop)
+        hidden = default_gate_hidden(dim)
+        # W1 of Q/K: all rows of ``q`` and the first C rows of ``kv``; W1 of V: the last C rows of ``kv``.
+        self.qk_gate = DynamicGate(dim, dim, sparsity, num_heads, rows=(None, (0, dim)), hidden_features=hidden)
+        self.v_gate = DynamicGate(dim, dim, sparsity, num_heads, rows=((dim, 2 * dim),), hidden_features=hidden)
+
+    @classmethod
+    def from_dense(cls, attn: EfficientSelfAttention, sparsity: float = 0.0) -> DynamicEfficientSelfAttention:
+        """The same attention (weights copied) with new gates."""
+        dim = attn.q.in_features
+        new = cls(dim, attn.num_heads, attn.sr_ratio, attn.q.bias is not None, _drop_p(attn.attn_drop),
+                  _drop_p(attn.proj_drop), sparsity)
+        new.load_state_dict(attn.state_dict(), strict=False)
+        new.use_sdpa = attn.use_sdpa
+        if attn.sr_ratio > 1:
+            new.norm.eps = attn.norm.eps
+        return new.to(attn.q.weight.device)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.use_sdpa:
+            drop = self.attn_drop.p if self.training and isinstance(self.attn_drop, nn.Dropout) else 0.0
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
+        return self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)) @ v
+
+    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        B, N, C = x.shape
+        heads = self.num_heads
+        pooled = avg_pool_tokens(x)
+        qk_values, qk_index = self.qk_gate(pooled, self.q.weight, self.kv.weight)
+        v_values, v_index = self.v_gate(pooled, self.kv.weight)
+        kv_in = x
+        if self.sr_ratio > 1:
+            kv_in = self.sr(x.transpose(1, 2).reshape(B, C, *hw))
+            kv_in = self.norm(kv_in.flatten(2).transpose(1, 2))  # (B, N/R², C)
+        if self.qk_gate.gathered:
+            kq, kv = self.qk_gate.keep, self.v_gate.keep
+            q = gathered_linear(x, self.q.weight, self.q.bias, qk_index, qk_values)  # (B, N, heads·kq)
+            # K and V rows of the one ``kv`` Linear gathered together: one product, as in the dense layer.
+            kv_index = torch.cat([qk_index, v_index + C], dim=1)
+            kv_values = torch.cat([torch.ones_like(qk_values), v_values], dim=1)
+            k, v = gathered_linear(kv_in, self.kv.weight, self.kv.bias, kv_index, kv_values).split(
+                [heads * kq, heads * kv], dim=-1)
+            q = q.reshape(B, N, heads, kq).transpose(1, 2)
+            k = k.reshape(B, -1, heads, kq).transpose(1, 2)
+            v = v.reshape(B, -1, heads, kv).transpose(1, 2)
+            out = self._attend(q, k, v).transpose(1, 2).reshape(B, N, heads * kv)
+            return self.proj_drop(consume_gathered(out, self.proj.weight, self.proj.bias, v_index))
+        m_qk, _ = scatter_mask(qk_values, qk_index, C)
+        m_v, support_v = scatter_mask(v_values, v_index, C)
+        q = (self.q(x) * m_qk.unsqueeze(1)).reshape(B, N, heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(kv_in).reshape(B, -1, 2, heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        v = v * m_v.reshape(B, heads, 1, self.head_dim)
+        out = self._attend(q, k, v).transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(out * support_v.unsqueeze(1)))
+
+
+class DynamicMixFFN(MixFFN):
+    """Mix-FFN with a DGL on its hidden layer: ``fc2(GELU(DWConv(fc1(x) · M)) · supp(M))``.
+
+    The depthwise conv and GELU act per channel, so a pruned hidden channel is skipped by all three of ``fc1``
+    (not computed), the conv (its 3×3 filter not applied) and ``fc2`` (not consumed). In the gathered form each
+    image's kept filters are stacked into one grouped conv (groups = B·k), so batches of any size run in one call.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, sparsity: float = 0.0) -> None:
+        super().__init__(dim, hidden_dim, drop)
+        self.gate = DynamicGate(dim, hidden_dim, sparsity)
+
+    @classmethod
+    def from_dense(cls, mlp: MixFFN, sparsity: float = 0.0) -> DynamicMixFFN:
+        """The same Mix-FFN (weights copied) with a new gate."""
+        new = cls(mlp.fc1.in_features, mlp.fc1.out_features, _drop_p(mlp.drop), sparsity)
+        new.load_state_dict(mlp.state_dict(), strict=False)
+        return new.to(mlp.fc1.weight.device)
+
+    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        B, N, _ = x.shape
+        values, index = self.gate(avg_pool_tokens(x), self.fc1.weight)
+        if self.gate.gathered:
+            k = index.shape[1]
+            y = gathered_linear(x, self.fc1.weight, self.fc1.bias, index, values)  # (B, N, k)
+            flat = index.reshape(-1)
+            y = F.conv2d(y.transpose(1, 2).reshape(1, B * k, *hw), self.dwconv.weight.index_select(0, flat),
+                         self.dwconv.bias.index_select(0, flat), padding=self.dwconv.padding, groups=B * k)
+            y = self.drop(self.act(y.reshape(B, k, N).transpose(1, 2)))
+            return self.drop(consume_gathered(y, self.fc2.weight, self.fc2.bias, index))
+        m, support = scatter_mask(values, index, self.fc1.out_features)
+        y = self.fc1(x) * m.unsqueeze(1)
+        y = self.dwconv(y.transpose(1, 2).reshape(B, -1, *hw)).flatten(2).transpose(1, 2)
+        y = self.drop(self.act(y)) * support.unsqueeze(1)
+        return self.drop(self.fc2(y))
+
+
+def _drop_p(module: nn.Module) -> float:
+    return module.p if isinstance(module, nn.Dropout) else 0.0
+
+
+def make_dynamic(encoder: MixVisionTransformer, sparsity: float) -> MixVisionTransformer:
+    """Swap, in place, every block's attention and Mix-FFN for their DGL forms (weights kept, gates new)."""
+    for stage in encoder.stages:
+        for block in stage.blocks:
+            block.attn = DynamicEfficientSelfAttention.from_dense(block.attn, sparsity)
+            block.mlp = DynamicMixFFN.from_dense(block.mlp, sparsity)
+    return encoder
+
+
+@torch.no_grad()
+def additive_decoder_from(decoder: MLPDecoder) -> AdditiveMLPDecoder:
+    """The teacher's concatenating decoder folded into the additive form DynaSegFormer trains (BN kept).
+
+    ``F · cat(up(A_i x_i + a_i))`` = ``Σ_i up(F_i A_i x_i + F_i a_i)`` (a 1×1 conv commutes with bilinear resizing),
+    so the projections become ``F_i A_i`` and the BN, ReLU and classifier are copied: the student's decoder starts
+    computing exactly the teacher's, in train and eval mode, without the 4E → E conv at 1/4 resolution.
+    """
+    E, n = decoder.embed_dim, len(decoder.linear_c)
+    fuse_w = decoder.linear_fuse.conv.weight.flatten(1)  # (E, n·E), input order [c4, c3, c2, c1]
+    dropout = decoder.dropout.p if isinstance(decoder.dropout, nn.Dropout2d) else 0.0
+    out = AdditiveMLPDecoder([lin.in_features for lin in decoder.linear_c], E, decoder.linear_pred.out_channels,
+                             batch_norm=True, dropout=dropout).to(fuse_w)
+    for i, lin in enumerate(decoder.linear_c):
+        part = fuse_w[:, (n - 1 - i) * E:(n - i) * E]
+        out.linear_c[i].weight.copy_(part @ lin.weight)
+        out.linear_c[i].bias.copy_(part @ lin.bias)
+    out.bn.load_state_dict(decoder.linear_fuse.bn.state_dict())
+    out.linear_pred.load_state_dict(decoder.linear_pred.state_dict())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 6. The model
+# --------------------------------------------------------------------------------------------------------------
+
+
+class DynaSegFormer(nn.Module):
+    """MiT encoder with DGL in every block → additive MLP decoder. (B, 3, H, W) → logits (B, K, H/4, W/4).
+
+    ``sparsity`` is the target fraction of gated neurons pruned per image (every gated site uses it); training
+    anneals the current value from 0 (:func:`set_sparsity`). The decoder adds the projected stage maps instead of
+    concatenating them (paper Sec. 2.3), which is exactly SegFormer's decoder with its fuse conv folded in.
+    """
+
+    def __init__(
+        self,
+        embed_dims: Sequence[int],
+        depths: Sequence[int],
+        num_heads: Sequence[int],
+        sr_ratios: Sequence[int],
+        decoder_dim: int,
+        num_classes: int = 150,
+        sparsity: float = 0.3,
+        mlp_ratios: Sequence[float] = (4, 4, 4, 4),
+        in_channels: int = 3,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        dropout: float = 0.1,
+        ln_eps: float = OFFICIAL_LN_EPS,
+    ) -> None:
+        super().__init__()
+        keep_count(1, sparsity)
+        self.num_classes = num_classes
+        self.sparsity = float(sparsity)
+        encoder = MixVisionTransformer(embed_dims, depths, num_heads, sr_ratios, mlp_ratios, in_channels,
+                                       drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                                       drop_path_rate=drop_path_rate, ln_eps=ln_eps)
+        self.encoder = make_dynamic(encoder, sparsity)
+        self.decode_head = AdditiveMLPDecoder(embed_dims, decoder_dim, num_classes, batch_norm=True, dropout=dropout)
+        self.model_name = "dynasegformer"
+        self.model_args: dict = {"num_classes": num_classes, "sparsity": sparsity}
+
+    def forward_features(self, x: Tensor) -> list[Tensor]:
+        """(B, 3, H, W) → the four encoder maps (B, C_i, H/4 … H/32, W/4 … W/32)."""
+        return self.encoder.forward_features(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode_head(self.encoder.forward_features(x))
+
+    def fuse(self) -> DynaSegFormer:
+        """A new inference model: decoder BN folded, attention through SDPA, dropout/drop-path removed; the DGL
+        layers run their gathered form in eval mode. Same logits (≤ 1e-5)."""
+        return fuse_modules(copy.deepcopy(self).eval())
+
+
+@torch.no_grad()
+def from_segformer(teacher: SegFormer, sparsity: float = 0.3) -> DynaSegFormer:
+    """The paper's student: a DynaSegFormer of the teacher's size holding the teacher's weights, gates new.
+
+    Encoder weights are copied key for key; the decoder is the teacher's folded into the additive form
+    (:func:`additive_decoder_from`). With ``G ≡ 1`` at initialisation, at sparsity 0 the student computes the
+    teacher's logits.
+    """
+    name = getattr(teacher, "model_name", "")
+    if not name.startswith("segformer-"):
+        raise ValueError(f"the DynaSegFormer teacher must be a SegFormer model (segformer-b0…b5), got '{name or teacher}'")
+    args = {k: v for k, v in teacher.model_args.items()}
+    student = MODELS["dyna" + name](sparsity=sparsity, **args)
+    student = student.to(next(teacher.parameters()).device)
+    result = student.encoder.load_state_dict(teacher.encoder.state_dict(), strict=False)
+    if result.unexpected_keys or any("gate" not in k for k in result.missing_keys):
+        raise ValueError(f"teacher encoder does not fit {student.model_name}: {result}")
+    student.decode_head = additive_decoder_from(teacher.decode_head)
+    return student.train(teacher.training)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 7. Paper figures, checkpoint layout, builders
+# --------------------------------------------------------------------------------------------------------------
+
+# Paper (ADE20K, 512×512): B0 8.4 → 3.3 GFLOPs (their "FLOPs" are MACs, as SegFormer's) at 30 % with 36.9 % mIoU,
+# 2.7 at 50 %; B2 → 18.5 (the seed summary's figures). The paper's parameter counts are not in our sources.
+PAPER: dict[str, dict] = {
+    "dynasegformer-b0": {"params_m": None, "gmacs": 3.3, "input_size": [512, 512],
+                         "gmacs_at_sparsity": {"0.3": 3.3, "0.5": 2.7}, "miou_ade20k": 36.9},
+    "dynasegformer-b2": {"params_m": None, "gmacs": 18.5, "input_size": [512, 512],
+                         "gmacs_at_sparsity": {"0.3": 18.5}, "miou_ade20k": 45.4},
+}
+
+
+def convert_state_dict(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]] | None:
+    """DynaSegFormer exists only in edgeseg's layout: claim a state dict iff it holds DGL gates."""
+    if any(".qk_gate.predictor." in k or ".mlp.gate.predictor." in k for k in state_dict):
+        return dict(state_dict), []
+    return None
+
+
+def infer_model(state_dict: dict[str, Tensor]) -> tuple[str, dict]:
+    """Variant and kwargs from tensor shapes, via SegFormer's reader (same encoder, decoder width from linear_c).
+
+    The sparsity leaves no trace in the weights; edgeseg checkpoints carry it in ``model_args``.
+    """
+    name, args = segformer_infer_model({k: v for k, v in state_dict.items() if ".gate." not in k})
+    return "dyna" + name, args
+
+
+_ARGS = ("embed_dims", "depths", "num_heads", "sr_ratios", "mlp_ratios", "in_channels", "drop_rate",
+         "attn_drop_rate", "drop_path_rate", "ln_eps", "decoder_dim", "dropout")
+
+
+def _create(variant: str, num_classes: int, sparsity: float, overrides: dict) -> DynaSegFormer:
+    unknown = sorted(set(overrides) - set(_ARGS))
+    if unknown:
+        raise ValueError(f"unknown DynaSegFormer override(s) {unknown}; allowed: sparsity, {', '.join(_ARGS)}")
+    model = DynaSegFormer(num_classes=num_classes, sparsity=sparsity, **{**SHARED, **VARIANTS[variant], **overrides})
+    model.model_name = f"dynasegformer-{variant}"
+    model.model_args = {"num_classes": num_classes, "sparsity": sparsity,
+                        **{k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}}
+    return model
+
+
+def _builder(variant: str) -> Callable[..., DynaSegFormer]:
+    def build(num_classes: int = 150, sparsity: float = 0.3, **overrides) -> DynaSegFormer:
+        return _create(variant, num_classes, sparsity, overrides)
+
+    build.__name__ = f"dynasegformer_{variant}"
+    build.__doc__ = f"DynaSegFormer-{variant.upper()}: MiT-{variant.upper()} with DGL, additive decoder."
+    return build
+
+
+MODELS: dict[str, Callable[..., DynaSegFormer]] = {f"dynasegformer-{v}": _builder(v) for v in VARIANTS}
