@@ -8,4 +8,14 @@ from .checkpoint import load_checkpoint, load_model, save_checkpoint
 from .models import create_model, list_models
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "list_models", "load_checkpoint", "load_model", "save_checkpoint", "__version__"]
+__all__ = ["Segmenter", "create_model", "list_models", "load_checkpoint", "load_model", "save_checkpoint",
+           "__version__"]
+
+
+def __getattr__(name: str):
+    # Segmenter pulls in the data pipeline; import it only when asked for, so `import edgeseg` stays light.
+    if name == "Segmenter":
+        from .deploy.predict import Segmenter
+
+        return Segmenter
+    raise AttributeError(f"module 'edgeseg' has no attribute {name!r}")

@@ -112,6 +112,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------------------- predict
+def cmd_predict(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from .data import save_label_png
+    from .deploy.predict import Segmenter
+
+    segmenter = Segmenter(_build(args), scale=args.scale, size_divisor=args.size_divisor)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for image in args.images:
+        labels = segmenter(image)
+        stem = Path(image).stem
+        save_label_png(labels, out / f"{stem}.png", segmenter.palette)
+        Image.fromarray(segmenter.overlay(image, labels)).save(out / f"{stem}_overlay.jpg", quality=90)
+        print(f"{image} -> {out / (stem + '.png')}")
+    return 0
+
+
 # Engine subcommands (train, eval, demo, ...) register a parser builder here: ENGINE_PARSERS.append(fn), where
 # fn(subparsers) adds its parser and sets `func`.
 ENGINE_PARSERS: list[Callable[[Any], None]] = []
@@ -152,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output file (edgeseg) or folder (hf)")
     p.add_argument("--to", choices=["edgeseg", "hf"], default="edgeseg")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("predict", help="segment images: palette label PNGs and overlays")
+    p.add_argument("model", help="checkpoint path (any supported layout) or model name")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--out", default="predictions", help="output folder")
+    p.add_argument("--scale", nargs=2, type=int, default=[2048, 512], metavar=("LONG", "SHORT"),
+                   help="keep-ratio test resize bound (default: the ADE20K recipe's 2048 512)")
+    p.add_argument("--size-divisor", type=int, help="round the resized image up to a multiple (SegFormer: 32)")
+    p.add_argument("--num-classes", type=int)
+    p.set_defaults(func=cmd_predict, sparsity=None)
 
     for register in ENGINE_PARSERS:
         register(sub)
