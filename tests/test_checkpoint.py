@@ -101,3 +101,29 @@ def test_unknown_layout_is_named(tmp_path: Path):
     torch.save({"state_dict": {"foo.weight": torch.zeros(2)}}, tmp_path / "x.pth")
     with pytest.raises(ValueError, match="match no supported layout"):
         edgeseg.load_model(tmp_path / "x.pth")
+
+
+def test_official_imagenet_file_layout_loads_backbone_into_segmentation_model(reference_dir, tmp_path: Path):
+    """An official ``topformer-T-224-*.pth``: bare backbone keys under ``state_dict_ema`` + ``head.bn``/``head.l``."""
+    official = torch.load(reference_dir / TOPFORMER / "checkpoint.pth", weights_only=True)["state_dict"]
+    bare = {k[len("backbone."):]: v for k, v in official.items()
+            if k.startswith("backbone.") and not k.startswith("backbone.SIM")}
+    dim = 16 + 32 + 64 + 96
+    bare.update({"head.bn.weight": torch.ones(dim), "head.bn.bias": torch.zeros(dim),
+                 "head.bn.running_mean": torch.zeros(dim), "head.bn.running_var": torch.ones(dim),
+                 "head.bn.num_batches_tracked": torch.tensor(0), "head.l.weight": torch.randn(1000, dim),
+                 "head.l.bias": torch.zeros(1000)})
+    path = tmp_path / "topformer-T-224-66.2.pth"
+    torch.save({"state_dict_ema": bare, "state_dict": {}}, path)
+
+    cls = edgeseg.load_model(path)
+    assert cls.model_name == "topformer-tiny-cls" and cls.num_classes == 1000
+
+    seg = edgeseg.create_model("topformer-tiny")
+    report = edgeseg.load_checkpoint(seg, path)
+    assert report.skipped_keys and all(k.startswith("head.") for k in report.skipped_keys)
+    assert report.missing_keys and all(k.startswith(("head.", "injection.")) for k in report.missing_keys)
+    reference = edgeseg.load_model(reference_dir / TOPFORMER / "checkpoint.pth").state_dict()
+    backbone = [k for k in seg.state_dict() if k.startswith(("token_pyramid.", "extractor."))]
+    assert len(backbone) > 300
+    assert all(torch.equal(seg.state_dict()[k], reference[k]) for k in backbone)
