@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ConvBN, DropPath, HSigmoid, fold_bn, fuse_modules, resize
+from .layers import ConvBN, DropPath, HSigmoid, fuse_modules, resize
 
 __all__ = [
     "MODELS",
@@ -67,7 +67,6 @@ class InvertedResidual(nn.Module):
         y = self.expand(x) if hasattr(self, "expand") else x
         y = self.project(self.depthwise(y))
         return x + y if self.use_residual else y
-
 
 
 class TokenPyramid(nn.Module):
@@ -148,7 +147,6 @@ class Attention(nn.Module):
         return self.proj(self.act(out))
 
 
-
 class MLP(nn.Module):
     """Feed-forward: 1×1 conv + BN → 3×3 depthwise conv (with bias) → ReLU6 → 1×1 conv + BN."""
 
@@ -161,7 +159,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.dwconv(self.fc1(x))))
-
 
 
 class TransformerBlock(nn.Module):
@@ -178,7 +175,6 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(x))
         return x + self.drop_path(self.mlp(x))
-
 
 
 class SemanticsExtractor(nn.Module):
@@ -211,7 +207,7 @@ class SemanticsExtractor(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# 3. Semantics Injection Module and segmentation head
+# 3. Semantics Injection Module and the heads
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -259,6 +255,28 @@ class TopFormerHead(nn.Module):
         return self.conv_seg(self.dropout(self.linear_fuse(x)))
 
 
+class ClassifierHead(nn.Module):
+    """Global average pool → BatchNorm1d → Linear. (B, C, h, w) → (B, num_classes)."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(x.mean(dim=(2, 3))))
+
+    def fuse(self) -> nn.Module:
+        """Fold the BN into the Linear: ``W' = W·diag(γ/σ)``, ``b' = b + W·(β − μγ/σ)``."""
+        scale = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+        shift = self.bn.bias - self.bn.running_mean * scale
+        fc = nn.Linear(self.fc.in_features, self.fc.out_features).to(self.fc.weight)
+        with torch.no_grad():
+            fc.weight.copy_(self.fc.weight * scale)
+            fc.bias.copy_(self.fc.bias + self.fc.weight @ shift)
+        self.bn, self.fc = nn.Identity(), fc
+        return self
+
 
 def upsample_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Native 1/8 logits (B, K, h, w) → input-size logits (B, K, H, W), bilinear with ``align_corners=False``,
@@ -269,6 +287,39 @@ def upsample_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 # 4. The models
 # --------------------------------------------------------------------------------------------------------------
+
+
+def init_weights(model: nn.Module) -> None:
+    """Training-from-scratch init of the official backbone: conv ~ N(0, 2/(k²·C_out/groups)), BN = (1, 0),
+    Linear ~ N(0, 0.01²); the segmentation classifier ``conv_seg`` ~ N(0, 0.01²) as mmseg's decode heads."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0, (2.0 / fan_out) ** 0.5 if not name.endswith("conv_seg") else 0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+def _fused_copy(model: nn.Module) -> nn.Module:
+    """Deep-copy, fold every block (``fuse_modules``: each block that knows how folds itself), and run the
+    result channels-last.
+
+    Channels-last lets oneDNN run the depthwise and 1×1 convs without layout reorders (about 2× faster on CPU
+    here); inputs in either memory format work and give the same numbers, and the logits come out channels-last.
+    Every activation in this network reads a fresh conv/matmul output that nothing else holds, so after folding
+    the activations can run in place.
+    """
+    fused = fuse_modules(copy.deepcopy(model).eval())
+    for module in fused.modules():
+        if isinstance(module, (nn.ReLU, nn.ReLU6)):
+            module.inplace = True
+    return fused.to(memory_format=torch.channels_last)
 
 
 class TopFormer(nn.Module):
@@ -336,8 +387,9 @@ class TopFormerClassifier(nn.Module):
     global average → BatchNorm1d → Linear (keys ``head.bn``/``head.l`` in the official ImageNet files).
 
     The official repo ships no classification code; the head follows the checkpoint keys (LeViT's ``BN_Linear``)
-    and the PaddleViT port that was checked numerically against these files: it pools the extractor output.
-    (B, 3, H, W) → (B, num_classes).
+    and the PaddleViT port that was checked numerically against these files: it pools the extractor output, and
+    its ImageNet configs pool the pyramid with stride 1 (tokens at 1/32, 7×7 at 224²; segmentation uses 2), which
+    is also what reproduces the published 0.13 / 0.24 / 0.37 GFLOPs. (B, 3, H, W) → (B, num_classes).
     """
 
     def __init__(
@@ -351,7 +403,7 @@ class TopFormerClassifier(nn.Module):
         key_dim: int = 16,
         attn_ratio: float = 2,
         mlp_ratio: float = 2,
-        pool_stride: int = 2,
+        pool_stride: int = 1,
         drop_path_rate: float = 0.1,
     ) -> None:
         super().__init__()
@@ -366,8 +418,8 @@ class TopFormerClassifier(nn.Module):
         init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, H, W) → the token pyramid (1/4 … 1/32) followed by the extracted semantics (B, ΣC, ⌈H/64⌉, ⌈W/64⌉),
-        as the official backbone returns them with ``injection=False``."""
+        """(B, 3, H, W) → the token pyramid (1/4 … 1/32) followed by the extracted semantics (B, ΣC, ⌈H/32⌉, ⌈W/32⌉
+        with the ImageNet pool stride 1), as the official backbone returns them with ``injection=False``."""
         tokens = self.token_pyramid(x)
         return [*tokens, self.extractor(pool_tokens(tokens, self.pool_stride))]
 
@@ -377,62 +429,6 @@ class TopFormerClassifier(nn.Module):
     def fuse(self) -> TopFormerClassifier:
         """A new inference model: BN folded into every conv and into the classifier, drop-path removed."""
         return _fused_copy(self)
-
-
-class ClassifierHead(nn.Module):
-    """Global average pool → BatchNorm1d → Linear. (B, C, h, w) → (B, num_classes)."""
-
-    def __init__(self, dim: int, num_classes: int) -> None:
-        super().__init__()
-        self.bn = nn.BatchNorm1d(dim)
-        self.fc = nn.Linear(dim, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.bn(x.mean(dim=(2, 3))))
-
-    def fuse(self) -> nn.Module:
-        """Fold the BN into the Linear: ``W' = W·diag(γ/σ)``, ``b' = b + W·(β − μγ/σ)``."""
-        scale = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
-        shift = self.bn.bias - self.bn.running_mean * scale
-        fc = nn.Linear(self.fc.in_features, self.fc.out_features).to(self.fc.weight)
-        with torch.no_grad():
-            fc.weight.copy_(self.fc.weight * scale)
-            fc.bias.copy_(self.fc.bias + self.fc.weight @ shift)
-        self.bn, self.fc = nn.Identity(), fc
-        return self
-
-
-def init_weights(model: nn.Module) -> None:
-    """Training-from-scratch init of the official backbone: conv ~ N(0, 2/(k²·C_out/groups)), BN = (1, 0),
-    Linear ~ N(0, 0.01²); the segmentation classifier ``conv_seg`` ~ N(0, 0.01²) as mmseg's decode heads."""
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-            nn.init.normal_(m.weight, 0, (2.0 / fan_out) ** 0.5 if not name.endswith("conv_seg") else 0.01)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.zeros_(m.bias)
-
-
-def _fused_copy(model: nn.Module) -> nn.Module:
-    """Deep-copy, fold every block (``fuse_modules``: each block that knows how folds itself), and run the
-    result channels-last.
-
-    Channels-last lets oneDNN run the depthwise and 1×1 convs without layout reorders (about 2× faster on CPU
-    here); inputs in either memory format work and give the same numbers, and the logits come out channels-last.
-    Every activation in this network reads a fresh conv/matmul output that nothing else holds, so after folding
-    the activations can run in place.
-    """
-    fused = fuse_modules(copy.deepcopy(model).eval())
-    for module in fused.modules():
-        if isinstance(module, (nn.ReLU, nn.ReLU6)):
-            module.inplace = True
-    return fused.to(memory_format=torch.channels_last)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -507,8 +503,9 @@ VARIANTS: dict[str, dict] = {
     ),
 }
 
-# Paper / official README figures: params (M), GMACs ("FLOPs" in the paper) at the given input size.
-# Classification figures (ImageNet, 224×224) as published with the ImageNet weights.
+# Published figures: params (M) and GMACs ("FLOPs" in the paper, counted by mmcv) at the given input size; for
+# segmentation the official README (ADE20K), for the ImageNet models the table published with the ported weights
+# (PaddleViT, 224×224). The README also lists Tiny at 448×448 with 0.5 GFLOPs, which no count reproduces (0.44).
 PAPER: dict[str, dict] = {
     "topformer-tiny": {"params_m": 1.4, "gmacs": 0.6, "input_size": [512, 512]},
     "topformer-small": {"params_m": 3.1, "gmacs": 1.2, "input_size": [512, 512]},
@@ -611,6 +608,8 @@ def infer_model(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict]:
         raise ValueError(f"state dict is not a known TopFormer variant (token pyramid widths {widths})")
     if "head.fc.weight" in state_dict:
         return f"topformer-{variant}-cls", {"num_classes": state_dict["head.fc.weight"].shape[0]}
+    if "head.linear_fuse.conv.weight" not in state_dict:
+        raise ValueError(f"TopFormer-{variant} weights without a head (neither head.linear_fuse nor head.fc)")
     fuse_weight = state_dict["head.linear_fuse.conv.weight"]
     args: dict = {"num_classes": state_dict["head.conv_seg.weight"].shape[0]}
     head_channels = fuse_weight.shape[0]
@@ -626,8 +625,9 @@ def infer_model(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict]:
 # 7. Builders
 # --------------------------------------------------------------------------------------------------------------
 
-_SEG_ARGS = ("num_heads", "head_channels", "head_depthwise", "drop_path_rate", "dropout_ratio")
-_CLS_ARGS = ("num_heads", "drop_path_rate")
+# Overrides: the per-dataset differences of the official configs, plus the regularisation rates.
+_SEG_ARGS = ("head_channels", "head_depthwise", "drop_path_rate", "dropout_ratio")
+_CLS_ARGS = ("drop_path_rate",)
 
 
 def _create(variant: str, classifier: bool, num_classes: int, overrides: dict) -> nn.Module:
@@ -647,26 +647,32 @@ def _create(variant: str, classifier: bool, num_classes: int, overrides: dict) -
 
 
 def topformer_tiny(num_classes: int = 150, **overrides) -> TopFormer:
+    """TopFormer-T (1.4 M params, 0.6 GMACs at 512²). Cityscapes config: ``head_depthwise=False``."""
     return _create("tiny", False, num_classes, overrides)
 
 
 def topformer_small(num_classes: int = 150, **overrides) -> TopFormer:
+    """TopFormer-S (3.1 M params, 1.2 GMACs at 512²)."""
     return _create("small", False, num_classes, overrides)
 
 
 def topformer_base(num_classes: int = 150, **overrides) -> TopFormer:
+    """TopFormer-B (5.1 M params, 1.8 GMACs at 512²). Cityscapes config: ``head_channels=128``."""
     return _create("base", False, num_classes, overrides)
 
 
 def topformer_tiny_cls(num_classes: int = 1000, **overrides) -> TopFormerClassifier:
+    """TopFormer-T ImageNet classifier (official ``topformer-T-224-66.2.pth``)."""
     return _create("tiny", True, num_classes, overrides)
 
 
 def topformer_small_cls(num_classes: int = 1000, **overrides) -> TopFormerClassifier:
+    """TopFormer-S ImageNet classifier (official ``topformer-S-224-72.3.pth``)."""
     return _create("small", True, num_classes, overrides)
 
 
 def topformer_base_cls(num_classes: int = 1000, **overrides) -> TopFormerClassifier:
+    """TopFormer-B ImageNet classifier (official ``topformer-B-224-75.3.pth``)."""
     return _create("base", True, num_classes, overrides)
 
 
