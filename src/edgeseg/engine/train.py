@@ -259,7 +259,7 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
           log: Any = print) -> dict[str, Any]:
     """Train ``cfg`` in ``work_dir`` (created); ``resume`` is None, ``"auto"`` (latest.pth if present) or a path.
 
-    Returns ``{"model", "iteration", "best_mIoU", "last_eval"}`` on every rank (``model`` unwrapped from DDP).
+    Returns ``{"model", "iteration", "best_mIoU", "last_eval", "rank"}`` on every rank (``model`` unwrapped from DDP).
     """
     info = init_distributed(cfg.train.device)
     work_dir = Path(work_dir)
@@ -306,10 +306,10 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
 
     net: nn.Module = model
     if info.world > 1:
-        # Official configs set find_unused_parameters=True (SegFormer's unused conv_seg, dynamic gates).
+        # The official configs need find_unused_parameters=True for SegFormer's never-used conv_seg; edgeseg's
+        # models do not build it, every parameter receives a gradient, so DDP skips that graph traversal.
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-            find_unused_parameters=True)
+            model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
 
     accum = cfg.train.grad_accum
     loader = build_train_loader(cfg, train_set, info, start_batch=start * accum)
@@ -392,7 +392,8 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
         dist.barrier()
         if info.owns_group:
             dist.destroy_process_group()
-    return {"model": model, "iteration": iters, "best_mIoU": best_miou if best_miou > -math.inf else None, "last_eval": last_eval}
+    return {"model": model, "iteration": iters, "best_mIoU": best_miou if best_miou > -math.inf else None,
+            "last_eval": last_eval, "rank": info.rank}
 
 
 def _replace_copy(src: Path, dst: Path) -> None:
