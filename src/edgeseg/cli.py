@@ -136,9 +136,104 @@ def cmd_predict(args: argparse.Namespace) -> int:
 ENGINE_PARSERS: list[Callable[[Any], None]] = []
 
 # --- engine commands ---
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine.train import train
+
+    cfg = load_config(args.config, args.set or [])
+    work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
+    out = train(cfg, work_dir, resume=args.resume, progress=not args.no_progress)
+    best = out["best_mIoU"]
+    if out.get("rank", 0) == 0:
+        print(f"trained {out['model'].model_name} for {out['iteration']} iterations"
+              f"{f', best mIoU {best:.2f}' if best is not None else ''}; checkpoints in {work_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .config import load_config
+    from .engine.evaluate import build_val_dataset, evaluate, metrics_table
+
+    overrides = list(args.set or [])
+    if args.mode:
+        overrides.append(f"eval.mode={args.mode}")
+    if args.tta:
+        overrides.append("eval.tta=true")
+    cfg = load_config(args.config, overrides)
+    dataset = build_val_dataset(cfg)
+    model = load_model(args.checkpoint)
+    if model.num_classes != dataset.num_classes:
+        raise ValueError(f"checkpoint '{args.checkpoint}' predicts {model.num_classes} classes but "
+                         f"{cfg.data.dataset} has {dataset.num_classes}: pass the config of the checkpoint's dataset")
+    result = evaluate(model, dataset, cfg.eval, workers=cfg.data.workers, progress=not args.json)
+    print(json.dumps(result, indent=2) if args.json else metrics_table(result))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .engine.demo import run_demo
+
+    run_demo(args.work_dir, iters=args.iters, minutes=args.minutes, progress=not args.no_progress)
+    return 0
+
+
+def _engine_parsers(sub: Any) -> None:
+    p = sub.add_parser("train", help="train from a recipe YAML (torchrun --nproc-per-node N -m edgeseg train ... for DDP)")
+    p.add_argument("config", help="recipe YAML, e.g. configs/topformer_tiny_ade20k_512x512_160k.yaml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set optim.lr=1e-4")
+    p.add_argument("--work-dir", help="output folder (default: work_dirs/<config name>)")
+    p.add_argument("--resume", metavar="auto|PATH", help="continue exactly: 'auto' = <work-dir>/latest.pth if present")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="mIoU / mAcc / aAcc of a checkpoint on a recipe's validation split")
+    p.add_argument("config", help="recipe YAML (dataset, test pipeline, eval mode)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint in any supported layout")
+    p.add_argument("--mode", choices=["whole", "slide"], help="override eval.mode")
+    p.add_argument("--tta", action="store_true", help="multi-scale (eval.tta_ratios) + flip test-time augmentation")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set data.root=/data/ade")
+    p.add_argument("--json", action="store_true", help="one JSON object: mIoU, mAcc, aAcc (%%), per_class, num_images")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="train TopFormer-Tiny from scratch on procedural scenes on the CPU, then report")
+    p.add_argument("--work-dir", default="work_dirs/demo", help="output folder (default: work_dirs/demo)")
+    p.add_argument("--iters", type=int, help="training iterations (default: as many as fit in --minutes)")
+    p.add_argument("--minutes", type=float, help="training time budget when --iters is not given (default 4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)
+
+
+ENGINE_PARSERS.append(_engine_parsers)
 # --- end engine commands ---
 
 # --- distill commands ---
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .engine.distill import distill, load_distill_config
+
+    overrides = list(args.set or [])
+    if args.teacher:
+        overrides.append(f"distill.teacher={args.teacher}")
+    cfg, dcfg = load_distill_config(args.config, overrides)
+    work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
+    out = distill(cfg, dcfg, work_dir, progress=not args.no_progress)
+    miou = (out["last_eval"] or {}).get("mIoU")
+    print(f"distilled {out['model'].model_name} at sparsity {dcfg.sparsity} for {out['iteration']} iterations"
+          f"{f', mIoU {miou:.2f}' if miou is not None else ''}; student: {work_dir / 'final.pth'}")
+    return 0
+
+
+def _distill_parser(sub: Any) -> None:
+    p = sub.add_parser("distill", help="DynaSegFormer: two-stage distillation of a dense SegFormer into a pruned one")
+    p.add_argument("config", help="recipe YAML with a distill: section, e.g. configs/dynasegformer_b0_ade20k_30.yaml")
+    p.add_argument("--teacher", help="dense SegFormer checkpoint (any layout) of the student's size")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. distill.sparsity=0.5")
+    p.add_argument("--work-dir", help="output folder (default: work_dirs/<config name>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_distill)
+
+
+ENGINE_PARSERS.append(_distill_parser)
 # --- end distill commands ---
 
 
