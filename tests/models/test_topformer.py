@@ -232,7 +232,8 @@ def test_convert_pre_release_names(reference_dir):
     assert "backbone.fuse_blocks.1.to_feat1.conv.weight" in pre_release
     converted, notes = convert_state_dict(pre_release)
     assert any("pre-release" in n for n in notes)
-    assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in convert_state_dict(official)[0].items()}
+    expected = convert_state_dict(official)[0]
+    assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in expected.items()}
 
 
 def test_convert_imagenet_file_and_own_layout(reference_dir):

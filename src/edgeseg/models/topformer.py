@@ -48,7 +48,7 @@ __all__ = [
 
 
 class InvertedResidual(nn.Module):
-    """MobileNetV2 block: 1×1 expand (skipped when ``expand_ratio == 1``) → k×k depthwise → 1×1 linear projection.
+    """MobileNetV2 block: 1×1 expand (absent when ``expand_ratio == 1``) → k×k depthwise → 1×1 linear projection.
 
     The residual is added when the block keeps both resolution and width. TopFormer uses plain ReLU here (ReLU6
     only appears in the transformer).
@@ -103,9 +103,9 @@ class TokenPyramid(nn.Module):
 def pool_tokens(tokens: Sequence[torch.Tensor], stride: int = 2) -> torch.Tensor:
     """Average-pool every scale to the grid of the coarsest tap divided by ``stride``, then concatenate channels.
 
-    The grid is ``(h - 1) // stride + 1`` of the last tap, i.e. ⌈H/64⌉ × ⌈W/64⌉ of the input for the released
-    models, and the pooling is adaptive (official ``PyramidPoolAgg``), so any input size works.
-    Returns (B, ΣC_i, ⌈H/64⌉, ⌈W/64⌉).
+    The grid is ``(h - 1) // stride + 1`` of the last (1/32) tap, i.e. ⌈H/64⌉ × ⌈W/64⌉ of the input for the
+    segmentation models (stride 2), and the pooling is adaptive (official ``PyramidPoolAgg``), so any input size
+    works. Returns (B, ΣC_i, h', w').
     """
     h, w = tokens[-1].shape[-2:]
     size = ((h - 1) // stride + 1, (w - 1) // stride + 1)
@@ -418,8 +418,8 @@ class TopFormerClassifier(nn.Module):
         init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, H, W) → the token pyramid (1/4 … 1/32) followed by the extracted semantics (B, ΣC, ⌈H/32⌉, ⌈W/32⌉
-        with the ImageNet pool stride 1), as the official backbone returns them with ``injection=False``."""
+        """(B, 3, H, W) → the token pyramid (1/4 … 1/32), then the extracted semantics (B, ΣC, ⌈H/32⌉,
+        ⌈W/32⌉) at the ImageNet pool stride 1, as the official backbone returns them with ``injection=False``."""
         tokens = self.token_pyramid(x)
         return [*tokens, self.extractor(pool_tokens(tokens, self.pool_stride))]
 
