@@ -120,3 +120,21 @@ def test_ddp_two_processes_stay_identical(tmp_path):
     assert [r["iter"] for r in rows if r["mode"] == "train"] == [1, 2, 3]  # rank 0 alone logs
     ckpt = torch.load(tmp_path / "work" / "latest.pth", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+
+
+def test_pretrained_backbone_is_loaded_and_reported(tmp_path):
+    from edgeseg.checkpoint import save_checkpoint
+    from edgeseg.engine.train import build_model
+    from edgeseg.models import create_model
+
+    torch.manual_seed(1)
+    imagenet = create_model("topformer-tiny-cls")
+    save_checkpoint(tmp_path / "cls.pth", imagenet)
+    messages = []
+    model = build_model(tiny_cfg(f"model.pretrained={tmp_path / 'cls.pth'}"), 8, log=messages.append)
+    own = model.state_dict()
+    shared = [k for k in imagenet.state_dict() if k.startswith("token_pyramid.")]
+    assert shared and all(torch.equal(own[k], imagenet.state_dict()[k]) for k in shared)
+    assert "classifier skipped" in messages[0]
+    with pytest.raises(FileNotFoundError, match="model.pretrained=null"):
+        build_model(tiny_cfg("model.pretrained=missing.pth"), 8)

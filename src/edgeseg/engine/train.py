@@ -173,6 +173,9 @@ def build_model(cfg: Config, num_classes: int, log: Any = print) -> nn.Module:
     """``create_model`` from the config, plus the ImageNet backbone when ``model.pretrained`` names one."""
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes or num_classes, **cfg.model.overrides)
     if cfg.model.pretrained:
+        if not Path(cfg.model.pretrained).exists():
+            raise FileNotFoundError(f"model.pretrained '{cfg.model.pretrained}' not found: download the ImageNet "
+                                    f"weights the config names, or train from scratch with --set model.pretrained=null")
         report = load_checkpoint(model, cfg.model.pretrained, strict=False)
         log(f"pretrained weights from {cfg.model.pretrained}:\n{report}")
     return model
@@ -311,33 +314,25 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
 
-    accum = cfg.train.grad_accum
-    loader = build_train_loader(cfg, train_set, info, start_batch=start * accum)
+    accum, iters, dev = cfg.train.grad_accum, cfg.schedule.iters, info.device
+    batches = iter(build_train_loader(cfg, train_set, info, start_batch=start * accum))
     val_set = build_val_dataset(cfg) if cfg.train.eval_interval > 0 else None
     logger = _Logger(work_dir, info.main)
-    batches = iter(loader)
-    iters = cfg.schedule.iters
-    bar = None
-    if progress and info.main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=iters, initial=start, desc="train", dynamic_ncols=True)
+    bar = _progress_bar(iters, start) if progress and info.main else None
     last_eval: dict[str, Any] | None = None
-    loss_sum, loss_count = torch.zeros((), dtype=torch.float64), 0
-    t_start = time.perf_counter()
+    loss_sum, loss_count, t_start = 0.0, 0, time.perf_counter()
     net.train()
 
     for it in range(start, iters):
         lr = set_lr(optimizer, it, cfg.optim.lr, cfg.schedule)
         for micro in range(accum):
             batch = next(batches)
-            img = batch["img"].to(info.device, non_blocking=True)
-            gt = batch["gt"].to(info.device, non_blocking=True)
-            sync = micro == accum - 1 or info.world == 1
-            with (nullcontext() if sync else net.no_sync()), _autocast(cfg.train.amp, info.device):
-                loss = seg_loss(net(img), gt, ignore_index)
-            scaler.scale(loss / accum).backward()
-            loss_sum += loss.detach().double().cpu() / accum
+            skip_sync = info.world > 1 and micro < accum - 1  # DDP: all-reduce gradients on the last micro-step only
+            with net.no_sync() if skip_sync else nullcontext():
+                with _autocast(cfg.train.amp, dev):
+                    loss = seg_loss(net(batch["img"].to(dev)), batch["gt"].to(dev), ignore_index)
+                scaler.scale(loss / accum).backward()
+            loss_sum += float(loss.detach()) / accum
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -345,18 +340,13 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
         done = it + 1
 
         if done % cfg.train.log_interval == 0 or done == iters:
-            mean_loss = loss_sum / loss_count
-            if info.world > 1:
-                dist.all_reduce(mean_loss.to(info.device if info.device.type == "cuda" else "cpu"))
-                mean_loss = mean_loss / info.world
+            mean_loss = _mean_over_ranks(loss_sum / loss_count, info)
             elapsed = time.perf_counter() - t_start
-            eta = elapsed / (done - start) * (iters - done)
-            logger({"mode": "train", "iter": done, "loss": float(mean_loss), "lr": lr,
-                    "time_s": round(elapsed, 3), "eta_s": round(eta, 1)})
+            logger({"mode": "train", "iter": done, "loss": mean_loss, "lr": lr, "time_s": round(elapsed, 3),
+                    "eta_s": round(elapsed / (done - start) * (iters - done), 1)})
             if bar is not None:
-                bar.set_postfix(loss=f"{float(mean_loss):.4f}", lr=f"{lr:.2e}")
-            loss_sum.zero_()
-            loss_count = 0
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+            loss_sum, loss_count = 0.0, 0
         if bar is not None:
             bar.update(1)
 
@@ -364,26 +354,23 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
         if val_set is not None and (done % cfg.train.eval_interval == 0 or done == iters):
             last_eval = evaluate(net, val_set, cfg.eval, workers=min(cfg.data.workers, 2))
             net.train()
-            logger({"mode": "val", "iter": done, "mIoU": last_eval["mIoU"], "mAcc": last_eval["mAcc"],
-                    "aAcc": last_eval["aAcc"]})
-            log(f"iter {done}: mIoU {last_eval['mIoU']:.2f}  mAcc {last_eval['mAcc']:.2f}  aAcc "
-                f"{last_eval['aAcc']:.2f}" if last_eval["mIoU"] is not None else f"iter {done}: mIoU n/a")
+            logger({"mode": "val", "iter": done, **{k: last_eval[k] for k in ("mIoU", "mAcc", "aAcc")}})
+            log(f"iter {done}: " + "  ".join(f"{k} {last_eval[k]:.2f}" if last_eval[k] is not None else f"{k} n/a"
+                                           for k in ("mIoU", "mAcc", "aAcc")))
             if last_eval["mIoU"] is not None and last_eval["mIoU"] > best_miou:
                 best_miou, is_best = last_eval["mIoU"], True
 
-        if (cfg.train.checkpoint_interval > 0 and done % cfg.train.checkpoint_interval == 0) or done == iters \
-                or is_best:
-            rng = _all_gather_object(rng_state(), info)  # every rank's generators, so each resumes its own
-            if info.main:
-                extra = {"iteration": done, "best_mIoU": best_miou, "rng": rng, "world_size": info.world,
-                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                         "config": cfg.to_dict()}
-                if is_best:
-                    save_checkpoint(work_dir / "best.pth", model, {"iteration": done, "mIoU": best_miou,
-                                                                   "config": cfg.to_dict()})
-                if (cfg.train.checkpoint_interval > 0 and done % cfg.train.checkpoint_interval == 0) or done == iters:
-                    path = save_checkpoint(work_dir / f"iter_{done}.pth", model, extra)
-                    _replace_copy(path, work_dir / "latest.pth")
+        periodic = (cfg.train.checkpoint_interval > 0 and done % cfg.train.checkpoint_interval == 0) or done == iters
+        if periodic or is_best:
+            rng = _all_gather_object(rng_state(), info)  # collective: every rank's generators, each resumes its own
+            if info.main and is_best:
+                save_checkpoint(work_dir / "best.pth", model, {"iteration": done, "mIoU": best_miou,
+                                                               "config": cfg.to_dict()})
+            if info.main and periodic:
+                path = save_checkpoint(work_dir / f"iter_{done}.pth", model, {
+                    "iteration": done, "best_mIoU": best_miou, "rng": rng, "world_size": info.world,
+                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "config": cfg.to_dict()})
+                _replace_copy(path, work_dir / "latest.pth")
 
     if bar is not None:
         bar.close()
@@ -394,6 +381,20 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
             dist.destroy_process_group()
     return {"model": model, "iteration": iters, "best_mIoU": best_miou if best_miou > -math.inf else None,
             "last_eval": last_eval, "rank": info.rank}
+
+
+def _progress_bar(total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+
+
+def _mean_over_ranks(value: float, info: DistInfo) -> float:
+    if info.world == 1:
+        return value
+    t = torch.tensor(value, dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return float(t) / info.world
 
 
 def _replace_copy(src: Path, dst: Path) -> None:
