@@ -145,7 +145,11 @@ def test_own_layout_passes_through_and_foreign_layouts_are_refused():
     sd = model.state_dict()
     converted, notes = S.convert_state_dict(sd)
     assert converted.keys() == sd.keys() and notes == []
+    assert S.convert_state_dict(S.mit_b0().state_dict())[0].keys() == S.mit_b0().state_dict().keys()
     assert S.convert_state_dict({"tpm.stem.0.c.weight": torch.zeros(16, 3, 3, 3)}) is None
+    # a model extending our layout (DynaSegFormer's gates) is left to its own family's converter
+    extended = {**sd, "encoder.stages.0.blocks.0.mlp.gate.predictor.fc1.weight": torch.zeros(16, 32)}
+    assert S.convert_state_dict(extended) is None
     assert S.convert_state_dict({"conv1.weight": torch.zeros(8, 3, 3, 3), "fc.weight": torch.zeros(10, 8)}) is None
 
 

@@ -350,7 +350,11 @@ class AdditiveMLPDecoder(nn.Module):
         x = _project(self.linear_c[0], features[0])  # a fresh tensor: safe to accumulate into in place
         for linear, f in zip(self.linear_c[1:], features[1:]):
             x.add_(resize(_project(linear, f), size))
-        return self.linear_pred(self.dropout(self.act(self.bn(x))))
+        x = self.dropout(self.act(self.bn(x)))
+        # The 1×1 classifier as one GEMM over the (B, h, w, E) view: no im2col, no layout reorder.
+        weight = self.linear_pred.weight
+        logits = F.linear(x.permute(0, 2, 3, 1), weight.reshape(weight.shape[0], -1), self.linear_pred.bias)
+        return logits.permute(0, 3, 1, 2)
 
     @torch.no_grad()
     def fuse(self) -> AdditiveMLPDecoder:
@@ -574,6 +578,15 @@ def _merge_kv(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+_OWN_KEY = re.compile(
+    r"^(encoder\.stages\.\d+\.(patch_embed\.(proj|norm)|norm|blocks\.\d+\.(norm1|norm2|attn\.(q|kv|proj|sr|norm)"
+    r"|mlp\.(fc1|fc2|dwconv)))\.(weight|bias)"
+    r"|decode_head\.(linear_c\.\d+|linear_pred|linear_fuse\.conv|linear_fuse\.bn|bn)\."
+    r"(weight|bias|running_mean|running_var|num_batches_tracked)"
+    r"|head\.(weight|bias))$"
+)
+
+
 def _layout(keys: Sequence[str]) -> str | None:
     """Name the layout of a state dict from signature keys, or None if it is not SegFormer's."""
     keyset = set(keys)
@@ -582,7 +595,9 @@ def _layout(keys: Sequence[str]) -> str | None:
         return any(re.match(pattern, k) for k in keyset)
 
     if "encoder.stages.0.patch_embed.proj.weight" in keyset:
-        return "edgeseg"
+        # Ours only if every key is a SegFormer/MiT key: models that extend this layout (DynaSegFormer's gates)
+        # belong to their own family's converter.
+        return "edgeseg" if all(_OWN_KEY.match(k) for k in keyset) else None
     if has(r"^(segformer\.)?encoder\.patch_embeddings\.0\.proj\.weight$"):
         return "hf"
     if has(r"^(segformer\.)?stages\.0\.patch_embeddings\.proj\.weight$"):

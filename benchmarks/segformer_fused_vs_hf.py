@@ -1,0 +1,86 @@
+"""SegFormer latency: edgeseg fused vs Hugging Face transformers' eager SegformerForSemanticSegmentation, same weights.
+
+One set of random weights is written as a Hugging Face folder and loaded by both sides, so both compute the same
+function (transformers' LayerNorm eps convention, 1e-5 everywhere); the script prints max |Δ| of the logits next to
+the times. The models are timed alternately in the same run (warm-up, then A, B, C, A, B, C, ...) and the medians
+compared, because on a shared machine only same-run ratios are stable. transformers is timed with both of its
+attention implementations ("eager" = explicit softmax(QKᵀ)V, "sdpa" = its default).
+
+    PYTHONPATH=src .venv/bin/python benchmarks/segformer_fused_vs_hf.py [--model segformer-b0] [--size 512 512]
+        [--threads 2] [--rounds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+
+import torch
+
+from edgeseg.deploy.benchmark import compare_latency
+from edgeseg.models.hf_segformer import load_hf_folder, save_hf_folder
+from edgeseg.models.segformer import MODELS
+
+
+def _random_weights_(model: torch.nn.Module) -> None:
+    """Non-trivial weights and BN statistics, so every branch of the decoder contributes to the comparison."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            if name.endswith("running_var") or (t.ndim == 1 and name.endswith("weight")):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif t.ndim >= 2:
+                t.copy_(torch.randn(t.shape, generator=g) / t[0].numel() ** 0.5)
+            else:
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="segformer-b0", choices=[m for m in MODELS if m.startswith("segformer")])
+    parser.add_argument("--size", nargs=2, type=int, default=[512, 512])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+
+    from transformers import SegformerForSemanticSegmentation  # only this script needs transformers
+
+    torch.set_num_threads(args.threads)
+    source = MODELS[args.model](ln_eps=1e-5)
+    _random_weights_(source)
+    with tempfile.TemporaryDirectory() as folder:
+        save_hf_folder(source.eval(), folder)
+        ours = load_hf_folder(folder)
+        hf = {impl: SegformerForSemanticSegmentation.from_pretrained(folder, attn_implementation=impl).eval()
+              for impl in ("eager", "sdpa")}
+    fused = ours.fuse()
+    x = torch.randn(args.batch, 3, *args.size, generator=torch.Generator().manual_seed(1))
+
+    fns = {
+        "transformers (attn eager)": lambda: hf["eager"](pixel_values=x).logits,
+        "transformers (attn sdpa)": lambda: hf["sdpa"](pixel_values=x).logits,
+        "edgeseg unfused": lambda: ours(x),
+        "edgeseg fused": lambda: fused(x),
+    }
+    with torch.inference_mode():
+        reference = fns["transformers (attn eager)"]()
+        diffs = {name: (fn() - reference).abs().max().item() for name, fn in fns.items()}
+    times = compare_latency(fns, rounds=args.rounds, warmup=3)
+    base = statistics.median(times["transformers (attn eager)"])
+
+    print(f"{args.model}, input {args.batch}x3x{args.size[0]}x{args.size[1]}, {torch.get_num_threads()} threads, "
+          f"{args.rounds} alternating rounds; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print("| implementation | median ms | min ms | / transformers eager | max abs diff vs transformers |")
+    print("|---|---|---|---|---|")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"| {name} | {med:.1f} | {min(ts):.1f} | {med / base:.2f} | {diffs[name]:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
