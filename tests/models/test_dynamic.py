@@ -95,9 +95,10 @@ def test_gate_shapes_and_top_r_per_head():
 def test_top_r_keeps_largest_with_values():
     g = torch.tensor([[0.25, 3.0, -1.0, 2.0, 0.5, 4.0]])
     values, index = top_r(g, 3)
-    assert index.tolist() == [[1, 3, 5]] and values.tolist() == [[3.0, 2.0, 4.0]]
-    values, index = top_r(g, 2, groups=2)
-    assert index.tolist() == [[0, 1, 3, 5]] and values.tolist() == [[0.25, 3.0, 2.0, 4.0]]
+    assert sorted(index[0].tolist()) == [1, 3, 5] and torch.equal(values, g.gather(1, index))
+    values, index = top_r(g, 2, groups=2)  # group-major: the first two from [0.25, 3, -1], then from [2, 0.5, 4]
+    assert sorted(index[0, :2].tolist()) == [0, 1] and sorted(index[0, 2:].tolist()) == [3, 5]
+    assert torch.equal(values, g.gather(1, index))
 
 
 def test_sparsity_annealing_schedule():
@@ -294,8 +295,6 @@ def test_layout_claim_and_infer_model():
         from_segformer(model)
 
 
-@pytest.mark.xfail(reason="needs SegFormer's layout detection to leave state dicts with DGL gates to DynaSegFormer "
-                          "(models/__init__.py FAMILIES order or segformer._layout)", strict=False)
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = create_model("dynasegformer-b0", num_classes=4, sparsity=0.5).eval()

@@ -74,7 +74,9 @@ class GatePredictor(nn.Module):
         hidden_features = hidden_features or default_gate_hidden(gated_features)
         self.norm = nn.LayerNorm(in_features)
         self.fc1 = nn.Linear(proj_features, hidden_features)
-        self.act = nn.GELU()
+        # ReLU, not GELU: on a (B, hidden) vector the erf kernel opens a parallel region, which on a busy CPU can
+        # stall for milliseconds; the paper does not name the activation.
+        self.act = nn.ReLU()
         self.fc2 = nn.Linear(hidden_features, gated_features)
         # G ≡ 1 at initialisation: the layer starts as its dense self (see module docstring).
         nn.init.zeros_(self.fc2.weight)
@@ -115,18 +117,16 @@ def keep_count(features: int, sparsity: float) -> int:
 def top_r(gate: Tensor, keep: int, groups: int = 1) -> tuple[Tensor, Tensor]:
     """``Top-r(G)``: the ``keep`` largest entries of each of ``groups`` equal slices of ``gate`` (B, n).
 
-    Returns ``(values, index)``, both (B, groups·keep), group-major, ``index`` into the full ``n`` axis and sorted
-    within each group (so gathered weights are read in memory order). Per-group selection keeps every attention
-    head equally wide, so batched per-head products stay rectangular.
+    Returns ``(values, index)``, both (B, groups·keep), group-major, ``index`` into the full ``n`` axis (in no
+    particular order within a group). Per-group selection keeps every attention head equally wide, so batched
+    per-head products stay rectangular.
     """
     b, n = gate.shape
     per_group = n // groups
-    _, index = gate.reshape(b, groups, per_group).topk(keep, dim=-1, sorted=False)
-    index = index.sort(dim=-1).values
+    values, index = gate.reshape(b, groups, per_group).topk(keep, dim=-1, sorted=False)
     if groups > 1:
-        index = index + torch.arange(groups, device=gate.device).mul(per_group).reshape(1, groups, 1)
-    index = index.reshape(b, groups * keep)
-    return gate.gather(1, index), index
+        index = index + torch.arange(0, n, per_group, device=gate.device).reshape(1, groups, 1)
+    return values.reshape(b, groups * keep), index.reshape(b, groups * keep)
 
 
 def scatter_mask(values: Tensor, index: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -212,44 +212,62 @@ class DynamicGatedLinear(nn.Module):
         layer.fc2.load_state_dict(fc2.state_dict())
         return layer.to(fc1.weight.device)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def plan(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Gate and gathers of the inference form: the kept rows of ``fc1`` (scaled) and columns of ``fc2``."""
         values, index = self.gate(avg_pool_tokens(x), self.fc1.weight)
+        w1, b1 = gather_rows(self.fc1.weight, self.fc1.bias, index, values)
+        return w1, b1, gather_columns(self.fc2.weight, index)
+
+    def forward(self, x: Tensor) -> Tensor:
         if self.gate.gathered:
-            y = gathered_linear(x, self.fc1.weight, self.fc1.bias, index, values)  # (B, N, k)
-            return consume_gathered(self.act(y), self.fc2.weight, self.fc2.bias, index)
+            w1, b1, w2 = self.plan(x)
+            return consume_gathered(self.act(gathered_linear(x, w1, b1)), w2, self.fc2.bias)
+        values, index = self.gate(avg_pool_tokens(x), self.fc1.weight)
         m, support = scatter_mask(values, index, self.fc1.out_features)
         y = self.fc1(x) * m.unsqueeze(1)
         return self.fc2(self.act(y) * support.unsqueeze(1))
 
 
-def gathered_linear(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor,
-                    values: Tensor | None = None) -> Tensor:
-    """``X (W1 ∘ M)`` on the kept neurons only: (B, N, C) → (B, N, k), rows of ``W1`` (n, C) gathered per image.
-
-    The gate values scale the gathered rows (k·C multiplies per image) rather than the (N, k) output. One image
-    (the edge case) runs a plain Linear with the gathered weight — the dense layer's kernel, narrower; a batch runs
-    one batched product. (The branch is on a shape, so traced/exported graphs stay free of value-dependent flow.)
-    """
-    B, k = index.shape
+def gather_rows(weight: Tensor, bias: Tensor | None, index: Tensor,
+                values: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """The kept rows of ``W1`` (n, C) and its bias for every image, scaled by their gate values: ``W1 ∘ M`` without
+    its zero rows, as ((B·k, C), (B·k,)). Scaling the k·C gathered weights costs less than scaling the (N, k)
+    output."""
     flat = index.reshape(-1)
-    w = weight.index_select(0, flat)  # (B·k, C)
+    w = weight.index_select(0, flat)
     b = bias.index_select(0, flat) if bias is not None else None
     if values is not None:
         w = w * values.reshape(-1, 1)
         b = b * values.reshape(-1) if b is not None else None
-    if B == 1:
-        return F.linear(x, w, b)
-    w = w.reshape(B, k, -1).transpose(1, 2)
-    return torch.bmm(x, w) if b is None else torch.baddbmm(b.reshape(B, 1, k), x, w)
+    return w, b
 
 
-def consume_gathered(y: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor) -> Tensor:
-    """``Y (W2 ∘ Mᵀ)`` reading only the kept columns of ``W2`` (C', n): (B, N, k) → (B, N, C')."""
-    B, k = index.shape
-    w = weight.index_select(1, index.reshape(-1))  # (C', B·k)
+def gather_columns(weight: Tensor, index: Tensor, values: Tensor | None = None) -> Tensor:
+    """The kept columns of ``W2`` (C', n) for every image: ``W2 ∘ Mᵀ`` without its zero columns, (C', B·k);
+    optionally scaled by the gate values (where a layer is linear in between, the value may sit on either side)."""
+    w = weight.index_select(1, index.reshape(-1))
+    return w if values is None else w * values.reshape(1, -1)
+
+
+def gathered_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``X (W1 ∘ M)`` with gathered rows ``weight`` (B·k, C): (B, N, C) → (B, N, k), each image its own rows.
+
+    One image (the edge case) runs a plain Linear with the gathered weight — the dense layer's kernel, narrower;
+    a batch runs one batched product. (The branch is on a shape, so exported graphs have no value-dependent flow.)
+    """
+    B = x.shape[0]
     if B == 1:
-        return F.linear(y, w, bias)
-    w = w.reshape(-1, B, k).permute(1, 2, 0)  # (B, k, C')
+        return F.linear(x, weight, bias)
+    w = weight.reshape(B, -1, weight.shape[-1]).transpose(1, 2)  # (B, C, k)
+    return torch.bmm(x, w) if bias is None else torch.baddbmm(bias.reshape(B, 1, -1), x, w)
+
+
+def consume_gathered(y: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``Y (W2 ∘ Mᵀ)`` with gathered columns ``weight`` (C', B·k): (B, N, k) → (B, N, C')."""
+    B = y.shape[0]
+    if B == 1:
+        return F.linear(y, weight, bias)
+    w = weight.reshape(weight.shape[0], B, -1).permute(1, 2, 0)  # (B, k, C')
     return torch.bmm(y, w) if bias is None else torch.baddbmm(bias, y, w)
 
 
@@ -350,29 +368,41 @@ class DynamicEfficientSelfAttention(EfficientSelfAttention):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
         return self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)) @ v
 
-    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        B, N, C = x.shape
-        heads = self.num_heads
+    def plan(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor]:
+        """Gates and gathers of the inference form: kept rows of ``q`` (scaled by the Q/K gate) and of ``kv``
+        (K rows with the same channels, then the V rows), kept columns of ``proj`` (scaled by the V gate)."""
+        C = x.shape[-1]
         pooled = avg_pool_tokens(x)
         qk_values, qk_index = self.qk_gate(pooled, self.q.weight, self.kv.weight)
         v_values, v_index = self.v_gate(pooled, self.kv.weight)
+        w_q, b_q = gather_rows(self.q.weight, self.q.bias, qk_index, qk_values)
+        # K and V rows of the one ``kv`` Linear gathered together: one product, as in the dense layer.
+        w_kv, b_kv = gather_rows(self.kv.weight, self.kv.bias, torch.cat([qk_index, v_index + C], dim=1))
+        # Attention is linear in V: scaling V's channel c by m_c equals scaling column c of ``proj`` (k·C' products
+        # instead of k·(C + 1) on the V rows).
+        return w_q, b_q, w_kv, b_kv, gather_columns(self.proj.weight, v_index, v_values)
+
+    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        B, N, C = x.shape
+        heads = self.num_heads
+        if self.qk_gate.gathered:
+            w_q, b_q, w_kv, b_kv, w_proj = self.plan(x)
+        else:
+            pooled = avg_pool_tokens(x)
+            qk_values, qk_index = self.qk_gate(pooled, self.q.weight, self.kv.weight)
+            v_values, v_index = self.v_gate(pooled, self.kv.weight)
         kv_in = x
         if self.sr_ratio > 1:
             kv_in = self.sr(x.transpose(1, 2).reshape(B, C, *hw))
             kv_in = self.norm(kv_in.flatten(2).transpose(1, 2))  # (B, N/R², C)
         if self.qk_gate.gathered:
             kq, kv = self.qk_gate.keep, self.v_gate.keep
-            q = gathered_linear(x, self.q.weight, self.q.bias, qk_index, qk_values)  # (B, N, heads·kq)
-            # K and V rows of the one ``kv`` Linear gathered together: one product, as in the dense layer.
-            kv_index = torch.cat([qk_index, v_index + C], dim=1)
-            kv_values = torch.cat([torch.ones_like(qk_values), v_values], dim=1)
-            k, v = gathered_linear(kv_in, self.kv.weight, self.kv.bias, kv_index, kv_values).split(
-                [heads * kq, heads * kv], dim=-1)
-            q = q.reshape(B, N, heads, kq).transpose(1, 2)
+            q = gathered_linear(x, w_q, b_q).reshape(B, N, heads, kq).transpose(1, 2)  # (B, heads, N, kq)
+            k, v = gathered_linear(kv_in, w_kv, b_kv).split([heads * kq, heads * kv], dim=-1)
             k = k.reshape(B, -1, heads, kq).transpose(1, 2)
             v = v.reshape(B, -1, heads, kv).transpose(1, 2)
             out = self._attend(q, k, v).transpose(1, 2).reshape(B, N, heads * kv)
-            return self.proj_drop(consume_gathered(out, self.proj.weight, self.proj.bias, v_index))
+            return self.proj_drop(consume_gathered(out, w_proj, self.proj.bias))
         m_qk, _ = scatter_mask(qk_values, qk_index, C)
         m_v, support_v = scatter_mask(v_values, v_index, C)
         q = (self.q(x) * m_qk.unsqueeze(1)).reshape(B, N, heads, self.head_dim).transpose(1, 2)
@@ -401,17 +431,33 @@ class DynamicMixFFN(MixFFN):
         new.load_state_dict(mlp.state_dict(), strict=False)
         return new.to(mlp.fc1.weight.device)
 
+    def plan(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Gate and gathers of the inference form: kept rows of ``fc1`` (scaled), their 3×3 filters and biases,
+        kept columns of ``fc2``."""
+        values, index = self.gate(avg_pool_tokens(x), self.fc1.weight)
+        w1, b1 = gather_rows(self.fc1.weight, self.fc1.bias, index)
+        # The depthwise conv is linear per channel: dw(m · u) + b = (m · dw)(u) + b, so the gate value scales the
+        # 9 filter taps instead of the C + 1 fc1 weights of each kept neuron.
+        filters, f_bias = gather_rows(self.dwconv.weight, self.dwconv.bias, index)
+        filters = filters * values.reshape(-1, 1, 1, 1)
+        # Channels-last strides for the gathered filters, like the map they run on: with NCHW-strided filters
+        # oneDNN copies the map to NCHW and runs a ~7× slower depthwise kernel.
+        kh, kw = self.dwconv.kernel_size
+        filters = filters.reshape(-1, kh, kw, 1).permute(0, 3, 1, 2)
+        return w1, b1, filters, f_bias, gather_columns(self.fc2.weight, index)
+
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         B, N, _ = x.shape
-        values, index = self.gate(avg_pool_tokens(x), self.fc1.weight)
         if self.gate.gathered:
-            k = index.shape[1]
-            y = gathered_linear(x, self.fc1.weight, self.fc1.bias, index, values)  # (B, N, k)
-            flat = index.reshape(-1)
-            y = F.conv2d(y.transpose(1, 2).reshape(1, B * k, *hw), self.dwconv.weight.index_select(0, flat),
-                         self.dwconv.bias.index_select(0, flat), padding=self.dwconv.padding, groups=B * k)
+            w1, b1, filters, f_bias, w2 = self.plan(x)
+            y = gathered_linear(x, w1, b1)  # (B, N, k)
+            k = y.shape[-1]
+            # every image's kept channels side by side: one grouped conv (groups = B·k) for the whole batch
+            y = F.conv2d(y.transpose(1, 2).reshape(1, B * k, *hw), filters, f_bias, padding=self.dwconv.padding,
+                         groups=B * k)
             y = self.drop(self.act(y.reshape(B, k, N).transpose(1, 2)))
-            return self.drop(consume_gathered(y, self.fc2.weight, self.fc2.bias, index))
+            return self.drop(consume_gathered(y, w2, self.fc2.bias))
+        values, index = self.gate(avg_pool_tokens(x), self.fc1.weight)
         m, support = scatter_mask(values, index, self.fc1.out_features)
         y = self.fc1(x) * m.unsqueeze(1)
         y = self.dwconv(y.transpose(1, 2).reshape(B, -1, *hw)).flatten(2).transpose(1, 2)
@@ -506,9 +552,10 @@ class DynaSegFormer(nn.Module):
         return self.decode_head(self.encoder.forward_features(x))
 
     def fuse(self) -> DynaSegFormer:
-        """A new inference model: decoder BN folded, attention through SDPA, dropout/drop-path removed; the DGL
-        layers run their gathered form in eval mode. Same logits (≤ 1e-5)."""
-        return fuse_modules(copy.deepcopy(self).eval())
+        """A new inference model: decoder BN folded, attention through SDPA, dropout/drop-path removed, conv
+        weights channels-last (as ``SegFormer.fuse``); the DGL layers run their gathered form in eval mode. Same
+        logits (≤ 1e-5)."""
+        return fuse_modules(copy.deepcopy(self).eval()).to(memory_format=torch.channels_last)
 
 
 @torch.no_grad()

@@ -1,0 +1,126 @@
+"""DynaSegFormer-B0 vs dense SegFormer-B0 latency: 512×512, batch 1, 2 threads, all timed in the same run.
+
+Rows (timed alternately by ``compare_latency``, medians, so machine noise hits all of them alike):
+
+- ``SegFormer-B0 published`` — our eager model, which computes exactly what the official code computes (concatenating
+  decoder with its 4E → E fuse conv at 1/4 resolution, explicit softmax attention);
+- ``SegFormer-B0 fused`` — ``fuse()``: decoder folded into the additive form, BN folded, SDPA attention;
+- ``DynaSegFormer-B0 s`` — ``from_segformer(dense, s).fuse()``: the student's inference form, which gathers the kept
+  neurons per image and runs the narrower products (at s = 0 it gathers everything: gating cost, no saving);
+- ``gates + gathers @ s`` — only the per-image overhead of the dynamic model: for every DGL site the token pooling,
+  gate MLP, top-r and weight gathers (``plan()``, the code the forward runs), on the inputs of a real forward.
+
+Gates: the students get random gate weights (a fresh gate outputs G ≡ 1, a tie), so each image keeps its own
+channels as a trained gate would; latency does not depend on which channels are kept.
+
+    .venv/bin/python benchmarks/dynasegformer.py [--rounds 15] [--threads 2] [--size 512 512] [--variant b0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+import torch
+from torch import nn
+
+from edgeseg import create_model
+from edgeseg.deploy.benchmark import compare_latency, count_gmacs
+from edgeseg.models.dynamic import (
+    DynamicEfficientSelfAttention,
+    DynamicGatedLinear,
+    DynamicMixFFN,
+    dynamic_gates,
+    from_segformer,
+)
+
+TARGETS = {  # (sparsity, reference row) -> max ratio, from the task's targets
+    (0.3, "published"): 0.3,
+    (0.3, "fused"): 0.85,
+    (0.5, "fused"): 0.7,
+}
+
+
+def randomise_gates(model: nn.Module, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in dynamic_gates(model):
+            fc2 = gate.predictor.fc2
+            fc2.weight.copy_(torch.randn(fc2.weight.shape, generator=gen) * 0.5)
+    return model
+
+
+def gate_overhead_fn(model: nn.Module, x: torch.Tensor):
+    """A callable running every DGL site's ``plan`` (pooling, gate, top-r, gathers) on its input of one forward."""
+    sites: list[tuple[nn.Module, torch.Tensor]] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: sites.append((mod, args[0])))
+             for m in model.modules() if isinstance(m, (DynamicEfficientSelfAttention, DynamicMixFFN,
+                                                        DynamicGatedLinear))]
+    with torch.inference_mode():
+        model(x)
+    for h in hooks:
+        h.remove()
+
+    def run() -> None:
+        for module, inp in sites:
+            module.plan(inp)
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--size", nargs=2, type=int, default=[512, 512])
+    parser.add_argument("--variant", default="b0", help="SegFormer size b0…b5")
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.3, 0.5])
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    size = tuple(args.size)
+    x = torch.randn(1, 3, *size)
+    dense = create_model(f"segformer-{args.variant}").eval()
+    models: dict[str, nn.Module] = {"published": dense, "fused": dense.fuse()}
+    for s in args.sparsities:
+        models[f"dyna {s:.0%}"] = randomise_gates(from_segformer(dense, s)).fuse()
+    fns = {name: (lambda m=m: m(x)) for name, m in models.items()}
+    for s in args.sparsities:
+        if s > 0:
+            fns[f"gates+gathers {s:.0%}"] = gate_overhead_fn(models[f"dyna {s:.0%}"], x)
+    gmacs = {name: count_gmacs(m, size) for name, m in models.items()}
+
+    load_before = os.getloadavg()[0]
+    times = compare_latency(fns, rounds=args.rounds)
+    load_after = os.getloadavg()[0]
+    med = {name: statistics.median(t) for name, t in times.items()}
+
+    V = args.variant.upper()
+    print(f"{V} at {size[0]}×{size[1]}, batch 1, {torch.get_num_threads()} threads, {args.rounds} alternating rounds "
+          f"(load average {load_before:.1f} → {load_after:.1f} on {os.cpu_count()} CPUs)")
+    print("| model | GMACs | median ms | min ms | × published | × fused |")
+    print("|---|---|---|---|---|---|")
+    for name in fns:
+        label = {"published": f"SegFormer-{V} published (eager)", "fused": f"SegFormer-{V} fused"}.get(
+            name, f"DynaSegFormer-{V} {name[5:]}" if name.startswith("dyna") else name)
+        g = f"{gmacs[name]:.2f}" if name in gmacs else "-"
+        print(f"| {label} | {g} | {med[name]:.1f} | {min(times[name]):.1f} | {med[name] / med['published']:.2f} | "
+              f"{med[name] / med['fused']:.2f} |")
+    print()
+    for (s, ref), limit in TARGETS.items():
+        key = f"dyna {s:.0%}"
+        if key in med:
+            ratio = med[key] / med[ref]
+            print(f"target: DynaSegFormer {s:.0%} ≤ {limit}× {ref}: {ratio:.2f} "
+                  f"({'met' if ratio <= limit else 'NOT met'})")
+    for s in args.sparsities:
+        if s > 0:
+            share = med[f"gates+gathers {s:.0%}"] / med[f"dyna {s:.0%}"]
+            print(f"gate prediction + gathers at {s:.0%}: {med[f'gates+gathers {s:.0%}']:.1f} ms "
+                  f"({share:.1%} of the DynaSegFormer forward)")
+
+
+if __name__ == "__main__":
+    main()
