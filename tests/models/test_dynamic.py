@@ -250,13 +250,13 @@ def _gated_macs(model: nn.Module, size: tuple[int, int], sparsity: float) -> int
 
 
 def _gate_macs(model: nn.Module) -> int:
-    """Per-image MACs of every gate predictor: ``X̂ · W`` over the whole weights it reads, then the two-layer MLP."""
+    """Per-image MACs of every gate predictor: ``X̂ · W1`` over the rows of ``W1``, then the two-layer MLP."""
     total = 0
     for gate in dynamic.dynamic_gates(model):
         p = gate.predictor
         C = p.norm.normalized_shape[0]
-        for rows in gate.rows:  # None: the whole W1 (n rows); (a, b): a row range of the 2C-row ``kv`` weight
-            total += C * (gate.gated_features if rows is None else 2 * C)
+        for rows in gate.rows:  # None: the whole W1 (n rows); (a, b): a row range of the ``kv`` weight
+            total += C * (gate.gated_features if rows is None else rows[1] - rows[0])
         total += p.fc1.in_features * p.fc1.out_features + p.fc2.in_features * p.fc2.out_features
     return total
 

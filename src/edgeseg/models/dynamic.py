@@ -86,7 +86,7 @@ class GatePredictor(nn.Module):
                 rows: Sequence[tuple[int, int] | None]) -> Tensor:
         """``pooled``: (B, C); ``weights[i]``: (n_i, C), of which ``rows[i]`` (all if None). Returns (B, n)."""
         x_hat = self.norm(pooled)
-        proj = [F.linear(x_hat, w) if r is None else F.linear(x_hat, w)[:, r[0]:r[1]] for w, r in zip(weights, rows)]
+        proj = [F.linear(x_hat, w if r is None else w[r[0]:r[1]]) for w, r in zip(weights, rows)]
         proj = proj[0] if len(proj) == 1 else torch.cat(proj, dim=1)
         return self.fc2(self.act(self.fc1(proj)))
 
