@@ -325,3 +325,18 @@ def test_onnx_export_matches(tmp_path):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert abs(out - ref.numpy()).max() <= 1e-4
+
+
+def test_keep_multiple_rounds_mix_ffn_widths_only():
+    assert keep_count(128, 0.3, multiple=8) == 88 and keep_count(256, 0.3, multiple=8) == 176
+    assert keep_count(1024, 0.3, multiple=8) == 720 and keep_count(128, 0.0, multiple=8) == 128
+    assert keep_count(16, 0.9, multiple=8) == 8  # never below one multiple
+    model = create_model("dynasegformer-b0", num_classes=3, sparsity=0.3, keep_multiple=8)
+    assert model.model_args["keep_multiple"] == 8
+    block = model.encoder.stages[0].blocks[0]
+    assert block.mlp.gate.keep == 88 and block.attn.qk_gate.keep == 22 and block.attn.v_gate.keep == 22
+    torch.manual_seed(0)
+    randomise_gates(model)
+    x = torch.randn(2, 3, 32, 32)
+    masked, gathered = both_forms(model.eval(), x)
+    assert (masked - gathered).abs().max() <= 1e-5

@@ -107,11 +107,18 @@ def avg_pool_tokens(x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def keep_count(features: int, sparsity: float) -> int:
-    """Neurons kept out of ``features`` at ``sparsity`` s: ``round((1 − s) · n)``, at least 1."""
+def keep_count(features: int, sparsity: float, multiple: int = 1) -> int:
+    """Neurons kept out of ``features`` at ``sparsity`` s: ``round((1 − s) · n)``, at least 1.
+
+    ``multiple`` > 1 rounds a pruned count to the nearest multiple (at least one multiple): CPU kernels run a
+    90-wide Mix-FFN hidden layer about as slowly as the dense 128-wide one, an 88-wide one about 2× faster.
+    """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    return max(1, min(features, math.floor(features * (1.0 - sparsity) + 0.5)))
+    keep = max(1, min(features, math.floor(features * (1.0 - sparsity) + 0.5)))
+    if multiple > 1 and keep < features:
+        keep = min(features, max(multiple, multiple * math.floor(keep / multiple + 0.5)))
+    return keep
 
 
 def top_r(gate: Tensor, keep: int, groups: int = 1) -> tuple[Tensor, Tensor]:
@@ -151,7 +158,8 @@ class DynamicGate(nn.Module):
     """
 
     def __init__(self, in_features: int, gated_features: int, sparsity: float = 0.0, groups: int = 1,
-                 rows: Sequence[tuple[int, int] | None] = (None,), hidden_features: int | None = None) -> None:
+                 rows: Sequence[tuple[int, int] | None] = (None,), hidden_features: int | None = None,
+                 keep_multiple: int = 1) -> None:
         super().__init__()
         if gated_features % groups:
             raise ValueError(f"{gated_features} gated neurons do not split into {groups} equal groups")
@@ -162,13 +170,14 @@ class DynamicGate(nn.Module):
         self.rows = tuple(rows)
         keep_count(gated_features, sparsity)  # validates the value
         self.sparsity = float(sparsity)
+        self.keep_multiple = int(keep_multiple)
         self.gather = True
         self.last_gate: Tensor | None = None
 
     @property
     def keep(self) -> int:
         """Kept neurons per group at the current sparsity."""
-        return keep_count(self.gated_features // self.groups, self.sparsity)
+        return keep_count(self.gated_features // self.groups, self.sparsity, self.keep_multiple)
 
     @property
     def gathered(self) -> bool:
@@ -183,7 +192,8 @@ class DynamicGate(nn.Module):
         return top_r(gate, self.keep, self.groups)
 
     def extra_repr(self) -> str:
-        return f"gated={self.gated_features}, groups={self.groups}, sparsity={self.sparsity}"
+        extra = f", keep_multiple={self.keep_multiple}" if self.keep_multiple > 1 else ""
+        return f"gated={self.gated_features}, groups={self.groups}, sparsity={self.sparsity}{extra}"
 
 
 class DynamicGatedLinear(nn.Module):
@@ -420,14 +430,15 @@ class DynamicMixFFN(MixFFN):
     image's kept filters are stacked into one grouped conv (groups = B·k), so batches of any size run in one call.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, sparsity: float = 0.0) -> None:
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, sparsity: float = 0.0,
+                 keep_multiple: int = 1) -> None:
         super().__init__(dim, hidden_dim, drop)
-        self.gate = DynamicGate(dim, hidden_dim, sparsity)
+        self.gate = DynamicGate(dim, hidden_dim, sparsity, keep_multiple=keep_multiple)
 
     @classmethod
-    def from_dense(cls, mlp: MixFFN, sparsity: float = 0.0) -> DynamicMixFFN:
+    def from_dense(cls, mlp: MixFFN, sparsity: float = 0.0, keep_multiple: int = 1) -> DynamicMixFFN:
         """The same Mix-FFN (weights copied) with a new gate."""
-        new = cls(mlp.fc1.in_features, mlp.fc1.out_features, _drop_p(mlp.drop), sparsity)
+        new = cls(mlp.fc1.in_features, mlp.fc1.out_features, _drop_p(mlp.drop), sparsity, keep_multiple)
         new.load_state_dict(mlp.state_dict(), strict=False)
         return new.to(mlp.fc1.weight.device)
 
@@ -469,12 +480,17 @@ def _drop_p(module: nn.Module) -> float:
     return module.p if isinstance(module, nn.Dropout) else 0.0
 
 
-def make_dynamic(encoder: MixVisionTransformer, sparsity: float) -> MixVisionTransformer:
-    """Swap, in place, every block's attention and Mix-FFN for their DGL forms (weights kept, gates new)."""
+def make_dynamic(encoder: MixVisionTransformer, sparsity: float, keep_multiple: int = 1) -> MixVisionTransformer:
+    """Swap, in place, every block's attention and Mix-FFN for their DGL forms (weights kept, gates new).
+
+    ``keep_multiple`` rounds the Mix-FFN kept widths (see :func:`keep_count`). Attention keeps the exact count per
+    head: heads are 32 (B0) or 64 wide, so rounding to 8 would turn 30 % into 25 %, and the CPU attention kernel
+    gains nothing from 24 channels over 22.
+    """
     for stage in encoder.stages:
         for block in stage.blocks:
             block.attn = DynamicEfficientSelfAttention.from_dense(block.attn, sparsity)
-            block.mlp = DynamicMixFFN.from_dense(block.mlp, sparsity)
+            block.mlp = DynamicMixFFN.from_dense(block.mlp, sparsity, keep_multiple)
     return encoder
 
 
@@ -513,6 +529,8 @@ class DynaSegFormer(nn.Module):
     ``sparsity`` is the target fraction of gated neurons pruned per image (every gated site uses it); training
     anneals the current value from 0 (:func:`set_sparsity`). The decoder adds the projected stage maps instead of
     concatenating them (paper Sec. 2.3), which is exactly SegFormer's decoder with its fuse conv folded in.
+    ``keep_multiple`` (default 1: the paper's exact fraction) rounds the Mix-FFN kept widths for faster kernels
+    (8 on x86 CPUs; see :func:`keep_count`).
     """
 
     def __init__(
@@ -531,6 +549,7 @@ class DynaSegFormer(nn.Module):
         drop_path_rate: float = 0.1,
         dropout: float = 0.1,
         ln_eps: float = OFFICIAL_LN_EPS,
+        keep_multiple: int = 1,
     ) -> None:
         super().__init__()
         keep_count(1, sparsity)
@@ -539,7 +558,7 @@ class DynaSegFormer(nn.Module):
         encoder = MixVisionTransformer(embed_dims, depths, num_heads, sr_ratios, mlp_ratios, in_channels,
                                        drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
                                        drop_path_rate=drop_path_rate, ln_eps=ln_eps)
-        self.encoder = make_dynamic(encoder, sparsity)
+        self.encoder = make_dynamic(encoder, sparsity, keep_multiple)
         self.decode_head = AdditiveMLPDecoder(embed_dims, decoder_dim, num_classes, batch_norm=True, dropout=dropout)
         self.model_name = "dynasegformer"
         self.model_args: dict = {"num_classes": num_classes, "sparsity": sparsity}
@@ -611,7 +630,7 @@ def infer_model(state_dict: dict[str, Tensor]) -> tuple[str, dict]:
 
 
 _ARGS = ("embed_dims", "depths", "num_heads", "sr_ratios", "mlp_ratios", "in_channels", "drop_rate",
-         "attn_drop_rate", "drop_path_rate", "ln_eps", "decoder_dim", "dropout")
+         "attn_drop_rate", "drop_path_rate", "ln_eps", "decoder_dim", "dropout", "keep_multiple")
 
 
 def _create(variant: str, num_classes: int, sparsity: float, overrides: dict) -> DynaSegFormer:
