@@ -221,6 +221,8 @@ def test_gate_l1_and_gradients_reach_the_gate():
     (out.square().mean()).backward()  # through the kept gate values only (no L1 here)
     ffn_gate = model.encoder.stages[0].blocks[0].mlp.gate.predictor
     assert ffn_gate.fc2.weight.grad is not None and ffn_gate.fc2.weight.grad.abs().sum() > 0
+    fused = model.fuse()  # right after a training step: the stored gates are not copied
+    assert all(g.last_gate is None for g in dynamic.dynamic_gates(fused))
     model.eval()
     with torch.no_grad():
         model(x)

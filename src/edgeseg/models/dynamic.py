@@ -8,6 +8,9 @@ Read top to bottom, in the paper's order:
 3. ``DynamicGatedLinear`` (DGL) — a linear pair ``Z = φ(X (W1 ∘ M)) (W2 ∘ Mᵀ)``: a pruned neuron is neither
    computed (its row of ``W1``) nor consumed (its column of ``W2``). Usable by any family.
 4. ``SparsitySchedule`` (``s_t = s · min(1, t / T)``) and ``gate_l1`` (``Σ ‖G‖₁`` over every DGL layer).
+5. DGL in SegFormer's MiT blocks: ``DynamicEfficientSelfAttention`` (Q/K and V) and ``DynamicMixFFN`` (hidden layer).
+6. ``DynaSegFormer`` (additive decoder) and ``from_segformer``, the student built from a dense teacher.
+7. Paper figures, checkpoint layout, builders ``dynasegformer-b0`` … ``-b5``.
 
 How the value of ``M`` enters: the paper writes ``Y = X (W1 ∘ M)`` and ``Z = Y (W2 ∘ Mᵀ)``. We apply the kept gate
 *values* once, on ``Y`` (the bias is treated as a row of ``W1`` on a constant input, so it is scaled too and a gated
@@ -18,13 +21,14 @@ what makes a pruned neuron vanish even when ``φ(0) ≠ 0`` (Mix-FFN's depthwise
 The gate's last layer starts at weight 0, bias 1, so a fresh gate outputs ``G ≡ 1``: at sparsity 0 a DGL computes
 exactly its dense layer, and a student built from a dense teacher starts as the teacher.
 
-Two execution forms with the same outputs:
+Two execution forms with the same outputs (≤ 1e-5):
 
 - training (and ``gather=False``): masked dense computation, ``Y = (X W1ᵀ + b) · M``; gradients reach the gate
   through the kept values;
-- inference: the kept rows of ``W1`` (scaled by their gate values) and columns of ``W2`` are gathered per image and
-  the narrower products run as batched matmuls, so executed MACs and wall-clock time drop. Only ``topk`` and index
-  gathers are added — no Python branching on tensor values, so the graph exports to ONNX (TopK + Gather).
+- inference (eval mode): ``plan()`` gathers, per image, the kept rows of ``W1`` and columns of ``W2`` (the gate value
+  is multiplied into whichever gathered weight is smallest where a linear map lies in between), then the narrower
+  products run, so executed MACs and wall-clock time drop. Only ``topk`` and index gathers are added — no Python
+  branching on tensor values, so the graph exports to ONNX (TopK + Gather).
 """
 
 from __future__ import annotations
@@ -190,6 +194,10 @@ class DynamicGate(nn.Module):
         gate = self.predictor(pooled, weights, self.rows)
         self.last_gate = gate if self.training else None
         return top_r(gate, self.keep, self.groups)
+
+    def __getstate__(self) -> dict:
+        # ``last_gate`` is a graph tensor of the last training step: not state, and deepcopy (fuse) cannot copy it.
+        return {**self.__dict__, "last_gate": None}
 
     def extra_repr(self) -> str:
         extra = f", keep_multiple={self.keep_multiple}" if self.keep_multiple > 1 else ""
@@ -443,8 +451,8 @@ class DynamicMixFFN(MixFFN):
         return new.to(mlp.fc1.weight.device)
 
     def plan(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Gate and gathers of the inference form: kept rows of ``fc1`` (scaled), their 3×3 filters and biases,
-        kept columns of ``fc2``."""
+        """Gate and gathers of the inference form: kept rows of ``fc1``, their 3×3 filters (scaled by the gate
+        values) and biases, kept columns of ``fc2``."""
         values, index = self.gate(avg_pool_tokens(x), self.fc1.weight)
         w1, b1 = gather_rows(self.fc1.weight, self.fc1.bias, index)
         # The depthwise conv is linear per channel: dw(m · u) + b = (m · dw)(u) + b, so the gate value scales the
