@@ -279,7 +279,7 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
     if cfg.train.sync_bn and info.world > 1:
         if info.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
+        elif info.main:
             warnings.warn("train.sync_bn: SyncBatchNorm needs CUDA; on CPU each process normalises its own batch",
                           stacklevel=2)
     model.to(info.device)
