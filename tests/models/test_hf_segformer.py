@@ -143,7 +143,7 @@ def test_without_safetensors(tmp_path, monkeypatch):
         assert torch.equal(again(X), model(X))
 
 
-def test_bad_folders_fail_with_one_line_messages(tmp_path):
+def test_bad_folders_fail_with_one_line_messages_and_placeholder_labels_are_dropped(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_hf_folder(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "segformer"}))
@@ -155,5 +155,9 @@ def test_bad_folders_fail_with_one_line_messages(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "segformer", "patch_sizes": [7, 3, 3, 5]}))
     with pytest.raises(ValueError, match="patch_sizes"):
         load_hf_folder(tmp_path)
+    hf = _hf_segmentation("b0")
+    hf.config.id2label = {i: f"LABEL_{i}" for i in range(7)}
+    hf.save_pretrained(tmp_path / "placeholders")
+    assert not hasattr(load_hf_folder(tmp_path / "placeholders"), "class_names")
     with pytest.raises(ValueError, match="before fuse"):
         save_hf_folder(S.segformer_b0().fuse(), tmp_path / "fused")

@@ -133,8 +133,9 @@ def load_hf_folder(path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"'{folder}': weights do not match config.json ({len(result.missing_keys)} missing, e.g. "
                          f"{result.missing_keys[:2]}; {len(result.unexpected_keys)} unexpected, e.g. "
                          f"{result.unexpected_keys[:2]})")
-    if id2label and len(id2label) == num_classes:
-        model.class_names = [id2label[i] for i in range(num_classes)]
+    names = [id2label.get(i) for i in range(num_classes)]
+    if all(names) and names != [f"LABEL_{i}" for i in range(num_classes)]:  # transformers' placeholders say nothing
+        model.class_names = names
     return model.eval()
 
 

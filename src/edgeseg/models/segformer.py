@@ -66,7 +66,7 @@ class EfficientSelfAttention(nn.Module):
     """Multi-head self-attention with the key/value sequence reduced by ``sr_ratio`` (paper Eq. 2).
 
     Keys and values come from a conv with kernel = stride = ``sr_ratio`` over the (h, w) token map followed by a
-    LayerNorm, so attention costs O(N²/R²). ``kv`` is one Linear whose first C outputs are K and last C are V
+    LayerNorm, so attention costs O(N²/sr_ratio²) (the paper's sequence ratio R = sr_ratio² = 64, 16, 4, 1). ``kv`` is one Linear whose first C outputs are K and last C are V
     (official layout; Hugging Face splits it into ``key``/``value``, the converter concatenates them).
     Scale ``head_dim^-0.5``. Tokens (B, N, C) with their map size (h, w) → (B, N, C).
 
