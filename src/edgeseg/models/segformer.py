@@ -66,12 +66,12 @@ class EfficientSelfAttention(nn.Module):
     """Multi-head self-attention with the key/value sequence reduced by ``sr_ratio`` (paper Eq. 2).
 
     Keys and values come from a conv with kernel = stride = ``sr_ratio`` over the (h, w) token map followed by a
-    LayerNorm, so attention costs O(N²/sr_ratio²) (the paper's sequence ratio R = sr_ratio² = 64, 16, 4, 1). ``kv`` is one Linear whose first C outputs are K and last C are V
-    (official layout; Hugging Face splits it into ``key``/``value``, the converter concatenates them).
-    Scale ``head_dim^-0.5``. Tokens (B, N, C) with their map size (h, w) → (B, N, C).
+    LayerNorm, so attention costs O(N²/sr_ratio²) (the paper's sequence ratio R = sr_ratio² = 64, 16, 4, 1).
+    ``kv`` is one Linear whose first C outputs are K and last C are V (official layout; Hugging Face splits it into
+    ``key``/``value``, the converter concatenates them). Scale ``head_dim^-0.5``. Tokens (B, N, C) with their map size (h, w) → (B, N, C).
 
     ``use_sdpa`` (set by ``fuse()``) computes the same attention with ``F.scaled_dot_product_attention``, which
-    never materialises the (N × N/R²) matrix; the default explicit ``softmax(q kᵀ · scale) v`` is the official
+    never materialises the (N × N/R) attention matrix; the default explicit ``softmax(q kᵀ · scale) v`` is the official
     formulation and is what ``torch.utils.flop_counter`` sees as matrix products.
     """
 
@@ -312,15 +312,15 @@ class MLPDecoder(nn.Module):
         E = self.embed_dim
         n = len(self.linear_c)
         conv, bn = self.linear_fuse.conv, self.linear_fuse.bn
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        weight = conv.weight.flatten(1) * scale[:, None]  # (E, n·E), BN scale folded
+        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)  # composed in float64
+        weight = conv.weight.flatten(1).double() * scale[:, None]  # (E, n·E), BN scale folded
         out = AdditiveMLPDecoder([lin.in_features for lin in self.linear_c], E, self.linear_pred.out_channels,
                                  batch_norm=False, dropout=0.0).to(conv.weight)
+        shift = bn.bias.double() - bn.running_mean.double() * scale  # added once, on the un-resized 1/4 stage
         for i, lin in enumerate(self.linear_c):
             part = weight[:, (n - 1 - i) * E:(n - i) * E]  # stage i sits at position n-1-i in [c4, c3, c2, c1]
-            out.linear_c[i].weight.copy_(part @ lin.weight)
-            out.linear_c[i].bias.copy_(part @ lin.bias)
-        out.linear_c[0].bias.add_(bn.bias - bn.running_mean * scale)
+            out.linear_c[i].weight.copy_(part @ lin.weight.double())
+            out.linear_c[i].bias.copy_(part @ lin.bias.double() + (shift if i == 0 else 0))
         out.linear_pred.load_state_dict(self.linear_pred.state_dict())
         return out.eval()
 
