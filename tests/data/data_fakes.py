@@ -85,6 +85,15 @@ def _coco_stuff(root: Path) -> Path:
     return root
 
 
+def _coco_stuff10k(root: Path) -> Path:
+    for split, n in (("train2014", 3), ("test2014", 2)):
+        for i in range(n):
+            stem = f"COCO_{split}_{i:012d}"
+            write_image(root / "images" / split / f"{stem}.jpg", i)
+            write_label(root / "annotations" / split / f"{stem}_labelTrainIds.png", label_values(i, 48))
+    return root
+
+
 def _folder(root: Path) -> Path:
     for split, n in (("train", 3), ("val", 2)):
         for i in range(n):
@@ -102,6 +111,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "pascal_context": _pascal_context,
     "pascal_context_60": _pascal_context,
     "coco_stuff164k": _coco_stuff,
+    "coco_stuff10k": _coco_stuff10k,
     "folder": _folder,
 }
 
@@ -112,6 +122,7 @@ EXPECTED = {
     "pascal_context": (59, 3, 2),
     "pascal_context_60": (60, 3, 2),
     "coco_stuff164k": (171, 3, 2),
+    "coco_stuff10k": (171, 3, 2),
     "folder": (4, 3, 2),
 }
 

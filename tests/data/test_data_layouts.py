@@ -48,7 +48,8 @@ def test_layout_lengths_shapes_and_classes(make_tree, name):
 
 def test_dataset_table_names():
     assert set(DATASETS) == {
-        "ade20k", "cityscapes", "pascal_context", "pascal_context_60", "coco_stuff164k", "folder", "scenes",
+        "ade20k", "cityscapes", "pascal_context", "pascal_context_60", "coco_stuff164k", "coco_stuff10k", "folder",
+        "scenes",
     }
 
 
@@ -221,3 +222,13 @@ def test_collate_stacks_or_keeps_lists(make_tree):
     odd = collate([{"img": torch.zeros(3, 4, 4), "gt": torch.zeros(4, 4), "meta": {}},
                    {"img": torch.zeros(3, 4, 6), "gt": torch.zeros(4, 6), "meta": {}}])
     assert isinstance(odd["img"], list) and len(odd["img"]) == 2
+
+
+def test_coco_stuff10k_reduces_zero_label_and_tests_on_test2014(make_tree):
+    root = make_tree("coco_stuff10k")
+    ds = build_dataset("coco_stuff10k", root, "val")
+    assert ds.reduce_zero_label and len(ds) == 2 and "test2014" in ds[0]["meta"]["img_path"]
+    raw = np.array(Image.open(ds.img_path(0).replace("images", "annotations").replace(".jpg", "_labelTrainIds.png")))
+    expected = np.where(raw == 0, 255, raw.astype(np.int64) - 1)
+    expected[raw == 255] = 255
+    assert np.array_equal(ds.load_label(0).astype(np.int64), expected)

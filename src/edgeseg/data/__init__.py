@@ -19,6 +19,7 @@ from .classes import CLASSES, PALETTES
 from .datasets import (
     ADE20KDataset,
     CityscapesDataset,
+    COCOStuff10kDataset,
     COCOStuff164kDataset,
     FileSegDataset,
     FolderDataset,
@@ -50,6 +51,7 @@ DATASETS: dict[str, type[SegDataset]] = {
     "pascal_context": PascalContextDataset,
     "pascal_context_60": PascalContext60Dataset,
     "coco_stuff164k": COCOStuff164kDataset,
+    "coco_stuff10k": COCOStuff10kDataset,
     "folder": FolderDataset,
     "scenes": ScenesDataset,
 }
@@ -68,6 +70,7 @@ def build_dataset(
 __all__ = [
     "ADE20KDataset",
     "CLASSES",
+    "COCOStuff10kDataset",
     "COCOStuff164kDataset",
     "CityscapesDataset",
     "DATASETS",

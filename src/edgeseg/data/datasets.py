@@ -336,6 +336,27 @@ class COCOStuff164kDataset(FileSegDataset):
         super().__init__(pairs, CLASSES["coco_stuff164k"], PALETTES["coco_stuff164k"], transform=transform)
 
 
+class COCOStuff10kDataset(FileSegDataset):
+    """COCO-Stuff 10k (171 classes): ``images/{train2014,test2014}/*.jpg`` with
+    ``annotations/{train2014,test2014}/*_labelTrainIds.png`` (mmseg's tools/convert_datasets/coco_stuff10k.py).
+
+    The official 10k configs load these labels with ``reduce_zero_label=True`` (unlike 164k), and evaluate on the
+    test2014 split, so ``"val"`` and ``"test"`` both mean test2014.
+    """
+
+    LAYOUT = "<root>/images/{train2014,test2014}/*.jpg and <root>/annotations/{train2014,test2014}/*_labelTrainIds.png"
+    img_suffix = ".jpg"
+
+    def __init__(self, root: str | Path | None, split: str = "train", transform: Transform | None = None) -> None:
+        path = _root("coco_stuff10k", root, self.LAYOUT)
+        sub = _split_dir("coco_stuff10k", split, {"train": "train2014", "val": "test2014", "test": "test2014"})
+        pairs = scan_pairs(
+            path / "images" / sub, ".jpg", path / "annotations" / sub, "_labelTrainIds.png", None, self.LAYOUT
+        )
+        super().__init__(pairs, CLASSES["coco_stuff"], PALETTES["coco_stuff"], reduce_zero_label=True,
+                         transform=transform)
+
+
 class FolderDataset(FileSegDataset):
     """Any dataset in mmseg's custom layout, described by a small ``dataset.yaml`` in its root::
 
