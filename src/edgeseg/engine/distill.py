@@ -33,7 +33,8 @@ from ..config import Config, _build, _coerce, _set, validate
 from ..models.dynamic import SparsitySchedule, from_segformer, gate_l1, set_sparsity
 from .evaluate import build_val_dataset, evaluate
 from .optim import build_optimizer, set_lr
-from .train import DistInfo, _autocast, _Logger, build_train_loader, build_train_set, seed_everything, seg_loss
+from .train import (DistInfo, RunLogger, autocast_context, build_train_loader, build_train_set, seed_everything,
+                    seg_loss)
 
 
 @dataclass
@@ -193,7 +194,7 @@ def distill(cfg: Config, dcfg: DistillCfg, work_dir: str | Path, progress: bool 
     loader = build_train_loader(cfg, train_set, DistInfo(device=device), start_batch=0)
     batches = iter(loader)
     val_set = build_val_dataset(cfg) if cfg.train.eval_interval > 0 else None
-    logger = _Logger(work_dir, True)
+    logger = RunLogger(work_dir, True)
     schedule = SparsitySchedule(dcfg.sparsity, dcfg.anneal_iters)
     stages = [(1, dcfg.stage1_iters), (2, cfg.schedule.iters)]
     total = sum(n for _, n in stages)
@@ -219,7 +220,7 @@ def distill(cfg: Config, dcfg: DistillCfg, work_dir: str | Path, progress: bool 
             for _ in range(accum):
                 batch = next(batches)
                 img = batch["img"].to(device, non_blocking=True)
-                with _autocast(cfg.train.amp, device):
+                with autocast_context(cfg.train.amp, device):
                     if stage == 1:
                         losses = stage1_loss(student, teacher, img, dcfg)
                     else:

@@ -19,7 +19,7 @@ import random
 import shutil
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -103,19 +103,24 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK), if any."""
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+def resolve_device(device: str = "auto", local_rank: int | None = None) -> torch.device:
+    """``train.device`` (auto | cpu | cuda) as a torch device: ``auto`` takes the GPU when torch sees one."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device is 'cuda' but torch sees no GPU: use --set train.device=cpu")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK), if any."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
         torch.cuda.set_device(local_rank)
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     owns = world > 1 and not dist.is_initialized()
     if owns:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(rank, world, local_rank, dev, owns)
 
 
@@ -205,7 +210,12 @@ def build_train_loader(cfg: Config, dataset: SegDataset, info: DistInfo, start_b
     return loader
 
 
-def _autocast(amp: str, device: torch.device):
+def autocast_context(amp: str, device: torch.device) -> AbstractContextManager:
+    """The mixed-precision context of ``train.amp`` (none | bf16 | fp16) around forward pass and loss on ``device``.
+
+    Backward runs outside it, as torch's AMP recipe asks. fp16 is refused off CUDA, where ``train`` has no
+    GradScaler to keep its small gradients from underflowing.
+    """
     if amp == "none":
         return nullcontext()
     if amp == "fp16" and device.type != "cuda":
@@ -213,8 +223,12 @@ def _autocast(amp: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-class _Logger:
-    """rank-0 log.jsonl (+ TensorBoard when installed)."""
+class RunLogger:
+    """One JSON row per call appended to ``work_dir/log.jsonl`` (+ TensorBoard scalars when it is installed).
+
+    Only the main process logs (``enabled``): every rank computes the same rows, one file is enough. Numeric
+    fields become scalars under ``<mode>/<field>`` at step ``row["iter"]``.
+    """
 
     def __init__(self, work_dir: Path, enabled: bool) -> None:
         self.enabled = enabled
@@ -245,6 +259,24 @@ class _Logger:
             self.tb.close()
 
 
+def open_work_dir(cfg: Config, work_dir: str | Path) -> Path:
+    """Create ``work_dir`` and write the run's full config to ``config.yaml`` (what ``--set`` changed included)."""
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    cfg.dump(work_dir / "config.yaml")
+    return work_dir
+
+
+def evaluate_during_training(model: nn.Module, val_set: SegDataset, cfg: Config) -> dict[str, Any]:
+    """``evaluate`` on the validation split with the config's protocol, then back to train mode.
+
+    At most 2 loader workers: the training loader's persistent workers stay alive meanwhile.
+    """
+    result = evaluate(model, val_set, cfg.eval, workers=min(cfg.data.workers, 2))
+    model.train()
+    return result
+
+
 def _find_resume(resume: str | None, work_dir: Path) -> Path | None:
     if resume is None:
         return None
@@ -265,11 +297,8 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
     Returns ``{"model", "iteration", "best_mIoU", "last_eval", "rank"}`` on every rank (``model`` unwrapped from DDP).
     """
     info = init_distributed(cfg.train.device)
-    work_dir = Path(work_dir)
+    work_dir = open_work_dir(cfg, work_dir) if info.main else Path(work_dir)
     log = log if info.main else (lambda *a, **k: None)
-    if info.main:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        cfg.dump(work_dir / "config.yaml")
 
     # Identical initial weights on every rank (DDP also broadcasts rank 0's); then per-rank streams for dropout.
     seed_everything(cfg.train.seed)
@@ -317,8 +346,8 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
     accum, iters, dev = cfg.train.grad_accum, cfg.schedule.iters, info.device
     batches = iter(build_train_loader(cfg, train_set, info, start_batch=start * accum))
     val_set = build_val_dataset(cfg) if cfg.train.eval_interval > 0 else None
-    logger = _Logger(work_dir, info.main)
-    bar = _progress_bar(iters, start) if progress and info.main else None
+    logger = RunLogger(work_dir, info.main)
+    bar = progress_bar(iters, start) if progress and info.main else None
     last_eval: dict[str, Any] | None = None
     loss_sum, loss_count, t_start = 0.0, 0, time.perf_counter()
     net.train()
@@ -329,7 +358,7 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
             batch = next(batches)
             skip_sync = info.world > 1 and micro < accum - 1  # DDP: all-reduce gradients on the last micro-step only
             with net.no_sync() if skip_sync else nullcontext():
-                with _autocast(cfg.train.amp, dev):
+                with autocast_context(cfg.train.amp, dev):
                     loss = seg_loss(net(batch["img"].to(dev)), batch["gt"].to(dev), ignore_index)
                 scaler.scale(loss / accum).backward()
             loss_sum += float(loss.detach()) / accum
@@ -352,8 +381,7 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
 
         is_best = False
         if val_set is not None and (done % cfg.train.eval_interval == 0 or done == iters):
-            last_eval = evaluate(net, val_set, cfg.eval, workers=min(cfg.data.workers, 2))
-            net.train()
+            last_eval = evaluate_during_training(net, val_set, cfg)
             logger({"mode": "val", "iter": done, **{k: last_eval[k] for k in ("mIoU", "mAcc", "aAcc")}})
             log(f"iter {done}: " + "  ".join(f"{k} {last_eval[k]:.2f}" if last_eval[k] is not None else f"{k} n/a"
                                            for k in ("mIoU", "mAcc", "aAcc")))
@@ -383,10 +411,11 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
             "last_eval": last_eval, "rank": info.rank}
 
 
-def _progress_bar(total: int, initial: int):
+def progress_bar(total: int, initial: int = 0, desc: str = "train") -> Any:
+    """A tqdm bar over optimizer steps (tqdm imported here: only runs with a bar need it)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
 
 
 def _mean_over_ranks(value: float, info: DistInfo) -> float:
@@ -408,4 +437,5 @@ def _replace_copy(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-__all__ = ["InfiniteBatchSampler", "SeededTrainSet", "build_model", "seg_loss", "train"]
+__all__ = ["InfiniteBatchSampler", "RunLogger", "SeededTrainSet", "autocast_context", "build_model",
+           "evaluate_during_training", "open_work_dir", "progress_bar", "resolve_device", "seg_loss", "train"]
