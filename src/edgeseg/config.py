@@ -117,8 +117,24 @@ class EvalCfg:
 
 
 @dataclass
+class DistillCfg:
+    """DynaSegFormer's two-stage distillation (paper Sec. 2.4); stage 2 runs ``schedule.iters`` iterations."""
+
+    teacher: str | None = None  # dense SegFormer checkpoint (any layout); ``edgeseg distill --teacher`` sets it
+    sparsity: float = 0.3  # s: fraction of gated neurons pruned per image at the end of annealing
+    anneal_iters: int = 8000  # T of s_t = s · min(1, t / T), counted over both stages
+    stage1_iters: int = 16000  # feature-alignment iterations before the label stage
+    lambda_gate: float = 1e-5  # λ_m on Σ‖G‖₁
+    lambda_soft: float = 1.0  # λ_s on the soft cross-entropy to the teacher's logits
+    temperature: float = 1.0  # τ of the soft cross-entropy
+
+
+@dataclass
 class Config:
-    """One experiment. ``reference`` records facts of the official run that edgeseg does not use (e.g. GPU count)."""
+    """One experiment. ``reference`` records facts of the official run that edgeseg does not use (e.g. GPU count).
+
+    ``distill`` is an optional section: None unless the YAML has a ``distill:`` mapping (DynaSegFormer recipes).
+    """
 
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -127,10 +143,11 @@ class Config:
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     reference: dict[str, Any] = field(default_factory=dict)
+    distill: DistillCfg | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain YAML-able dict (tuples as lists)."""
-        return _plain(dataclasses.asdict(self))
+        """Plain YAML-able dict (tuples as lists); an absent optional section is left out, not written as null."""
+        return {k: v for k, v in _plain(dataclasses.asdict(self)).items() if v is not None}
 
     def dump(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -198,12 +215,23 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     raise TypeError(f"{where}: unsupported field type {hint}")  # pragma: no cover - a bug in this file
 
 
+def _section(hint: Any) -> type | None:
+    """The dataclass behind a section field: ``OptimCfg``, or ``DistillCfg`` for the optional ``DistillCfg | None``."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+            return inner[0]
+    return None
+
+
 def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     keys = []
     for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            keys += _all_keys(hint, f"{prefix}{f.name}.")
+        section = _section(typing.get_type_hints(cls)[f.name])
+        if section is not None:
+            keys += _all_keys(section, f"{prefix}{f.name}.")
         else:
             keys.append(f"{prefix}{f.name}")
     return keys
@@ -225,8 +253,11 @@ def _build(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> An
         if key not in names:
             raise _unknown(f"{prefix}{key}", source)
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value or {}, source, f"{prefix}{key}.")
+        section = _section(hint)
+        if section is not None and value is None and section is not hint:
+            kwargs[key] = None  # an optional section written as null: absent
+        elif section is not None:
+            kwargs[key] = _build(section, value or {}, source, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, hint, f"{source}: {prefix}{key}")
     return cls(**kwargs)
@@ -248,10 +279,12 @@ def _set(cfg: Config, assignment: str) -> None:
             raise _unknown(key, "--set")
         hint = typing.get_type_hints(type(obj))[part]
         rest = parts[i + 1:]
-        if dataclasses.is_dataclass(hint):
+        if _section(hint) is not None:
             if not rest:
                 raise ValueError(f"--set {key}: '{key}' is a section; set one of its fields, e.g. {key}.<field>=...")
             obj = getattr(obj, part)
+            if obj is None:
+                raise ValueError(f"--set {key}: the config has no '{part}:' section; add one to the YAML file")
             continue
         if rest:  # a key inside a dict field, e.g. model.overrides.head_channels=128
             if typing.get_origin(hint) is not dict:
@@ -281,6 +314,14 @@ def validate(cfg: Config, source: str = "config") -> Config:
             raise ValueError(f"{source}: {name} must be >= 1, got {val}")
     if cfg.schedule.warmup_iters < 0 or not 0 < cfg.schedule.warmup_ratio <= 1:
         raise ValueError(f"{source}: schedule.warmup_iters must be >= 0 and warmup_ratio in (0, 1]")
+    if cfg.distill is not None:
+        d = cfg.distill
+        if not 0.0 <= d.sparsity < 1.0:
+            raise ValueError(f"{source}: distill.sparsity must be in [0, 1), got {d.sparsity}")
+        if d.stage1_iters < 0 or d.anneal_iters < 0:
+            raise ValueError(f"{source}: distill.stage1_iters and distill.anneal_iters must be >= 0")
+        if d.temperature <= 0:
+            raise ValueError(f"{source}: distill.temperature must be > 0, got {d.temperature}")
     return cfg
 
 
