@@ -209,16 +209,19 @@ ENGINE_PARSERS.append(_engine_parsers)
 
 # --- distill commands ---
 def cmd_distill(args: argparse.Namespace) -> int:
-    from .engine.distill import distill, load_distill_config
+    from .config import load_config
+    from .engine.distill import distill
 
-    overrides = list(args.set or [])
+    cfg = load_config(args.config, args.set or [])
+    if cfg.distill is None:
+        raise ValueError(f"config '{args.config}' has no distill: section: distil with a DynaSegFormer recipe, "
+                         f"e.g. configs/dynasegformer_b0_ade20k_30.yaml")
     if args.teacher:
-        overrides.append(f"distill.teacher={args.teacher}")
-    cfg, dcfg = load_distill_config(args.config, overrides)
+        cfg.distill.teacher = args.teacher
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
-    out = distill(cfg, dcfg, work_dir, progress=not args.no_progress)
+    out = distill(cfg, work_dir, progress=not args.no_progress)
     miou = (out["last_eval"] or {}).get("mIoU")
-    print(f"distilled {out['model'].model_name} at sparsity {dcfg.sparsity} for {out['iteration']} iterations"
+    print(f"distilled {out['model'].model_name} at sparsity {cfg.distill.sparsity} for {out['iteration']} iterations"
           f"{f', mIoU {miou:.2f}' if miou is not None else ''}; student: {work_dir / 'final.pth'}")
     return 0
 

@@ -24,12 +24,8 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_builds(path):
-    if "distill" in (yaml.safe_load(path.read_text()) or {}):  # DynaSegFormer recipes: their own loader
-        from edgeseg.engine.distill import load_distill_config
-
-        cfg, _ = load_distill_config(path)
-    else:
-        cfg = load_config(path)
+    cfg = load_config(path)
+    assert (cfg.distill is not None) == ("distill" in (yaml.safe_load(path.read_text()) or {}))
     assert cfg.model.name in list_models()
     if cfg.data.dataset not in DATASETS:
         pytest.skip(f"dataset '{cfg.data.dataset}' not (yet) in edgeseg.data.DATASETS")

@@ -13,15 +13,9 @@ import yaml
 
 from edgeseg import create_model, save_checkpoint
 from edgeseg.cli import main
-from edgeseg.engine.distill import (
-    DistillCfg,
-    feature_mse,
-    load_distill_config,
-    soft_cross_entropy,
-    stage1_loss,
-    stage2_loss,
-)
-from edgeseg.engine.train import seg_loss
+from edgeseg.config import DistillCfg, load_config
+from edgeseg.engine.distill import feature_mse, soft_cross_entropy, stage1_loss, stage2_loss
+from edgeseg.engine.train import seg_loss, train
 from edgeseg.models.dynamic import dynamic_gates, from_segformer, gate_l1, set_sparsity
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -84,31 +78,49 @@ def test_stage_losses_combine_their_terms():
 
 
 # ------------------------------------------------------------------------------------------------------ config
-def test_shipped_recipes_load_and_overrides_reach_both_parts():
+def test_shipped_recipes_load_and_overrides_reach_both_parts(tmp_path):
     names = sorted(p.name for p in CONFIGS.glob("dynasegformer_*.yaml"))
     assert {"dynasegformer_b0_ade20k_30.yaml", "dynasegformer_b0_ade20k_50.yaml", "dynasegformer_b2_ade20k_30.yaml",
             "dynasegformer_b2_ade20k_50.yaml"} <= set(names) and any("cityscapes" in n for n in names)
     for name in names:
-        cfg, dcfg = load_distill_config(CONFIGS / name)
+        cfg = load_config(CONFIGS / name)
+        dcfg = cfg.distill
         assert cfg.model.name.startswith("dynasegformer-") and dcfg.sparsity == float(name[-7:-5]) / 100
         assert 0 < dcfg.anneal_iters <= dcfg.stage1_iters + cfg.schedule.iters
-    cfg, dcfg = load_distill_config(CONFIGS / "dynasegformer_b0_ade20k_30.yaml",
-                                    ["distill.temperature=2", "optim.lr=1e-4", "distill.teacher=t.pth"])
-    assert dcfg.temperature == 2.0 and dcfg.teacher == "t.pth" and cfg.optim.lr == 1e-4
+    cfg = load_config(CONFIGS / "dynasegformer_b0_ade20k_30.yaml",
+                      ["distill.temperature=2", "optim.lr=1e-4", "distill.teacher=t.pth", "distill.stage1_iters=1_000"])
+    assert cfg.distill.temperature == 2.0 and cfg.distill.teacher == "t.pth" and cfg.optim.lr == 1e-4
+    assert cfg.distill.stage1_iters == 1000 and isinstance(cfg.distill.stage1_iters, int)
+    cfg.dump(tmp_path / "dump.yaml")  # the section survives a round trip (work_dir/config.yaml of a run)
+    assert load_config(tmp_path / "dump.yaml") == cfg
+
+
+def test_distill_section_is_optional(tmp_path):
+    plain = load_config(None)
+    assert plain.distill is None and "distill" not in plain.to_dict()  # train runs' config.yaml unchanged
+    path = tmp_path / "empty.yaml"
+    path.write_text("model:\n  name: dynasegformer-b0\ndistill:\n  sparsity: 0.5\n")
+    assert load_config(path).distill == DistillCfg(sparsity=0.5)  # unset keys take the defaults
+    with pytest.raises(ValueError, match="no 'distill:' section"):
+        load_config(None, ["distill.sparsity=0.5"])
+    with pytest.raises(ValueError, match="has a distill: section.*edgeseg distill"):
+        train(load_config(path), tmp_path / "run", progress=False)
 
 
 def test_recipe_errors_name_the_key(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"model": {"name": "dynasegformer-b0"}, "distill": {"sparsty": 0.3}}))
     with pytest.raises(ValueError, match="did you mean 'distill.sparsity'"):
-        load_distill_config(path)
+        load_config(path)
     path.write_text(yaml.safe_dump({"distill": {"sparsity": 1.5}}))
     with pytest.raises(ValueError, match="distill.sparsity must be in"):
-        load_distill_config(path)
-    with pytest.raises(ValueError, match="unknown config key 'distill.lamda_soft'"):
-        load_distill_config(CONFIGS / "dynasegformer_b0_ade20k_30.yaml", ["distill.lamda_soft=1"])
+        load_config(path)
+    with pytest.raises(ValueError, match="unknown config key 'distill.lamda_soft'.*did you mean 'distill.lambda_soft'"):
+        load_config(CONFIGS / "dynasegformer_b0_ade20k_30.yaml", ["distill.lamda_soft=1"])
+    with pytest.raises(ValueError, match="distill.temperature: expected float"):
+        load_config(CONFIGS / "dynasegformer_b0_ade20k_30.yaml", ["distill.temperature=warm"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_distill_config(tmp_path / "missing.yaml")
+        load_config(tmp_path / "missing.yaml")
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -159,3 +171,11 @@ def test_tiny_distill_run_on_scenes(tmp_path, capsys):
     code = main(["distill", str(path), "--teacher", str(tmp_path / "b1.pth"), "--work-dir", str(tmp_path / "x"),
                  "--no-progress"])
     assert code == 2 and "segformer-b1" in capsys.readouterr().err
+
+    # a recipe without a distill: section is refused, naming the file
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump({k: v for k, v in recipe.items() if k != "distill"}))
+    code = main(["distill", str(plain), "--teacher", str(tmp_path / "teacher.pth"), "--work-dir", str(tmp_path / "y"),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"'{plain}' has no distill: section" in err and not (tmp_path / "y").exists()

@@ -296,6 +296,9 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
 
     Returns ``{"model", "iteration", "best_mIoU", "last_eval", "rank"}`` on every rank (``model`` unwrapped from DDP).
     """
+    if cfg.distill is not None:  # a DynaSegFormer recipe: its weights come from a teacher, not from scratch
+        raise ValueError("this config has a distill: section (a DynaSegFormer recipe): run it with "
+                         "`edgeseg distill CONFIG --teacher CKPT`")
     info = init_distributed(cfg.train.device)
     work_dir = open_work_dir(cfg, work_dir) if info.main else Path(work_dir)
     log = log if info.main else (lambda *a, **k: None)
