@@ -18,9 +18,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 MAC_CONVENTION = ("1 MAC = 2 FLOPs, counted by torch.utils.flop_counter on the ops executed: convolutions and "
-                  "matrix products (attention products included) as MACs; with convention 'paper' also what the "
-                  "papers' counter (mmcv get_model_complexity_info) charges: conv bias 1, BatchNorm/LayerNorm 2, "
-                  "ReLU/ReLU6 1 per output element; interpolation, GELU and additions are free in both")
+                  "matrix products (attention products included). 'gmacs' adds what each paper's counter also "
+                  "charged per output element (mmcv get_model_complexity_info): TopFormer's conv bias 1, "
+                  "BatchNorm 2, ReLU/ReLU6 1; SegFormer's (mmcv 1.2.7, no SyncBN/LayerNorm hooks) conv bias 1, "
+                  "ReLU 1. 'gmacs_macs_only' is the MACs alone. Interpolation, GELU and additions are free")
 
 _aten = torch.ops.aten
 
@@ -41,19 +42,41 @@ def _per_element(macs: int) -> Callable[..., int]:
     return count
 
 
-# The official tools of both papers (mmcv's get_model_complexity_info, plus SegFormer's attention term) charge these
-# element-wise ops too; counting them is what makes our numbers comparable with the published tables.
-PAPER_MAPPING = {
+_BIAS_AND_RELU = {
     _aten.convolution: _conv_with_bias,
     _aten._convolution: _conv_with_bias,
-    _aten._native_batch_norm_legit_no_training: _per_element(2),
-    _aten.native_batch_norm: _per_element(2),
-    _aten.native_layer_norm: _per_element(2),
     _aten.relu: _per_element(1),
     _aten.relu_: _per_element(1),
     _aten.hardtanh: _per_element(1),
     _aten.hardtanh_: _per_element(1),
 }
+_BATCH_NORM = {
+    _aten._native_batch_norm_legit_no_training: _per_element(2),
+    _aten.native_batch_norm: _per_element(2),
+}
+
+# What the counter behind each paper's table charged besides MACs. Both used mmcv's get_model_complexity_info
+# (SegFormer adding its attention products, which flop_counter sees anyway), but different mmcv versions: the one
+# SegFormer pinned (1.2.7) had no hook for SyncBatchNorm or LayerNorm, so its figures carry conv biases and ReLUs
+# only, while TopFormer's figures include BatchNorm. With these charges every published TopFormer-T/S/B and
+# SegFormer-B0…B5 figure is reproduced to its last digit.
+CONVENTIONS: dict[str, dict | None] = {
+    "macs": None,
+    "mmcv": {**_BIAS_AND_RELU, **_BATCH_NORM},
+    "mmcv-1.2": _BIAS_AND_RELU,
+}
+PAPER_COUNTER = {"TopFormer": "mmcv", "SegFormer": "mmcv-1.2", "DynaSegFormer": "mmcv-1.2"}
+
+
+def _resolve_convention(model: nn.Module, convention: str) -> dict | None:
+    if convention == "paper":
+        from ..models import family_of
+
+        name = getattr(model, "model_name", None)
+        convention = PAPER_COUNTER.get(family_of(name), "macs") if name else "macs"
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be 'paper' or one of {', '.join(CONVENTIONS)}, not {convention!r}")
+    return CONVENTIONS[convention]
 
 
 def count_params(model: nn.Module, trainable_only: bool = True) -> int:
@@ -68,11 +91,9 @@ def count_gmacs(model: nn.Module, input_size: tuple[int, int] = (512, 512), batc
 
     Counted on the ops actually executed, so a dynamic model reports the MACs it really spends.
     ``convention="macs"`` counts only multiply-accumulates of convolutions and matrix products; ``"paper"`` adds
-    the element-wise charges of the papers' counter (see ``MAC_CONVENTION``).
+    the element-wise charges of the counter behind the model family's published table (see ``CONVENTIONS``).
     """
-    if convention not in ("paper", "macs"):
-        raise ValueError(f"convention must be 'paper' or 'macs', not {convention!r}")
-    mapping = PAPER_MAPPING if convention == "paper" else None
+    mapping = _resolve_convention(model, convention)
     if forward is None:
         # Shapes are all a count needs: a meta-device copy costs no compute (a big model at 640² is instant).
         try:
