@@ -174,6 +174,23 @@ def test_masked_equals_gathered_layers(sparsity):
     assert (masked - gathered).abs().max() <= 1e-5
 
 
+def test_attention_plan_with_unequal_qk_and_v_sparsity():
+    """The attention plan runs one Top-r over both gates when they keep equally many channels per head; a user may
+    set them apart, and then both forms must still agree (and the kept widths really differ)."""
+    torch.manual_seed(0)
+    hw = (6, 10)
+    x = torch.randn(2, 60, 40)
+    attn = DynamicEfficientSelfAttention.from_dense(EfficientSelfAttention(40, 4, sr_ratio=2), 0.3).eval()
+    randomise_gates(attn)
+    attn.v_gate.sparsity = 0.5
+    assert attn.qk_gate.keep != attn.v_gate.keep
+    masked, gathered = both_forms(attn, x, hw)
+    assert (masked - gathered).abs().max() <= 1e-5
+    w_q, _, w_kv, _, w_proj = attn.plan(x)
+    assert w_q.shape[0] == 2 * 4 * attn.qk_gate.keep and w_proj.shape[1] == 2 * 4 * attn.v_gate.keep
+    assert w_kv.shape[0] == w_q.shape[0] + w_proj.shape[1]
+
+
 def test_masked_equals_gathered_whole_model_batch2_and_fused():
     torch.manual_seed(0)
     model = create_model("dynasegformer-b0", num_classes=5, sparsity=0.3).eval()

@@ -389,18 +389,34 @@ class DynamicEfficientSelfAttention(EfficientSelfAttention):
         return self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)) @ v
 
     def plan(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor]:
-        """Gates and gathers of the inference form: kept rows of ``q`` (scaled by the Q/K gate) and of ``kv``
-        (K rows with the same channels, then the V rows), kept columns of ``proj`` (scaled by the V gate)."""
+        """Gates and gathers of the inference form: kept rows of ``q``, of ``kv`` (K rows with the same channels,
+        then the V rows; both scaled by their gate values) and kept columns of ``proj``.
+
+        The values go on the ``kv`` rows only: ``Σ_c m_c q_c k_c`` is the same logit whether ``m`` scales Q or K, and
+        attention is linear in V, so one scaling of the gathered ``kv`` weights and bias serves both gates (the
+        masked form scales Q and V). The plan runs per image at every site, where each small op is a visible
+        share of the narrowed products, so it is kept to as few ops as possible.
+        """
         C = x.shape[-1]
         pooled = avg_pool_tokens(x)
-        qk_values, qk_index = self.qk_gate(pooled, self.q.weight, self.kv.weight)
-        v_values, v_index = self.v_gate(pooled, self.kv.weight)
-        w_q, b_q = gather_rows(self.q.weight, self.q.bias, qk_index, qk_values)
+        qk_gate, v_gate = self.qk_gate, self.v_gate
+        if qk_gate.keep == v_gate.keep:  # Python ints (set_sparsity keeps them equal; a user need not)
+            # One Top-r over both gates side by side, ``[G_qk | G_v]`` (B, 2C) in 2·heads groups: the same per-head
+            # selections as two calls, and its index is already ``kv``'s row index (K rows < C ≤ V rows).
+            gate = torch.cat([qk_gate.predictor(pooled, (self.q.weight, self.kv.weight), qk_gate.rows),
+                              v_gate.predictor(pooled, (self.kv.weight,), v_gate.rows)], dim=1)
+            kv_values, kv_index = top_r(gate, qk_gate.keep, 2 * self.num_heads)
+            qk_index, v_index = kv_index.split([kv_index.shape[1] // 2] * 2, dim=1)
+            qk_gate.last_gate = v_gate.last_gate = None  # as DynamicGate.forward does outside training
+        else:
+            qk_values, qk_index = qk_gate(pooled, self.q.weight, self.kv.weight)
+            v_values, v_index = v_gate(pooled, self.kv.weight)
+            v_index = v_index + C
+            kv_values, kv_index = torch.cat([qk_values, v_values], dim=1), torch.cat([qk_index, v_index], dim=1)
+        w_q, b_q = gather_rows(self.q.weight, self.q.bias, qk_index)
         # K and V rows of the one ``kv`` Linear gathered together: one product, as in the dense layer.
-        w_kv, b_kv = gather_rows(self.kv.weight, self.kv.bias, torch.cat([qk_index, v_index + C], dim=1))
-        # Attention is linear in V: scaling V's channel c by m_c equals scaling column c of ``proj`` (k·C' products
-        # instead of k·(C + 1) on the V rows).
-        return w_q, b_q, w_kv, b_kv, gather_columns(self.proj.weight, v_index, v_values)
+        w_kv, b_kv = gather_rows(self.kv.weight, self.kv.bias, kv_index, kv_values)
+        return w_q, b_q, w_kv, b_kv, gather_columns(self.proj.weight, v_index - C)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         B, N, C = x.shape
