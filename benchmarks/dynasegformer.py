@@ -10,7 +10,10 @@ Rows (timed alternately by ``compare_latency``, medians, so machine noise hits a
   ``×8`` rows build it with ``keep_multiple=8`` (Mix-FFN kept widths rounded to multiples of 8, e.g. 88 instead of
   90 of 128 at 30 %; identical at 50 %, where every width already is one);
 - ``gates + gathers @ s`` — only the per-image overhead of the dynamic model: for every DGL site the token pooling,
-  gate MLP, top-r and weight gathers (``plan()``, the code the forward runs), on the inputs of a real forward.
+  gate MLP, top-r and weight gathers (``plan()``, the code the forward runs), on the inputs of a real forward;
+- ``DynaSegFormer-B0 s, plans precomputed`` — the same model with every site's ``plan()`` result computed once for
+  this input and replayed: only the narrowed products run. It is the floor of the gathered path (zero gating
+  cost); the gap to the fused dense row is what pruning the gated products can buy at that sparsity at all.
 
 Ratios are the median over rounds of the same-round ratio (each round times every row back to back), which resists
 the bursts of a shared machine better than a ratio of medians; ``min ms`` is the least disturbed run.
@@ -24,6 +27,7 @@ channels as a trained gate would; latency does not depend on which channels are 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 
@@ -74,6 +78,23 @@ def gate_overhead_fn(model: nn.Module, x: torch.Tensor):
     return run
 
 
+def precomputed_plans(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` whose DGL sites replay their ``plan()`` for ``x`` instead of gating: the narrowed
+    products alone (valid for this input only; a measuring device, not a model)."""
+    model = copy.deepcopy(model)
+    plans: list[tuple[nn.Module, tuple]] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: plans.append((mod, mod.plan(args[0]))))
+             for m in model.modules() if isinstance(m, (DynamicEfficientSelfAttention, DynamicMixFFN,
+                                                        DynamicGatedLinear))]
+    with torch.inference_mode():
+        model(x)
+    for h in hooks:
+        h.remove()
+    for module, plan in plans:
+        module.plan = lambda *args, plan=plan: plan
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
@@ -81,6 +102,8 @@ def main() -> None:
     parser.add_argument("--size", nargs=2, type=int, default=[512, 512])
     parser.add_argument("--variant", default="b0", help="SegFormer size b0…b5")
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.3, 0.5])
+    parser.add_argument("--floor", nargs="*", type=float, default=[0.3],
+                        help="sparsities to also time with plans precomputed (the gathered path's floor)")
     parser.add_argument("--aligned", nargs="*", type=float, default=[0.3],
                         help="sparsities to also time with keep_multiple=8")
     args = parser.parse_args()
@@ -95,11 +118,13 @@ def main() -> None:
         models[f"dyna {s:.0%}"] = randomise_gates(from_segformer(dense, s)).fuse()
     for s in args.aligned:
         models[f"dyna {s:.0%} ×8"] = randomise_gates(from_segformer(dense, s, keep_multiple=8)).fuse()
+    for s in args.floor:
+        models[f"dyna {s:.0%}, plans precomputed"] = precomputed_plans(models[f"dyna {s:.0%}"], x)
     fns = {name: (lambda m=m: m(x)) for name, m in models.items()}
     for s in args.sparsities:
         if s > 0:
             fns[f"gates+gathers {s:.0%}"] = gate_overhead_fn(models[f"dyna {s:.0%}"], x)
-    gmacs = {name: count_gmacs(m, size) for name, m in models.items()}
+    gmacs = {name: count_gmacs(m, size) for name, m in models.items() if "precomputed" not in name}
 
     load_before = os.getloadavg()[0]
     times = compare_latency(fns, rounds=args.rounds)
