@@ -30,15 +30,6 @@ from edgeseg.models.dynamic import (
 from edgeseg.models.segformer import EfficientSelfAttention, MixFFN
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models on a shared 2-core CPU: one thread avoids OpenMP spin-waits that dominate under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def randomise_gates(model: nn.Module, std: float = 0.5, seed: int = 0) -> None:
     """Fresh gates output G ≡ 1 (every neuron tied); random last layers make the masks differ per image."""
     gen = torch.Generator().manual_seed(seed)
