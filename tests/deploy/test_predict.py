@@ -46,5 +46,5 @@ def test_predict_cli_writes_palette_pngs(tmp_path):
 def test_missing_image_is_one_line(tmp_path, capsys):
     model = edgeseg.create_model("topformer-tiny", num_classes=4)
     ckpt = edgeseg.save_checkpoint(tmp_path / "m.pth", model)
-    assert main(["predict", str(ckpt), str(tmp_path / "nope.jpg")]) == 2
+    assert main(["predict", str(ckpt), str(tmp_path / "nope.jpg"), "--out", str(tmp_path / "out")]) == 2
     assert "nope.jpg" in capsys.readouterr().err
