@@ -60,16 +60,24 @@ def randomise_gates(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def gate_overhead_fn(model: nn.Module, x: torch.Tensor):
-    """A callable running every DGL site's ``plan`` (pooling, gate, top-r, gathers) on its input of one forward."""
+_DGL_SITES = (DynamicEfficientSelfAttention, DynamicMixFFN, DynamicGatedLinear)
+
+
+def dgl_site_inputs(model: nn.Module, x: torch.Tensor) -> list[tuple[nn.Module, torch.Tensor]]:
+    """Every DGL site of ``model`` with the input it receives in one forward pass of ``x``."""
     sites: list[tuple[nn.Module, torch.Tensor]] = []
     hooks = [m.register_forward_pre_hook(lambda mod, args: sites.append((mod, args[0])))
-             for m in model.modules() if isinstance(m, (DynamicEfficientSelfAttention, DynamicMixFFN,
-                                                        DynamicGatedLinear))]
+             for m in model.modules() if isinstance(m, _DGL_SITES)]
     with torch.inference_mode():
         model(x)
     for h in hooks:
         h.remove()
+    return sites
+
+
+def gate_overhead_fn(model: nn.Module, x: torch.Tensor):
+    """A callable running every DGL site's ``plan`` (pooling, gate, top-r, gathers) on its input of one forward."""
+    sites = dgl_site_inputs(model, x)
 
     def run() -> None:
         for module, inp in sites:
@@ -82,14 +90,8 @@ def precomputed_plans(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """A copy of ``model`` whose DGL sites replay their ``plan()`` for ``x`` instead of gating: the narrowed
     products alone (valid for this input only; a measuring device, not a model)."""
     model = copy.deepcopy(model)
-    plans: list[tuple[nn.Module, tuple]] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args: plans.append((mod, mod.plan(args[0]))))
-             for m in model.modules() if isinstance(m, (DynamicEfficientSelfAttention, DynamicMixFFN,
-                                                        DynamicGatedLinear))]
     with torch.inference_mode():
-        model(x)
-    for h in hooks:
-        h.remove()
+        plans = [(module, module.plan(inp)) for module, inp in dgl_site_inputs(model, x)]
     for module, plan in plans:
         module.plan = lambda *args, plan=plan: plan
     return model
