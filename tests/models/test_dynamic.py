@@ -317,12 +317,16 @@ def test_checkpoint_round_trip(tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
-def test_onnx_export_matches(tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_onnx_export_matches(tmp_path, fused):
+    """Both inference forms export: the eval model (trainable gates) and ``fuse()`` (folded gates, padded widths)."""
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     torch.manual_seed(0)
-    model = create_model("dynasegformer-b0", num_classes=5, sparsity=0.5, depths=[1, 1, 1, 1]).eval()
+    model = create_model("dynasegformer-b0", num_classes=5, sparsity=0.3, depths=[1, 1, 1, 1]).eval()
     randomise_gates(model)
+    if fused:
+        model = model.fuse()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         ref = model(x)
@@ -337,16 +341,69 @@ def test_onnx_export_matches(tmp_path):
     assert abs(out - ref.numpy()).max() <= 1e-4
 
 
-def test_keep_multiple_rounds_mix_ffn_widths_only():
-    assert keep_count(128, 0.3, multiple=8) == 88 and keep_count(256, 0.3, multiple=8) == 176
-    assert keep_count(1024, 0.3, multiple=8) == 720 and keep_count(128, 0.0, multiple=8) == 128
-    assert keep_count(16, 0.9, multiple=8) == 8  # never below one multiple
-    model = create_model("dynasegformer-b0", num_classes=3, sparsity=0.3, keep_multiple=8)
-    assert model.model_args["keep_multiple"] == 8
-    block = model.encoder.stages[0].blocks[0]
-    assert block.mlp.gate.keep == 88 and block.attn.qk_gate.keep == 22 and block.attn.v_gate.keep == 22
+def test_folded_gates_compute_the_predictors():
+    """fuse() freezes each gate: LN affine, W1 and the first MLP layer become one matrix; attention's two gates
+    become one block-diagonal gate. Same gate logits as the trainable predictors."""
     torch.manual_seed(0)
+    attn = DynamicEfficientSelfAttention.from_dense(EfficientSelfAttention(40, 4, sr_ratio=2), 0.3).eval()
+    randomise_gates(attn)
+    with torch.no_grad():
+        for g in (attn.qk_gate, attn.v_gate):
+            g.predictor.norm.weight.uniform_(0.5, 1.5)
+            g.predictor.norm.bias.normal_()
+        pooled = torch.randn(3, 40)
+        qk = attn.qk_gate.predictor(pooled, (attn.q.weight, attn.kv.weight), attn.qk_gate.rows)
+        v = attn.v_gate.predictor(pooled, (attn.kv.weight,), attn.v_gate.rows)
+        attn.fold_gates()
+        assert (attn.qk_gate.folded(pooled) - qk).abs().max() <= 1e-5
+        assert (attn.joint_gate(pooled) - torch.cat([qk, v], dim=1)).abs().max() <= 1e-5
+    assert not any("folded" in k or "joint" in k for k in attn.state_dict())  # inference-only, never saved
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5])
+def test_padded_widths_are_exact_zero_neurons(sparsity):
+    """The fused form rounds every gathered width up to a multiple of 8 with zero-valued slots; each site makes a
+    padding slot contribute nothing, even where φ(0) ≠ 0 or a bias follows the gate value."""
+    torch.manual_seed(0)
+    hw = (6, 10)
+    x = torch.randn(2, 60, 40)
+    attn = DynamicEfficientSelfAttention.from_dense(EfficientSelfAttention(40, 4, sr_ratio=2), sparsity).eval()
+    ffn = DynamicMixFFN.from_dense(MixFFN(40, 160), sparsity).eval()
+    dgl = DynamicGatedLinear(40, 100, act=nn.Sigmoid, sparsity=sparsity).eval()  # sigmoid(0) = 0.5
+    with torch.no_grad():
+        ffn.dwconv.bias.fill_(3.0)
+    for module, args in ((attn, (x, hw)), (ffn, (x, hw)), (dgl, (x,))):
+        randomise_gates(module)
+        masked, _ = both_forms(module, *args)
+        dynamic.fold_gates(module, pad_multiple=8)
+        gates = list(dynamic.dynamic_gates(module))
+        assert all(g.width % 8 == 0 or g.width == g.gated_features // g.groups for g in gates)
+        with torch.no_grad():
+            assert (module(*args) - masked).abs().max() <= 1e-5
+    assert (attn.qk_gate.keep, attn.qk_gate.width) == ((7, 8) if sparsity == 0.3 else (5, 8))
+    assert (ffn.gate.keep, ffn.gate.width) == ((112, 112) if sparsity == 0.3 else (80, 80))
+    assert (dgl.gate.keep, dgl.gate.width) == ((70, 72) if sparsity == 0.3 else (50, 56))
+    # the padding slots carry value 0 and come after the kept ones in each group
+    values, _ = top_r(torch.randn(2, 16), keep=5, groups=2, width=8)
+    assert torch.equal((values.reshape(2, 2, 8)[..., 5:] == 0).all(-1), torch.ones(2, 2, dtype=torch.bool))
+    assert (values.reshape(2, 2, 8)[..., :5] != 0).all()
+    # training never pads
+    assert dgl.train().gate.width == dgl.gate.keep
+
+
+def test_fused_b0_pads_to_kernel_widths_and_counts_the_padding():
+    """At 30 % on B0 the kept widths 22 (per head) and 90/179/448/717 (Mix-FFN) run as 24 and 96/184/448/720 in the
+    fused model, which executes (and counts) the padding; ``pad_multiple=1`` executes the paper's pruned widths."""
+    torch.manual_seed(0)
+    model = create_model("dynasegformer-b0", num_classes=5, sparsity=0.3).eval()
     randomise_gates(model)
-    x = torch.randn(2, 3, 32, 32)
-    masked, gathered = both_forms(model.eval(), x)
-    assert (masked - gathered).abs().max() <= 1e-5
+    fused = model.fuse()
+    block = fused.encoder.stages[0].blocks[0]
+    assert (block.attn.qk_gate.keep, block.attn.qk_gate.width) == (22, 24)
+    assert [s.blocks[0].mlp.gate.width for s in fused.encoder.stages] == [96, 184, 448, 720]
+    x = torch.randn(2, 3, 64, 64)
+    unpadded = model.fuse(pad_multiple=1)
+    with torch.no_grad():
+        assert (fused(x) - model(x)).abs().max() <= 1e-5
+        assert (unpadded(x) - model(x)).abs().max() <= 1e-5
+    assert count_gmacs(fused, (64, 64), convention="macs") > count_gmacs(unpadded, (64, 64), convention="macs")

@@ -96,6 +96,46 @@ class GatePredictor(nn.Module):
         proj = proj[0] if len(proj) == 1 else torch.cat(proj, dim=1)
         return F.linear(F.relu(F.linear(proj, self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
 
+    @torch.no_grad()
+    def folded(self, weights: Sequence[Tensor], rows: Sequence[tuple[int, int] | None]) -> FoldedGate:
+        """This predictor with its weights frozen: LN affine, ``W1`` and ``fc1`` are one (hidden × C) matrix.
+
+        ``fc1(γ ⊙ n̂ + β) W1ᵀ`` is linear in the normalised pool ``n̂``, so at inference three products and a
+        concatenation become one; exact up to float rounding.
+        """
+        w = torch.cat([w if r is None else w[r[0]:r[1]] for w, r in zip(weights, rows)])  # (proj, C)
+        a = self.fc1.weight @ w  # (hidden, C)
+        norm = self.norm
+        return FoldedGate(a * norm.weight, a @ norm.bias + self.fc1.bias, self.fc2.weight.clone(),
+                          self.fc2.bias.clone(), norm.eps)
+
+
+class FoldedGate(nn.Module):
+    """Inference form of one or more gate predictors: ``G = W₂ ReLU(W₁ LN(x̄) + b₁) + b₂`` (LN without affine).
+
+    :meth:`stack` joins predictors that read the same pooled tokens (attention's Q/K and V gates) into one: first
+    layers stacked, second layers block-diagonal, so the pair costs the ops of one gate. Frozen tensors are
+    non-persistent buffers: a fused model is built from a checkpoint, never saved as one.
+    """
+
+    def __init__(self, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, eps: float) -> None:
+        super().__init__()
+        for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+            self.register_buffer(name, t.detach().contiguous(), persistent=False)
+        self.eps = eps
+
+    @classmethod
+    def stack(cls, gates: Sequence[FoldedGate]) -> FoldedGate:
+        """One gate whose output is the concatenation of ``gates``' outputs (same input, same LN eps)."""
+        if len({g.eps for g in gates}) != 1:
+            raise ValueError("stacked gates must share the LayerNorm eps")
+        return cls(torch.cat([g.w1 for g in gates]), torch.cat([g.b1 for g in gates]),
+                   torch.block_diag(*[g.w2 for g in gates]), torch.cat([g.b2 for g in gates]), gates[0].eps)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        x_hat = F.layer_norm(pooled, pooled.shape[-1:], eps=self.eps)
+        return F.linear(F.relu(F.linear(x_hat, self.w1, self.b1)), self.w2, self.b2)
+
 
 def default_gate_hidden(gated_features: int) -> int:
     """Hidden width of a gate MLP: n/32, at least 16. The paper only says the predictor is lightweight; at n/32 the
@@ -113,33 +153,44 @@ def avg_pool_tokens(x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def keep_count(features: int, sparsity: float, multiple: int = 1) -> int:
-    """Neurons kept out of ``features`` at ``sparsity`` s: ``round((1 − s) · n)``, at least 1.
-
-    ``multiple`` > 1 rounds a pruned count to the nearest multiple (at least one multiple): CPU kernels run a
-    90-wide Mix-FFN hidden layer about as slowly as the dense 128-wide one, an 88-wide one about 2× faster.
-    """
+def keep_count(features: int, sparsity: float) -> int:
+    """Neurons kept out of ``features`` at ``sparsity`` s: ``round((1 − s) · n)``, at least 1."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    keep = max(1, min(features, math.floor(features * (1.0 - sparsity) + 0.5)))
-    if multiple > 1 and keep < features:
-        keep = min(features, max(multiple, multiple * math.floor(keep / multiple + 0.5)))
-    return keep
+    return max(1, min(features, math.floor(features * (1.0 - sparsity) + 0.5)))
 
 
-def top_r(gate: Tensor, keep: int, groups: int = 1) -> tuple[Tensor, Tensor]:
+def top_r(gate: Tensor, keep: int, groups: int = 1, width: int | None = None) -> tuple[Tensor, Tensor]:
     """``Top-r(G)``: the ``keep`` largest entries of each of ``groups`` equal slices of ``gate`` (B, n).
 
-    Returns ``(values, index)``, both (B, groups·keep), group-major, ``index`` into the full ``n`` axis (in no
+    Returns ``(values, index)``, both (B, groups·width), group-major, ``index`` into the full ``n`` axis (in no
     particular order within a group). Per-group selection keeps every attention head equally wide, so batched
     per-head products stay rectangular.
+
+    ``width`` > ``keep`` (the fused inference form, see :func:`slot_support`) returns ``width`` slots per group: the
+    top ``keep`` with their values, then the next entries with value 0 — zero neurons that round the gathered widths
+    up to what CPU kernels run fastest, without changing the output.
     """
     b, n = gate.shape
     per_group = n // groups
-    values, index = gate.reshape(b, groups, per_group).topk(keep, dim=-1, sorted=False)
+    width = keep if width is None else width
+    values, index = gate.reshape(b, groups, per_group).topk(width, dim=-1, sorted=width > keep)
     if groups > 1:
         index = index + torch.arange(0, n, per_group, device=gate.device).reshape(1, groups, 1)
-    return values.reshape(b, groups * keep), index.reshape(b, groups * keep)
+    values, index = values.reshape(b, groups * width), index.reshape(b, groups * width)
+    if width > keep:
+        values = values * slot_support(keep, width, groups, values)
+    return values, index
+
+
+def slot_support(keep: int, width: int, groups: int, like: Tensor) -> Tensor:
+    """(groups·width,) ones for the ``keep`` real slots of each group, zeros for its padding slots.
+
+    Why padding pays: oneDNN/ATen kernels vectorise over 8 floats, and a 22-channel attention head or a 90-channel
+    hidden layer runs *slower* than a 24- or 96-wide one (measured on this CPU: the 30 % B0 Mix-FFN at 1/4 is 4.8 ms
+    at 90 channels, 3.2 ms at 96, 4.5 ms dense at 128). Each site makes a padding slot contribute exactly 0.
+    """
+    return (torch.arange(width, device=like.device) < keep).to(like.dtype).repeat(groups)
 
 
 def scatter_mask(values: Tensor, index: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -164,8 +215,7 @@ class DynamicGate(nn.Module):
     """
 
     def __init__(self, in_features: int, gated_features: int, sparsity: float = 0.0, groups: int = 1,
-                 rows: Sequence[tuple[int, int] | None] = (None,), hidden_features: int | None = None,
-                 keep_multiple: int = 1) -> None:
+                 rows: Sequence[tuple[int, int] | None] = (None,), hidden_features: int | None = None) -> None:
         super().__init__()
         if gated_features % groups:
             raise ValueError(f"{gated_features} gated neurons do not split into {groups} equal groups")
@@ -176,14 +226,33 @@ class DynamicGate(nn.Module):
         self.rows = tuple(rows)
         keep_count(gated_features, sparsity)  # validates the value
         self.sparsity = float(sparsity)
-        self.keep_multiple = int(keep_multiple)
+        self.pad_multiple = 1
         self.gather = True
         self.last_gate: Tensor | None = None
+        self.folded: FoldedGate | None = None
 
     @property
     def keep(self) -> int:
         """Kept neurons per group at the current sparsity."""
-        return keep_count(self.gated_features // self.groups, self.sparsity, self.keep_multiple)
+        return keep_count(self.gated_features // self.groups, self.sparsity)
+
+    @property
+    def width(self) -> int:
+        """Gathered slots per group: ``keep`` rounded up to ``pad_multiple`` (set by ``fuse()``), the extra slots
+        zero neurons (:func:`slot_support`); the masked form never pads."""
+        keep, m = self.keep, self.pad_multiple
+        if not self.gathered or m <= 1:
+            return keep
+        return min(self.gated_features // self.groups, -(-keep // m) * m)
+
+    def support(self, like: Tensor) -> Tensor | None:
+        """1 for real slots, 0 for padding slots, (groups·width,); None when nothing is padded."""
+        keep, width = self.keep, self.width
+        return None if width == keep else slot_support(keep, width, self.groups, like)
+
+    def fold(self, *weights: Tensor) -> None:
+        """Freeze the predictor with the layer's current ``W1`` (:meth:`GatePredictor.folded`) for inference."""
+        self.folded = self.predictor.folded(weights, self.rows)
 
     @property
     def gathered(self) -> bool:
@@ -193,16 +262,20 @@ class DynamicGate(nn.Module):
     def forward(self, pooled: Tensor, *weights: Tensor) -> tuple[Tensor, Tensor]:
         """Gate logits from the pooled tokens (B, C) and the weights holding ``W1``; returns ``Top-r(G)`` as
         ``(values, index)``, each (B, k_total)."""
-        gate = self.predictor(pooled, weights, self.rows)
+        if self.folded is not None and not self.training:
+            gate = self.folded(pooled)
+        else:
+            gate = self.predictor(pooled, weights, self.rows)
         self.last_gate = gate if self.training else None
-        return top_r(gate, self.keep, self.groups)
+        return top_r(gate, self.keep, self.groups, self.width)
 
     def __getstate__(self) -> dict:
         # ``last_gate`` is a graph tensor of the last training step: not state, and deepcopy (fuse) cannot copy it.
         return {**self.__dict__, "last_gate": None}
 
     def extra_repr(self) -> str:
-        extra = f", keep_multiple={self.keep_multiple}" if self.keep_multiple > 1 else ""
+        extra = f", pad_multiple={self.pad_multiple}" if self.pad_multiple > 1 else ""
+        extra += ", folded" if self.folded is not None else ""
         return f"gated={self.gated_features}, groups={self.groups}, sparsity={self.sparsity}{extra}"
 
 
@@ -236,7 +309,15 @@ class DynamicGatedLinear(nn.Module):
         """Gate and gathers of the inference form: the kept rows of ``fc1`` (scaled) and columns of ``fc2``."""
         values, index = self.gate(avg_pool_tokens(x), self.fc1.weight)
         w1, b1 = gather_rows(self.fc1.weight, self.fc1.bias, index, values)
-        return w1, b1, gather_columns(self.fc2.weight, index)
+        w2 = gather_columns(self.fc2.weight, index)
+        support = self.gate.support(w2)
+        if support is not None:  # a padding slot computes φ(0), which need not be 0: fc2 must not read it
+            w2 = (w2.reshape(w2.shape[0], -1, support.shape[0]) * support).flatten(1)
+        return w1, b1, w2
+
+    def fold_gates(self) -> None:
+        """Freeze the gate for inference (:meth:`DynamicGate.fold`)."""
+        self.gate.fold(self.fc1.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate.gathered:
@@ -322,6 +403,21 @@ def set_sparsity(model: nn.Module, sparsity: float) -> None:
         gate.sparsity = float(sparsity)
 
 
+def fold_gates(model: nn.Module, pad_multiple: int = 8) -> nn.Module:
+    """Prepare every DGL site of an eval model for fast inference, in place (``fuse()`` calls this).
+
+    Gate predictors are folded with their layers' frozen weights (:meth:`GatePredictor.folded`), and the gathered
+    widths are padded with zero neurons up to a multiple of ``pad_multiple`` (:func:`slot_support`). Outputs are
+    unchanged (≤ 1e-5); the executed MACs include the padding slots.
+    """
+    for module in model.modules():
+        if isinstance(module, (DynamicEfficientSelfAttention, DynamicMixFFN, DynamicGatedLinear)):
+            module.fold_gates()
+    for gate in dynamic_gates(model):
+        gate.pad_multiple = int(pad_multiple)
+    return model
+
+
 def set_gather(model: nn.Module, gather: bool) -> None:
     """Choose the eval-mode form: gathered (default, the fast one) or masked dense (the training form)."""
     for gate in dynamic_gates(model):
@@ -369,6 +465,7 @@ class DynamicEfficientSelfAttention(EfficientSelfAttention):
         # W1 of Q/K: all rows of ``q`` and the first C rows of ``kv``; W1 of V: the last C rows of ``kv``.
         self.qk_gate = DynamicGate(dim, dim, sparsity, num_heads, rows=(None, (0, dim)), hidden_features=hidden)
         self.v_gate = DynamicGate(dim, dim, sparsity, num_heads, rows=((dim, 2 * dim),), hidden_features=hidden)
+        self.joint_gate: FoldedGate | None = None
 
     @classmethod
     def from_dense(cls, attn: EfficientSelfAttention, sparsity: float = 0.0) -> DynamicEfficientSelfAttention:
@@ -381,6 +478,12 @@ class DynamicEfficientSelfAttention(EfficientSelfAttention):
         if attn.sr_ratio > 1:
             new.norm.eps = attn.norm.eps
         return new.to(attn.q.weight.device)
+
+    def fold_gates(self) -> None:
+        """Freeze both gates for inference and join them into one (:class:`FoldedGate`): they read the same pool."""
+        self.qk_gate.fold(self.q.weight, self.kv.weight)
+        self.v_gate.fold(self.kv.weight)
+        self.joint_gate = FoldedGate.stack([self.qk_gate.folded, self.v_gate.folded])
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if self.use_sdpa:
@@ -403,9 +506,14 @@ class DynamicEfficientSelfAttention(EfficientSelfAttention):
         if qk_gate.keep == v_gate.keep:  # Python ints (set_sparsity keeps them equal; a user need not)
             # One Top-r over both gates side by side, ``[G_qk | G_v]`` (B, 2C) in 2·heads groups: the same per-head
             # selections as two calls, and its index is already ``kv``'s row index (K rows < C ≤ V rows).
-            gate = torch.cat([qk_gate.predictor(pooled, (self.q.weight, self.kv.weight), qk_gate.rows),
-                              v_gate.predictor(pooled, (self.kv.weight,), v_gate.rows)], dim=1)
-            kv_values, kv_index = top_r(gate, qk_gate.keep, 2 * self.num_heads)
+            if self.joint_gate is not None:  # fused: both predictors folded into one (FoldedGate.stack)
+                gate = self.joint_gate(pooled)
+            else:
+                gate = torch.cat([qk_gate.predictor(pooled, (self.q.weight, self.kv.weight), qk_gate.rows),
+                                  v_gate.predictor(pooled, (self.kv.weight,), v_gate.rows)], dim=1)
+            # Padding slots (fused form) get value 0 on the kv rows: a zero K channel adds 0 to every logit, a zero
+            # V channel is a zero output column — exact.
+            kv_values, kv_index = top_r(gate, qk_gate.keep, 2 * self.num_heads, qk_gate.width)
             qk_index, v_index = kv_index.split([kv_index.shape[1] // 2] * 2, dim=1)
             qk_gate.last_gate = v_gate.last_gate = None  # as DynamicGate.forward does outside training
         else:
@@ -432,7 +540,7 @@ class DynamicEfficientSelfAttention(EfficientSelfAttention):
             kv_in = self.sr(x.transpose(1, 2).reshape(B, C, *hw))
             kv_in = self.norm(kv_in.flatten(2).transpose(1, 2))  # (B, N/R², C)
         if self.qk_gate.gathered:
-            kq, kv = self.qk_gate.keep, self.v_gate.keep
+            kq, kv = self.qk_gate.width, self.v_gate.width
             q = gathered_linear(x, w_q, b_q).reshape(B, N, heads, kq).transpose(1, 2)  # (B, heads, N, kq)
             k, v = gathered_linear(kv_in, w_kv, b_kv).split([heads * kq, heads * kv], dim=-1)
             k = k.reshape(B, -1, heads, kq).transpose(1, 2)
@@ -456,15 +564,14 @@ class DynamicMixFFN(MixFFN):
     image's kept filters are stacked into one grouped conv (groups = B·k), so batches of any size run in one call.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, sparsity: float = 0.0,
-                 keep_multiple: int = 1) -> None:
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, sparsity: float = 0.0) -> None:
         super().__init__(dim, hidden_dim, drop)
-        self.gate = DynamicGate(dim, hidden_dim, sparsity, keep_multiple=keep_multiple)
+        self.gate = DynamicGate(dim, hidden_dim, sparsity)
 
     @classmethod
-    def from_dense(cls, mlp: MixFFN, sparsity: float = 0.0, keep_multiple: int = 1) -> DynamicMixFFN:
+    def from_dense(cls, mlp: MixFFN, sparsity: float = 0.0) -> DynamicMixFFN:
         """The same Mix-FFN (weights copied) with a new gate."""
-        new = cls(mlp.fc1.in_features, mlp.fc1.out_features, _drop_p(mlp.drop), sparsity, keep_multiple)
+        new = cls(mlp.fc1.in_features, mlp.fc1.out_features, _drop_p(mlp.drop), sparsity)
         new.load_state_dict(mlp.state_dict(), strict=False)
         return new.to(mlp.fc1.weight.device)
 
@@ -477,11 +584,18 @@ class DynamicMixFFN(MixFFN):
         # 9 filter taps instead of the C + 1 fc1 weights of each kept neuron.
         filters, f_bias = gather_rows(self.dwconv.weight, self.dwconv.bias, index)
         filters = filters * values.reshape(-1, 1, 1, 1)
+        support = self.gate.support(f_bias)
+        if support is not None:  # a padding slot's zero filter still adds its bias: zero it, and GELU(0) = 0
+            f_bias = (f_bias.reshape(-1, support.shape[0]) * support).flatten()
         # Channels-last strides for the gathered filters, like the map they run on: with NCHW-strided filters
         # oneDNN copies the map to NCHW and runs a ~7× slower depthwise kernel.
         kh, kw = self.dwconv.kernel_size
         filters = filters.reshape(-1, kh, kw, 1).permute(0, 3, 1, 2)
         return w1, b1, filters, f_bias, gather_columns(self.fc2.weight, index)
+
+    def fold_gates(self) -> None:
+        """Freeze the gate for inference (:meth:`DynamicGate.fold`)."""
+        self.gate.fold(self.fc1.weight)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         B, N, _ = x.shape
@@ -506,17 +620,12 @@ def _drop_p(module: nn.Module) -> float:
     return module.p if isinstance(module, nn.Dropout) else 0.0
 
 
-def make_dynamic(encoder: MixVisionTransformer, sparsity: float, keep_multiple: int = 1) -> MixVisionTransformer:
-    """Swap, in place, every block's attention and Mix-FFN for their DGL forms (weights kept, gates new).
-
-    ``keep_multiple`` rounds the Mix-FFN kept widths (see :func:`keep_count`). Attention keeps the exact count per
-    head: heads are 32 (B0) or 64 wide, so rounding to 8 would turn 30 % into 25 %, and the CPU attention kernel
-    gains nothing from 24 channels over 22.
-    """
+def make_dynamic(encoder: MixVisionTransformer, sparsity: float) -> MixVisionTransformer:
+    """Swap, in place, every block's attention and Mix-FFN for their DGL forms (weights kept, gates new)."""
     for stage in encoder.stages:
         for block in stage.blocks:
             block.attn = DynamicEfficientSelfAttention.from_dense(block.attn, sparsity)
-            block.mlp = DynamicMixFFN.from_dense(block.mlp, sparsity, keep_multiple)
+            block.mlp = DynamicMixFFN.from_dense(block.mlp, sparsity)
     return encoder
 
 
@@ -555,8 +664,6 @@ class DynaSegFormer(nn.Module):
     ``sparsity`` is the target fraction of gated neurons pruned per image (every gated site uses it); training
     anneals the current value from 0 (:func:`set_sparsity`). The decoder adds the projected stage maps instead of
     concatenating them (paper Sec. 2.3), which is exactly SegFormer's decoder with its fuse conv folded in.
-    ``keep_multiple`` (default 1: the paper's exact fraction) rounds the Mix-FFN kept widths for faster kernels
-    (8 on x86 CPUs; see :func:`keep_count`).
     """
 
     def __init__(
@@ -575,7 +682,6 @@ class DynaSegFormer(nn.Module):
         drop_path_rate: float = 0.1,
         dropout: float = 0.1,
         ln_eps: float = OFFICIAL_LN_EPS,
-        keep_multiple: int = 1,
     ) -> None:
         super().__init__()
         keep_count(1, sparsity)
@@ -584,7 +690,7 @@ class DynaSegFormer(nn.Module):
         encoder = MixVisionTransformer(embed_dims, depths, num_heads, sr_ratios, mlp_ratios, in_channels,
                                        drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
                                        drop_path_rate=drop_path_rate, ln_eps=ln_eps)
-        self.encoder = make_dynamic(encoder, sparsity, keep_multiple)
+        self.encoder = make_dynamic(encoder, sparsity)
         self.decode_head = AdditiveMLPDecoder(embed_dims, decoder_dim, num_classes, batch_norm=True, dropout=dropout)
         self.model_name = "dynasegformer"
         self.model_args: dict = {"num_classes": num_classes, "sparsity": sparsity}
@@ -596,11 +702,13 @@ class DynaSegFormer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.decode_head(self.encoder.forward_features(x))
 
-    def fuse(self) -> DynaSegFormer:
+    def fuse(self, pad_multiple: int = 8) -> DynaSegFormer:
         """A new inference model: decoder BN folded, attention through SDPA, dropout/drop-path removed, conv
-        weights channels-last (as ``SegFormer.fuse``); the DGL layers run their gathered form in eval mode. Same
-        logits (≤ 1e-5)."""
-        return fuse_modules(copy.deepcopy(self).eval()).to(memory_format=torch.channels_last)
+        weights channels-last (as ``SegFormer.fuse``); the DGL layers run their gathered form in eval mode, gates
+        folded and kept widths padded with zero neurons to ``pad_multiple`` (:func:`fold_gates`). Same logits
+        (≤ 1e-5)."""
+        fused = fold_gates(fuse_modules(copy.deepcopy(self).eval()), pad_multiple)
+        return fused.to(memory_format=torch.channels_last)
 
 
 @torch.no_grad()
@@ -656,7 +764,7 @@ def infer_model(state_dict: dict[str, Tensor]) -> tuple[str, dict]:
 
 
 _ARGS = ("embed_dims", "depths", "num_heads", "sr_ratios", "mlp_ratios", "in_channels", "drop_rate",
-         "attn_drop_rate", "drop_path_rate", "ln_eps", "decoder_dim", "dropout", "keep_multiple")
+         "attn_drop_rate", "drop_path_rate", "ln_eps", "decoder_dim", "dropout")
 
 
 def _create(variant: str, num_classes: int, sparsity: float, overrides: dict) -> DynaSegFormer:
