@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
@@ -37,3 +38,27 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny_distill_recipe(tmp_path: Path):
+    """A function writing a seconds-long ``edgeseg distill`` recipe on ``scenes`` (8 classes): two stage-1 and two
+    stage-2 iterations, sparsity 0.5 reached at the second step, one evaluation at the end. Returns its path."""
+
+    def write(model: dict, crop: int = 32) -> Path:
+        size = [crop, crop]
+        recipe = {
+            "model": model,
+            "data": {"dataset": "scenes", "crop_size": size, "scale": [2 * crop, crop], "test_scale": [2 * crop, crop],
+                     "batch_size": 2, "workers": 0, "train_kwargs": {"num_images": 8, "size": size},
+                     "val_kwargs": {"num_images": 2, "size": size}},
+            "optim": {"lr": 1e-3},
+            "schedule": {"iters": 2, "warmup_iters": 0},
+            "train": {"log_interval": 1, "eval_interval": 2},
+            "distill": {"sparsity": 0.5, "anneal_iters": 2, "stage1_iters": 2},
+        }
+        path = tmp_path / "tiny.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return write

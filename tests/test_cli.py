@@ -30,6 +30,17 @@ def test_info_size_and_classes(capsys):
     assert 0.3 < out["gmacs"] < out["gmacs_macs_only"] + 0.1 and out["gmacs_macs_only"] < 0.45
 
 
+def test_info_sparsity_compares_only_figures_published_for_it(capsys):
+    """A dynamic model's row compares with a paper figure only where one exists for that sparsity."""
+    assert main(["info", "dynasegformer-b0", "--sparsity", "0.3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["paper"]["gmacs"] == 3.3
+    assert main(["info", "dynasegformer-b2", "--sparsity", "0.5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["paper"]["gmacs"] is None  # the paper gives B2 at one setting
+    assert main(["info", "topformer-tiny", "--sparsity", "0.3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)  # a dynamic extractor: TopFormer's figures are the dense model's
+    assert out["paper"] is None and out["params"] > 1_389_654 and out["gmacs"] < 0.58
+
+
 def test_info_table_lists_every_model(capsys, monkeypatch):
     import edgeseg.models
 

@@ -47,12 +47,14 @@ def _info_row(name: str, size: tuple[int, int], num_classes: int | None, sparsit
         model = create_model(name, **kwargs).eval()
         gmacs = (count_gmacs(model, size), count_gmacs(model, size, convention="macs"))
     paper = PAPER.get(name)
+    if sparsity is not None and paper is not None and "gmacs_at_sparsity" not in paper:
+        paper = None  # published figures of the dense model (e.g. a TopFormer with a dynamic extractor)
     paper_out = None
     if paper is not None:
         paper_out = {"params_m": paper.get("params_m"), "gmacs": paper.get("gmacs"),
                      "input_size": paper.get("input_size")}
-        if sparsity is not None and "gmacs_at_sparsity" in paper:
-            paper_out["gmacs"] = paper["gmacs_at_sparsity"].get(str(sparsity), paper_out["gmacs"])
+        if sparsity is not None:  # only a figure published for this sparsity compares
+            paper_out["gmacs"] = paper["gmacs_at_sparsity"].get(str(sparsity))
     return {"model": name, "input_size": list(size), "num_classes": model.num_classes,
             "params": count_params(model), "gmacs": round(gmacs[0], 4), "gmacs_macs_only": round(gmacs[1], 4),
             "sparsity": sparsity, "paper": paper_out}
@@ -221,8 +223,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set or [])
     if cfg.distill is None:
-        raise ValueError(f"config '{args.config}' has no distill: section: distil with a DynaSegFormer recipe, "
-                         f"e.g. configs/dynasegformer_b0_ade20k_30.yaml")
+        raise ValueError(f"config '{args.config}' has no distill: section: use a distillation recipe, "
+                         f"e.g. configs/dynasegformer_b0_ade20k_30.yaml or configs/topformer_tiny_dynamic_ade20k_30.yaml")
     if args.teacher:
         cfg.distill.teacher = args.teacher
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
@@ -234,9 +236,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _distill_parser(sub: Any) -> None:
-    p = sub.add_parser("distill", help="DynaSegFormer: two-stage distillation of a dense SegFormer into a pruned one")
+    p = sub.add_parser("distill", help="two-stage distillation of a dense model into its dynamic (DGL) form")
     p.add_argument("config", help="recipe YAML with a distill: section, e.g. configs/dynasegformer_b0_ade20k_30.yaml")
-    p.add_argument("--teacher", help="dense SegFormer checkpoint (any layout) of the student's size")
+    p.add_argument("--teacher", help="dense teacher checkpoint (any layout): a SegFormer of the DynaSegFormer's size, "
+                   "or the TopFormer variant of a dynamic TopFormer recipe")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. distill.sparsity=0.5")
     p.add_argument("--work-dir", help="output folder (default: work_dirs/<config name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -118,9 +118,10 @@ class EvalCfg:
 
 @dataclass
 class DistillCfg:
-    """DynaSegFormer's two-stage distillation (paper Sec. 2.4); stage 2 runs ``schedule.iters`` iterations."""
+    """DynaSegFormer's two-stage distillation (paper Sec. 2.4), also for dynamic TopFormers; stage 2 runs
+    ``schedule.iters`` iterations."""
 
-    teacher: str | None = None  # dense SegFormer checkpoint (any layout); ``edgeseg distill --teacher`` sets it
+    teacher: str | None = None  # dense teacher checkpoint (any layout); ``edgeseg distill --teacher`` sets it
     sparsity: float = 0.3  # s: fraction of gated neurons pruned per image at the end of annealing
     anneal_iters: int = 8000  # T of s_t = s · min(1, t / T), counted over both stages
     stage1_iters: int = 16000  # feature-alignment iterations before the label stage
@@ -133,7 +134,7 @@ class DistillCfg:
 class Config:
     """One experiment. ``reference`` records facts of the official run that edgeseg does not use (e.g. GPU count).
 
-    ``distill`` is an optional section: None unless the YAML has a ``distill:`` mapping (DynaSegFormer recipes).
+    ``distill`` is an optional section: None unless the YAML has a ``distill:`` mapping (distillation recipes).
     """
 
     model: ModelCfg = field(default_factory=ModelCfg)

@@ -82,10 +82,13 @@ def test_shipped_recipes_load_and_overrides_reach_both_parts(tmp_path):
     names = sorted(p.name for p in CONFIGS.glob("dynasegformer_*.yaml"))
     assert {"dynasegformer_b0_ade20k_30.yaml", "dynasegformer_b0_ade20k_50.yaml", "dynasegformer_b2_ade20k_30.yaml",
             "dynasegformer_b2_ade20k_50.yaml"} <= set(names) and any("cityscapes" in n for n in names)
-    for name in names:
+    topformer = sorted(p.name for p in CONFIGS.glob("topformer_*_dynamic_*.yaml"))
+    assert {"topformer_tiny_dynamic_ade20k_30.yaml", "topformer_tiny_dynamic_scenes_30.yaml"} <= set(topformer)
+    for name in names + topformer:
         cfg = load_config(CONFIGS / name)
         dcfg = cfg.distill
-        assert cfg.model.name.startswith("dynasegformer-") and dcfg.sparsity == float(name[-7:-5]) / 100
+        dynamic = cfg.model.name.startswith("dynasegformer-") or cfg.model.overrides.get("dynamic") is True
+        assert dynamic and dcfg.sparsity == float(name[-7:-5]) / 100
         assert 0 < dcfg.anneal_iters <= dcfg.stage1_iters + cfg.schedule.iters
     cfg = load_config(CONFIGS / "dynasegformer_b0_ade20k_30.yaml",
                       ["distill.temperature=2", "optim.lr=1e-4", "distill.teacher=t.pth", "distill.stage1_iters=1_000"])
@@ -124,22 +127,11 @@ def test_recipe_errors_name_the_key(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-def test_tiny_distill_run_on_scenes(tmp_path, capsys):
+def test_tiny_distill_run_on_scenes(tmp_path, capsys, tiny_distill_recipe):
     torch.manual_seed(0)
     teacher = create_model("segformer-b0", num_classes=8, depths=[1, 1, 1, 1])
     save_checkpoint(tmp_path / "teacher.pth", teacher)
-    recipe = {
-        "model": {"name": "dynasegformer-b0", "overrides": {"drop_path_rate": 0.0}},
-        "data": {"dataset": "scenes", "crop_size": [32, 32], "scale": [64, 32], "test_scale": [64, 32],
-                 "batch_size": 2, "workers": 0, "train_kwargs": {"num_images": 8, "size": [32, 32]},
-                 "val_kwargs": {"num_images": 2, "size": [32, 32]}},
-        "optim": {"lr": 1e-3},
-        "schedule": {"iters": 2, "warmup_iters": 0},
-        "train": {"log_interval": 1, "eval_interval": 2},
-        "distill": {"sparsity": 0.5, "anneal_iters": 2, "stage1_iters": 2},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path = tiny_distill_recipe({"name": "dynasegformer-b0", "overrides": {"drop_path_rate": 0.0}})
     work = tmp_path / "run"
     code = main(["distill", str(path), "--teacher", str(tmp_path / "teacher.pth"), "--work-dir", str(work),
                  "--no-progress", "--set", "distill.lambda_gate=1e-3"])
@@ -174,6 +166,7 @@ def test_tiny_distill_run_on_scenes(tmp_path, capsys):
 
     # a recipe without a distill: section is refused, naming the file
     plain = tmp_path / "plain.yaml"
+    recipe = yaml.safe_load(path.read_text())
     plain.write_text(yaml.safe_dump({k: v for k, v in recipe.items() if k != "distill"}))
     code = main(["distill", str(plain), "--teacher", str(tmp_path / "teacher.pth"), "--work-dir", str(tmp_path / "y"),
                  "--no-progress"])

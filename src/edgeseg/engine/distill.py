@@ -1,9 +1,12 @@
-"""Two-stage knowledge distillation of a dense SegFormer (teacher) into DynaSegFormer (student), paper Sec. 2.4.
+"""Two-stage knowledge distillation of a dense model (teacher) into its dynamic form (student), DynaSegFormer
+paper Sec. 2.4: SegFormer → DynaSegFormer, and beyond the paper TopFormer → TopFormer with a dynamic extractor.
 
-The student starts as the teacher (same weights, decoder folded into the additive form, new gates with ``G ≡ 1``)
-and is pruned gradually: the sparsity of every DGL layer follows ``s_t = s · min(1, t / T)`` over the global step.
+The student starts as the teacher (same weights, new gates with ``G ≡ 1``; DynaSegFormer's decoder folded into the
+additive form) and is pruned gradually: the sparsity of every DGL layer follows ``s_t = s · min(1, t / T)`` over
+the global step.
 
-- Stage 1 aligns representations: ``Σ_i MSE(F_i^student, F_i^teacher)`` over the outputs of the four MiT stages.
+- Stage 1 aligns representations: ``Σ_i MSE(F_i^student, F_i^teacher)`` over ``forward_features`` — the four MiT
+  stage outputs, or TopFormer's three injected maps (what its head reads; they carry the extractor's semantics).
 - Stage 2 aligns predictions: ``CE(student, labels) + λ_s · τ² · SCE(student / τ, teacher / τ)``.
 - Both add ``λ_m · Σ_layers ‖G‖₁`` on the gate logits.
 
@@ -28,6 +31,7 @@ from torch import Tensor, nn
 from ..checkpoint import load_model, save_checkpoint
 from ..config import Config, DistillCfg
 from ..models.dynamic import SparsitySchedule, from_segformer, gate_l1, set_sparsity
+from ..models.topformer import from_topformer
 from .evaluate import build_val_dataset
 from .optim import build_optimizer, set_lr
 from .train import (
@@ -89,19 +93,23 @@ def stage2_loss(student: nn.Module, teacher: nn.Module, img: Tensor, gt: Tensor,
 
 # -------------------------------------------------------------------------------------------------------- loop
 def build_student(cfg: Config, teacher: nn.Module, num_classes: int) -> nn.Module:
-    """The DynaSegFormer student of ``teacher``'s size, checked against the config's model section."""
+    """The dynamic student of ``teacher``'s size (DynaSegFormer of a SegFormer, dynamic TopFormer of a TopFormer),
+    checked against the config's model section."""
     teacher_path = cfg.distill.teacher
     name = getattr(teacher, "model_name", "?")
-    if cfg.model.name and cfg.model.name != "dyna" + name:
+    student_name = name if name.startswith("topformer-") else "dyna" + name
+    if cfg.model.name and cfg.model.name != student_name:
+        teacher_name = cfg.model.name.removeprefix("dyna")
         raise ValueError(f"teacher '{teacher_path}' is {name}, but the config trains {cfg.model.name}: use a "
-                         f"{cfg.model.name.removeprefix('dyna')} teacher or the matching config")
+                         f"{teacher_name} teacher or the matching config")
     if teacher.num_classes != num_classes:
         raise ValueError(f"teacher '{teacher_path}' predicts {teacher.num_classes} classes but the dataset has "
                          f"{num_classes}: distil from a teacher trained on this dataset")
     if "sparsity" in cfg.model.overrides:
         raise ValueError("set the sparsity as distill.sparsity, not model.overrides.sparsity")
-    overrides = {k: v for k, v in cfg.model.overrides.items() if k != "num_classes"}
-    return from_segformer(teacher, cfg.distill.sparsity, **overrides)
+    overrides = {k: v for k, v in cfg.model.overrides.items() if k not in ("num_classes", "dynamic")}
+    make = from_topformer if name.startswith("topformer-") else from_segformer
+    return make(teacher, cfg.distill.sparsity, **overrides)
 
 
 def distill(cfg: Config, work_dir: str | Path, progress: bool = True, log: Any = print) -> dict[str, Any]:

@@ -12,16 +12,11 @@ from typing import Any
 
 from torch import nn
 
-from . import segformer, topformer
+from . import dynamic, segformer, topformer
 
-FAMILIES: dict[str, ModuleType] = {"TopFormer": topformer, "SegFormer": segformer}
-try:  # DynaSegFormer builds on SegFormer; it joins the table when present.
-    from . import dynamic  # noqa: F401
-
-    if hasattr(dynamic, "MODELS"):
-        FAMILIES["DynaSegFormer"] = dynamic
-except ImportError:  # pragma: no cover - only while the module does not exist yet
-    pass
+# Order matters for checkpoint detection: a dynamic TopFormer's state dict holds gates too, and TopFormer claims
+# it by its token pyramid before DynaSegFormer looks for gates.
+FAMILIES: dict[str, ModuleType] = {"TopFormer": topformer, "SegFormer": segformer, "DynaSegFormer": dynamic}
 
 MODELS: dict[str, Any] = {name: build for fam in FAMILIES.values() for name, build in fam.MODELS.items()}
 PAPER: dict[str, dict] = {name: fig for fam in FAMILIES.values() for name, fig in getattr(fam, "PAPER", {}).items()}

@@ -87,12 +87,13 @@ class GatePredictor(nn.Module):
 
     def forward(self, pooled: Tensor, weights: Sequence[Tensor],
                 rows: Sequence[tuple[int, int] | None]) -> Tensor:
-        """``pooled``: (B, C); ``weights[i]``: (n_i, C), of which ``rows[i]`` (all if None). Returns (B, n)."""
+        """``pooled``: (B, C); ``weights[i]``: (n_i, C) or (n_i, C, 1, 1), of which ``rows[i]`` (all if None).
+        Returns (B, n)."""
         # Functional calls on the submodules' parameters: this runs on one vector per image, 24 times per B0
         # forward, where nn.Module call overhead is a visible share of the cost.
         norm = self.norm
         x_hat = F.layer_norm(pooled, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        proj = [F.linear(x_hat, w if r is None else w[r[0]:r[1]]) for w, r in zip(weights, rows)]
+        proj = [F.linear(x_hat, _rows(w, r)) for w, r in zip(weights, rows)]
         proj = proj[0] if len(proj) == 1 else torch.cat(proj, dim=1)
         return F.linear(F.relu(F.linear(proj, self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
 
@@ -103,11 +104,18 @@ class GatePredictor(nn.Module):
         ``fc1(γ ⊙ n̂ + β) W1ᵀ`` is linear in the normalised pool ``n̂``, so at inference three products and a
         concatenation become one; exact up to float rounding.
         """
-        w = torch.cat([w if r is None else w[r[0]:r[1]] for w, r in zip(weights, rows)])  # (proj, C)
+        w = torch.cat([_rows(w, r) for w, r in zip(weights, rows)])  # (proj, C)
         a = self.fc1.weight @ w  # (hidden, C)
         norm = self.norm
         return FoldedGate(a * norm.weight, a @ norm.bias + self.fc1.bias, self.fc2.weight.clone(),
                           self.fc2.bias.clone(), norm.eps)
+
+
+def _rows(weight: Tensor, rows: tuple[int, int] | None) -> Tensor:
+    """``W1``'s rows of a layer weight, as (n, C): a Linear's weight, or a 1×1 conv's (n, C, 1, 1) flattened here so
+    callers pass parameters, not views of them (a no-grad view of a parameter breaks module-tracking hooks)."""
+    weight = weight.flatten(1)
+    return weight if rows is None else weight[rows[0]:rows[1]]
 
 
 class FoldedGate(nn.Module):
@@ -372,6 +380,43 @@ def consume_gathered(y: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.bmm(y, w) if bias is None else torch.baddbmm(bias, y, w)
 
 
+def gather_hidden(gate: DynamicGate, values: Tensor, index: Tensor, w1: Tensor, b1: Tensor | None,
+                  dw_weight: Tensor, dw_bias: Tensor, w2: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor,
+                                                                           Tensor]:
+    """Gathers of a gated hidden layer ``fc1 → 3×3 depthwise conv → φ → fc2`` (SegFormer's Mix-FFN, TopFormer's
+    MLP): kept rows of ``fc1``, their filters (scaled by the gate values) and biases, kept columns of ``fc2``.
+
+    The depthwise conv is linear per channel: ``dw(m · u) + b = (m · dw)(u) + b``, so the gate value scales the 9
+    filter taps instead of the C + 1 fc1 weights of each kept neuron. A padding slot's zero filter would still add
+    its bias, so that bias is zeroed, and ``φ(0) = 0`` (GELU, ReLU6) leaves the slot empty.
+    """
+    w1, b1 = gather_rows(w1, b1, index)
+    filters, f_bias = gather_rows(dw_weight, dw_bias, index)
+    filters = filters * values.reshape(-1, 1, 1, 1)
+    support = gate.support(f_bias)
+    if support is not None:
+        f_bias = (f_bias.reshape(-1, support.shape[0]) * support).flatten()
+    # Channels-last strides for the gathered filters, like the map they run on: with NCHW-strided filters
+    # oneDNN copies the map to NCHW and runs a ~7× slower depthwise kernel.
+    kh, kw = dw_weight.shape[-2:]
+    filters = filters.reshape(-1, kh, kw, 1).permute(0, 3, 1, 2)
+    return w1, b1, filters, f_bias, gather_columns(w2, index)
+
+
+def gathered_hidden(x: Tensor, hw: tuple[int, int], plan: Sequence[Tensor | None], bias2: Tensor | None,
+                    act: Callable[[Tensor], Tensor], padding: int = 1) -> Tensor:
+    """The gathered hidden layer on tokens (B, N, C) laid out on an ``hw`` grid, with :func:`gather_hidden`'s plan.
+
+    Every image's kept channels sit side by side: one grouped conv (groups = B·k) runs the whole batch.
+    """
+    w1, b1, filters, f_bias, w2 = plan
+    B, N, _ = x.shape
+    y = gathered_linear(x, w1, b1)  # (B, N, k)
+    k = y.shape[-1]
+    y = F.conv2d(y.transpose(1, 2).reshape(1, B * k, *hw), filters, f_bias, padding=padding, groups=B * k)
+    return consume_gathered(act(y.reshape(B, k, N).transpose(1, 2)), w2, bias2)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 4. Sparsity annealing and the gate penalty
 # --------------------------------------------------------------------------------------------------------------
@@ -411,8 +456,8 @@ def fold_gates(model: nn.Module, pad_multiple: int = 8) -> nn.Module:
     unchanged (≤ 1e-5); the executed MACs include the padding slots.
     """
     for module in model.modules():
-        if isinstance(module, (DynamicEfficientSelfAttention, DynamicMixFFN, DynamicGatedLinear)):
-            module.fold_gates()
+        if not isinstance(module, DynamicGate) and any(isinstance(c, DynamicGate) for c in module.children()):
+            module.fold_gates()  # every module owning gates (a DGL site) knows which weights its gates read
     for gate in dynamic_gates(model):
         gate.pad_multiple = int(pad_multiple)
     return model
@@ -575,23 +620,11 @@ class DynamicMixFFN(MixFFN):
         new.load_state_dict(mlp.state_dict(), strict=False)
         return new.to(mlp.fc1.weight.device)
 
-    def plan(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Gate and gathers of the inference form: kept rows of ``fc1``, their 3×3 filters (scaled by the gate
-        values) and biases, kept columns of ``fc2``."""
+    def plan(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
+        """Gate and gathers of the inference form (:func:`gather_hidden`)."""
         values, index = self.gate(avg_pool_tokens(x), self.fc1.weight)
-        w1, b1 = gather_rows(self.fc1.weight, self.fc1.bias, index)
-        # The depthwise conv is linear per channel: dw(m · u) + b = (m · dw)(u) + b, so the gate value scales the
-        # 9 filter taps instead of the C + 1 fc1 weights of each kept neuron.
-        filters, f_bias = gather_rows(self.dwconv.weight, self.dwconv.bias, index)
-        filters = filters * values.reshape(-1, 1, 1, 1)
-        support = self.gate.support(f_bias)
-        if support is not None:  # a padding slot's zero filter still adds its bias: zero it, and GELU(0) = 0
-            f_bias = (f_bias.reshape(-1, support.shape[0]) * support).flatten()
-        # Channels-last strides for the gathered filters, like the map they run on: with NCHW-strided filters
-        # oneDNN copies the map to NCHW and runs a ~7× slower depthwise kernel.
-        kh, kw = self.dwconv.kernel_size
-        filters = filters.reshape(-1, kh, kw, 1).permute(0, 3, 1, 2)
-        return w1, b1, filters, f_bias, gather_columns(self.fc2.weight, index)
+        return gather_hidden(self.gate, values, index, self.fc1.weight, self.fc1.bias, self.dwconv.weight,
+                             self.dwconv.bias, self.fc2.weight)
 
     def fold_gates(self) -> None:
         """Freeze the gate for inference (:meth:`DynamicGate.fold`)."""
@@ -599,15 +632,8 @@ class DynamicMixFFN(MixFFN):
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         B, N, _ = x.shape
-        if self.gate.gathered:
-            w1, b1, filters, f_bias, w2 = self.plan(x)
-            y = gathered_linear(x, w1, b1)  # (B, N, k)
-            k = y.shape[-1]
-            # every image's kept channels side by side: one grouped conv (groups = B·k) for the whole batch
-            y = F.conv2d(y.transpose(1, 2).reshape(1, B * k, *hw), filters, f_bias, padding=self.dwconv.padding,
-                         groups=B * k)
-            y = self.drop(self.act(y.reshape(B, k, N).transpose(1, 2)))
-            return self.drop(consume_gathered(y, w2, self.fc2.bias))
+        if self.gate.gathered:  # eval only: dropout is the identity
+            return gathered_hidden(x, hw, self.plan(x), self.fc2.bias, self.act, self.dwconv.padding)
         values, index = self.gate(avg_pool_tokens(x), self.fc1.weight)
         m, support = scatter_mask(values, index, self.fc1.out_features)
         y = self.fc1(x) * m.unsqueeze(1)

@@ -11,9 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """Return a conv computing ``bn(conv(x))`` in eval mode: ``W' = W·γ/σ``, ``b' = (b − μ)·γ/σ + β``."""
+def folded_bn_params(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of the one conv computing ``bn(conv(x))`` in eval mode: ``W·γ/σ``, ``(b − μ)·γ/σ + β``."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    return conv.weight * scale.reshape(-1, 1, 1, 1), (bias - bn.running_mean) * scale + bn.bias
+
+
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """Return a conv computing ``bn(conv(x))`` in eval mode (:func:`folded_bn_params`)."""
     fused = nn.Conv2d(
         conv.in_channels,
         conv.out_channels,
@@ -25,10 +31,10 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         bias=True,
         padding_mode=conv.padding_mode,
     ).to(device=conv.weight.device, dtype=conv.weight.dtype)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    weight, bias = folded_bn_params(conv, bn)
     with torch.no_grad():
-        fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-        fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+        fused.weight.copy_(weight)
+        fused.bias.copy_(bias)
     return fused
 
 

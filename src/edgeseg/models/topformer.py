@@ -11,6 +11,9 @@ Read top to bottom, in the paper's order:
    ``local · h_sigmoid(global_act) + global_embedding`` (the official "muli_sum" injection).
 5. ``TopFormerHead`` — sums the three injected maps at 1/8 and classifies each pixel.
 
+``DynamicAttention`` / ``DynamicMLP`` (beyond the paper) put DynaSegFormer's Dynamic Gated Linear layers into the
+extractor: ``create_model("topformer-tiny", dynamic=True, sparsity=0.3)``.
+
 ``TopFormer`` chains them; ``TopFormerClassifier`` is the ImageNet form (no injection; pooled semantics → BN →
 Linear). Then come the variant table, the official-checkpoint converter and the builders.
 
@@ -28,7 +31,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ConvBN, DropPath, HSigmoid, fuse_modules, resize
+from .dynamic import (
+    DynamicGate,
+    FoldedGate,
+    consume_gathered,
+    fold_gates,
+    gather_columns,
+    gather_hidden,
+    gather_rows,
+    gathered_hidden,
+    gathered_linear,
+    scatter_mask,
+    top_r,
+)
+from .layers import ConvBN, DropPath, HSigmoid, folded_bn_params, fuse_modules, resize
 
 __all__ = [
     "MODELS",
@@ -37,6 +53,7 @@ __all__ = [
     "TopFormer",
     "TopFormerClassifier",
     "convert_state_dict",
+    "from_topformer",
     "infer_model",
     "upsample_logits",
 ]
@@ -142,9 +159,13 @@ class Attention(nn.Module):
         q = self.to_q(x).reshape(b, self.num_heads, self.key_dim, h * w).transpose(2, 3)  # (B, heads, N, d_k)
         k = self.to_k(x).reshape(b, self.num_heads, self.key_dim, h * w)  # (B, heads, d_k, N)
         v = self.to_v(x).reshape(b, self.num_heads, self.value_dim, h * w).transpose(2, 3)  # (B, heads, N, d_v)
-        attn = torch.matmul(q, k).softmax(dim=-1)
-        out = torch.matmul(attn, v).transpose(2, 3).reshape(b, self.num_heads * self.value_dim, h, w)
+        out = self.attend(q, k, v).transpose(2, 3).reshape(b, self.num_heads * self.value_dim, h, w)
         return self.proj(self.act(out))
+
+    @staticmethod
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``softmax(q k) v`` per head — q (B, heads, N, d), k (B, heads, d, N), v (B, heads, N, d_v); unscaled."""
+        return torch.matmul(torch.matmul(q, k).softmax(dim=-1), v)
 
 
 class MLP(nn.Module):
@@ -204,6 +225,145 @@ class SemanticsExtractor(nn.Module):
         for block in self.blocks:
             x = block(x)
         return x
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2b. Dynamic semantics extractor (beyond the paper: DynaSegFormer's DGL on TopFormer's 1×1 convs)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _gate_weight(module: nn.Module) -> torch.Tensor:
+    """``W1`` a gate reads: the 1×1 conv weight (out, in, 1, 1) — of the ConvBN's conv, as the dense layer trains
+    it (in a fused model the gates are folded and never read it)."""
+    return (module.conv if isinstance(module, ConvBN) else module).weight
+
+
+def _linear_params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W (out, in), b (out,)) of a 1×1 conv + BN in eval mode: the BN folded on the fly, or the fused conv's."""
+    if isinstance(module, ConvBN):
+        weight, bias = folded_bn_params(module.conv, module.bn)
+        return weight.flatten(1), bias
+    return module.weight.flatten(1), module.bias
+
+
+class DynamicAttention(Attention):
+    """TopFormer attention with DGL on Q/K and V, as DynaSegFormer gates SegFormer's attention.
+
+    The 1×1 conv projections are linear layers over the tokens. One mask per head prunes the same channels from Q
+    and K (``W1`` = rows of ``to_q`` and ``to_k``; the product ``q k`` consumes them); a second prunes V channels
+    and the matching input columns of ``proj``. The gate values scale K and V (after their BN): a pruned V channel
+    is 0, and ReLU6(0) = 0, so ``proj`` need not read it. Gates read the pooled block input.
+    """
+
+    def __init__(self, dim: int, key_dim: int, num_heads: int, attn_ratio: float, sparsity: float = 0.0) -> None:
+        super().__init__(dim, key_dim, num_heads, attn_ratio)
+        self.qk_gate = DynamicGate(dim, key_dim * num_heads, sparsity, num_heads, rows=(None, None))
+        self.v_gate = DynamicGate(dim, self.value_dim * num_heads, sparsity, num_heads)
+        self.joint_gate: FoldedGate | None = None
+
+    @classmethod
+    def from_dense(cls, attn: Attention, sparsity: float = 0.0) -> DynamicAttention:
+        """The same attention (weights copied) with new gates."""
+        new = cls(attn.to_q.conv.in_channels, attn.key_dim, attn.num_heads, attn.value_dim / attn.key_dim, sparsity)
+        new.load_state_dict(attn.state_dict(), strict=False)
+        return new.to(attn.to_q.conv.weight.device)
+
+    def fold_gates(self) -> None:
+        """Freeze both gates for inference and join them into one (they read the same pool)."""
+        self.qk_gate.fold(_gate_weight(self.to_q), _gate_weight(self.to_k))
+        self.v_gate.fold(_gate_weight(self.to_v))
+        self.joint_gate = FoldedGate.stack([self.qk_gate.folded, self.v_gate.folded])
+
+    def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gates and gathers of the inference form: the kept rows of Q, K (scaled) and V (scaled) as one weight,
+        so the three projections run as one product, and the kept columns of ``proj``."""
+        pooled = x.mean(dim=(2, 3))
+        qk_gate, v_gate = self.qk_gate, self.v_gate
+        nk = qk_gate.gated_features
+        if self.joint_gate is not None:  # heads are key_dim wide for Q/K, value_dim for V: two Top-r calls
+            g_qk, g_v = self.joint_gate(pooled).split([nk, v_gate.gated_features], dim=1)
+            qk_values, qk_index = top_r(g_qk, qk_gate.keep, self.num_heads, qk_gate.width)
+            v_values, v_index = top_r(g_v, v_gate.keep, self.num_heads, v_gate.width)
+        else:
+            qk_values, qk_index = qk_gate(pooled, _gate_weight(self.to_q), _gate_weight(self.to_k))
+            v_values, v_index = v_gate(pooled, _gate_weight(self.to_v))
+        params = [_linear_params(m) for m in (self.to_q, self.to_k, self.to_v)]
+        weight, bias = torch.cat([w for w, _ in params]), torch.cat([b for _, b in params])
+        index = torch.cat([qk_index, qk_index + nk, v_index + 2 * nk], dim=1)
+        values = torch.cat([torch.ones_like(qk_values), qk_values, v_values], dim=1)
+        w_qkv, b_qkv = gather_rows(weight, bias, index, values)
+        return w_qkv, b_qkv, gather_columns(_linear_params(self.proj)[0], v_index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        heads = self.num_heads
+        if self.qk_gate.gathered:
+            w_qkv, b_qkv, w_proj = self.plan(x)
+            kq, kv = self.qk_gate.width, self.v_gate.width
+            tokens = x.flatten(2).transpose(1, 2)  # (B, N, C): a view of a channels-last map
+            q, k, v = gathered_linear(tokens, w_qkv, b_qkv).split([heads * kq, heads * kq, heads * kv], dim=-1)
+            q = q.reshape(b, h * w, heads, kq).transpose(1, 2)
+            k = k.reshape(b, h * w, heads, kq).permute(0, 2, 3, 1)
+            v = v.reshape(b, h * w, heads, kv).transpose(1, 2)
+            out = self.attend(q, k, v).transpose(1, 2).reshape(b, h * w, heads * kv)
+            out = consume_gathered(self.act(out), w_proj, _linear_params(self.proj)[1])
+            return out.transpose(1, 2).reshape(b, c, h, w)
+        pooled = x.mean(dim=(2, 3))
+        qk_values, qk_index = self.qk_gate(pooled, _gate_weight(self.to_q), _gate_weight(self.to_k))
+        v_values, v_index = self.v_gate(pooled, _gate_weight(self.to_v))
+        m_qk, _ = scatter_mask(qk_values, qk_index, self.qk_gate.gated_features)
+        m_v, _ = scatter_mask(v_values, v_index, self.v_gate.gated_features)
+        q = self.to_q(x).reshape(b, heads, self.key_dim, h * w).transpose(2, 3)
+        k = (self.to_k(x) * m_qk[:, :, None, None]).reshape(b, heads, self.key_dim, h * w)
+        v = (self.to_v(x) * m_v[:, :, None, None]).reshape(b, heads, self.value_dim, h * w).transpose(2, 3)
+        out = self.attend(q, k, v).transpose(2, 3).reshape(b, heads * self.value_dim, h, w)
+        return self.proj(self.act(out))
+
+
+class DynamicMLP(MLP):
+    """TopFormer's MLP with a DGL on its hidden layer: ``fc2(ReLU6(DWConv(fc1(x) · M)) · supp(M))`` — the
+    Mix-FFN scheme (:func:`~edgeseg.models.dynamic.gather_hidden`) on 1×1 conv + BN layers."""
+
+    def __init__(self, dim: int, hidden_dim: int, sparsity: float = 0.0) -> None:
+        super().__init__(dim, hidden_dim)
+        self.gate = DynamicGate(dim, hidden_dim, sparsity)
+
+    @classmethod
+    def from_dense(cls, mlp: MLP, sparsity: float = 0.0) -> DynamicMLP:
+        """The same MLP (weights copied) with a new gate."""
+        new = cls(mlp.fc1.conv.in_channels, mlp.fc1.conv.out_channels, sparsity)
+        new.load_state_dict(mlp.state_dict(), strict=False)
+        return new.to(mlp.fc1.conv.weight.device)
+
+    def fold_gates(self) -> None:
+        """Freeze the gate for inference."""
+        self.gate.fold(_gate_weight(self.fc1))
+
+    def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Gate and gathers of the inference form (:func:`~edgeseg.models.dynamic.gather_hidden`)."""
+        values, index = self.gate(x.mean(dim=(2, 3)), _gate_weight(self.fc1))
+        (w1, b1), (w2, _) = _linear_params(self.fc1), _linear_params(self.fc2)
+        return gather_hidden(self.gate, values, index, w1, b1, self.dwconv.weight, self.dwconv.bias, w2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        if self.gate.gathered:
+            tokens = x.flatten(2).transpose(1, 2)
+            out = gathered_hidden(tokens, (h, w), self.plan(x), _linear_params(self.fc2)[1], self.act,
+                                  self.dwconv.padding)
+            return out.transpose(1, 2).reshape(b, c, h, w)
+        values, index = self.gate(x.mean(dim=(2, 3)), _gate_weight(self.fc1))
+        m, support = scatter_mask(values, index, self.gate.gated_features)
+        y = self.dwconv(self.fc1(x) * m[:, :, None, None])
+        return self.fc2(self.act(y) * support[:, :, None, None])
+
+
+def make_dynamic_extractor(extractor: SemanticsExtractor, sparsity: float) -> SemanticsExtractor:
+    """Swap, in place, every extractor block's attention and MLP for their DGL forms (weights kept, gates new)."""
+    for block in extractor.blocks:
+        block.attn = DynamicAttention.from_dense(block.attn, sparsity)
+        block.mlp = DynamicMLP.from_dense(block.mlp, sparsity)
+    return extractor
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -306,16 +466,17 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _fused_copy(model: nn.Module) -> nn.Module:
+def _fused_copy(model: nn.Module, pad_multiple: int = 8) -> nn.Module:
     """Deep-copy, fold every block (``fuse_modules``: each block that knows how folds itself), and run the
-    result channels-last.
+    result channels-last. Dynamic extractor blocks first freeze their gates on the unfolded weights they were
+    trained with (:func:`~edgeseg.models.dynamic.fold_gates`, ``pad_multiple``).
 
     Channels-last lets oneDNN run the depthwise and 1×1 convs without layout reorders (about 2× faster on CPU
     here); inputs in either memory format work and give the same numbers, and the logits come out channels-last.
     Every activation in this network reads a fresh conv/matmul output that nothing else holds, so after folding
     the activations can run in place.
     """
-    fused = fuse_modules(copy.deepcopy(model).eval())
+    fused = fuse_modules(fold_gates(copy.deepcopy(model).eval(), pad_multiple))
     for module in fused.modules():
         if isinstance(module, (nn.ReLU, nn.ReLU6)):
             module.inplace = True
@@ -345,6 +506,8 @@ class TopFormer(nn.Module):
         pool_stride: int = 2,
         drop_path_rate: float = 0.1,
         dropout_ratio: float = 0.1,
+        dynamic: bool = False,
+        sparsity: float = 0.3,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -361,6 +524,8 @@ class TopFormer(nn.Module):
         self.model_name = "topformer"
         self.model_args: dict = {"num_classes": num_classes}
         init_weights(self)
+        if dynamic:  # after init: a fresh gate must output G ≡ 1 (the dense model at sparsity 0)
+            make_dynamic_extractor(self.extractor, sparsity)
 
     def forward_features(
         self, x: torch.Tensor, return_pyramid: bool = False
@@ -377,9 +542,10 @@ class TopFormer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
 
-    def fuse(self) -> TopFormer:
-        """A new inference model: BN folded into every conv, dropout/drop-path removed, channels-last weights."""
-        return _fused_copy(self)
+    def fuse(self, pad_multiple: int = 8) -> TopFormer:
+        """A new inference model: BN folded into every conv, dropout/drop-path removed, channels-last weights;
+        a dynamic extractor runs its gathered form with folded gates, widths padded to ``pad_multiple``."""
+        return _fused_copy(self, pad_multiple)
 
 
 class TopFormerClassifier(nn.Module):
@@ -618,6 +784,8 @@ def infer_model(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict]:
         args["head_channels"] = head_channels
     if head_depthwise != VARIANTS[variant]["head_depthwise"]:
         args["head_depthwise"] = head_depthwise
+    if any(".qk_gate." in k for k in state_dict):  # DGL extractor; its sparsity is in model_args, not the weights
+        args["dynamic"] = True
     return f"topformer-{variant}", args
 
 
@@ -626,7 +794,7 @@ def infer_model(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict]:
 # --------------------------------------------------------------------------------------------------------------
 
 # Overrides: the per-dataset differences of the official configs, plus the regularisation rates.
-_SEG_ARGS = ("head_channels", "head_depthwise", "drop_path_rate", "dropout_ratio")
+_SEG_ARGS = ("head_channels", "head_depthwise", "drop_path_rate", "dropout_ratio", "dynamic", "sparsity")
 _CLS_ARGS = ("drop_path_rate",)
 
 
@@ -635,6 +803,10 @@ def _create(variant: str, classifier: bool, num_classes: int, overrides: dict) -
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
         raise ValueError(f"unknown TopFormer override(s) {unknown}; allowed: {', '.join(allowed)}")
+    if "sparsity" in overrides and not overrides.get("dynamic", True):
+        raise ValueError("sparsity is set but dynamic=False: a dense TopFormer prunes nothing")
+    if "sparsity" in overrides:  # a sparsity only means something for the dynamic extractor
+        overrides = {"dynamic": True, **overrides}
     cfg = {**VARIANTS[variant], **overrides}
     if classifier:
         cfg = {k: v for k, v in cfg.items() if k not in ("head_channels", "head_depthwise")}
@@ -674,6 +846,22 @@ def topformer_small_cls(num_classes: int = 1000, **overrides) -> TopFormerClassi
 def topformer_base_cls(num_classes: int = 1000, **overrides) -> TopFormerClassifier:
     """TopFormer-B ImageNet classifier (official ``topformer-B-224-75.3.pth``)."""
     return _create("base", True, num_classes, overrides)
+
+
+@torch.no_grad()
+def from_topformer(teacher: TopFormer, sparsity: float = 0.3, **overrides) -> TopFormer:
+    """The distillation student of a dense TopFormer: the same variant with a dynamic extractor, holding the
+    teacher's weights (gates new, ``G ≡ 1``: at sparsity 0 it computes the teacher's logits). ``overrides`` change
+    training-only builder kwargs (e.g. ``drop_path_rate``)."""
+    name = getattr(teacher, "model_name", "")
+    if not name.startswith("topformer-") or name.endswith("-cls"):
+        raise ValueError(f"a dynamic TopFormer's teacher must be a TopFormer segmentation model, got '{name}'")
+    args = {k: v for k, v in teacher.model_args.items() if k not in ("dynamic", "sparsity")}
+    student = MODELS[name](**{**args, **overrides, "dynamic": True, "sparsity": sparsity})
+    result = student.load_state_dict(teacher.state_dict(), strict=False)
+    if result.unexpected_keys or any(".predictor." not in k for k in result.missing_keys):
+        raise ValueError(f"teacher weights do not fit {name}: {result}")
+    return student.to(next(teacher.parameters())).train(teacher.training)  # device and dtype
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
