@@ -34,6 +34,7 @@ Two execution forms with the same outputs (≤ 1e-5):
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 
@@ -197,8 +198,15 @@ def slot_support(keep: int, width: int, groups: int, like: Tensor) -> Tensor:
     Why padding pays: oneDNN/ATen kernels vectorise over 8 floats, and a 22-channel attention head or a 90-channel
     hidden layer runs *slower* than a 24- or 96-wide one (measured on this CPU: the 30 % B0 Mix-FFN at 1/4 is 4.8 ms
     at 90 channels, 3.2 ms at 96, 4.5 ms dense at 128). Each site makes a padding slot contribute exactly 0.
+    The tensor is built once per shape, dtype and device (every site asks for it at every forward).
     """
-    return (torch.arange(width, device=like.device) < keep).to(like.dtype).repeat(groups)
+    return _slot_support(keep, width, groups, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _slot_support(keep: int, width: int, groups: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    with torch.inference_mode(False):  # a cached inference tensor would break a later forward with autograd on
+        return (torch.arange(width, device=device) < keep).to(dtype).repeat(groups)
 
 
 def scatter_mask(values: Tensor, index: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -238,6 +246,7 @@ class DynamicGate(nn.Module):
         self.gather = True
         self.last_gate: Tensor | None = None
         self.folded: FoldedGate | None = None
+        self.register_buffer("consumer_t", None, persistent=False)
 
     @property
     def keep(self) -> int:
@@ -258,9 +267,18 @@ class DynamicGate(nn.Module):
         keep, width = self.keep, self.width
         return None if width == keep else slot_support(keep, width, self.groups, like)
 
-    def fold(self, *weights: Tensor) -> None:
-        """Freeze the predictor with the layer's current ``W1`` (:meth:`GatePredictor.folded`) for inference."""
+    def fold(self, *weights: Tensor, consumer: Tensor | None = None) -> None:
+        """Freeze the predictor with the layer's current ``W1`` (:meth:`GatePredictor.folded`) for inference.
+
+        ``consumer`` (``W2``, (C', n)) is kept transposed: gathering rows of a contiguous (n, C') tensor runs 2–6×
+        faster than gathering columns (:meth:`consumer_weight`)."""
         self.folded = self.predictor.folded(weights, self.rows)
+        if consumer is not None:
+            self.consumer_t = consumer.detach().t().contiguous()
+
+    def consumer_weight(self, weight: Tensor) -> Tensor:
+        """``W2`` (C', n) to gather columns from: the transposed copy ``fold`` kept, as a view, else ``weight``."""
+        return weight if self.consumer_t is None or self.training else self.consumer_t.t()
 
     @property
     def gathered(self) -> bool:
@@ -317,7 +335,7 @@ class DynamicGatedLinear(nn.Module):
         """Gate and gathers of the inference form: the kept rows of ``fc1`` (scaled) and columns of ``fc2``."""
         values, index = self.gate(avg_pool_tokens(x), self.fc1.weight)
         w1, b1 = gather_rows(self.fc1.weight, self.fc1.bias, index, values)
-        w2 = gather_columns(self.fc2.weight, index)
+        w2 = gather_columns(self.gate.consumer_weight(self.fc2.weight), index)
         support = self.gate.support(w2)
         if support is not None:  # a padding slot computes φ(0), which need not be 0: fc2 must not read it
             w2 = (w2.reshape(w2.shape[0], -1, support.shape[0]) * support).flatten(1)
@@ -325,7 +343,7 @@ class DynamicGatedLinear(nn.Module):
 
     def fold_gates(self) -> None:
         """Freeze the gate for inference (:meth:`DynamicGate.fold`)."""
-        self.gate.fold(self.fc1.weight)
+        self.gate.fold(self.fc1.weight, consumer=self.fc2.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate.gathered:
@@ -351,11 +369,12 @@ def gather_rows(weight: Tensor, bias: Tensor | None, index: Tensor,
     return w, b
 
 
-def gather_columns(weight: Tensor, index: Tensor, values: Tensor | None = None) -> Tensor:
-    """The kept columns of ``W2`` (C', n) for every image: ``W2 ∘ Mᵀ`` without its zero columns, (C', B·k);
-    optionally scaled by the gate values (where a layer is linear in between, the value may sit on either side)."""
-    w = weight.index_select(1, index.reshape(-1))
-    return w if values is None else w * values.reshape(1, -1)
+def gather_columns(weight: Tensor, index: Tensor) -> Tensor:
+    """The kept columns of ``W2`` (C', n) for every image: ``W2 ∘ Mᵀ`` without its zero columns, (C', B·k).
+    A transposed view of a contiguous (n, C') tensor (:meth:`DynamicGate.consumer_weight`) is gathered by rows."""
+    if weight.t().is_contiguous() and not weight.is_contiguous():
+        return weight.t().index_select(0, index.reshape(-1)).t()
+    return weight.index_select(1, index.reshape(-1))
 
 
 def gathered_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -400,7 +419,7 @@ def gather_hidden(gate: DynamicGate, values: Tensor, index: Tensor, w1: Tensor, 
     # oneDNN copies the map to NCHW and runs a ~7× slower depthwise kernel.
     kh, kw = dw_weight.shape[-2:]
     filters = filters.reshape(-1, kh, kw, 1).permute(0, 3, 1, 2)
-    return w1, b1, filters, f_bias, gather_columns(w2, index)
+    return w1, b1, filters, f_bias, gather_columns(gate.consumer_weight(w2), index)
 
 
 def gathered_hidden(x: Tensor, hw: tuple[int, int], plan: Sequence[Tensor | None], bias2: Tensor | None,
@@ -527,7 +546,7 @@ class DynamicEfficientSelfAttention(EfficientSelfAttention):
     def fold_gates(self) -> None:
         """Freeze both gates for inference and join them into one (:class:`FoldedGate`): they read the same pool."""
         self.qk_gate.fold(self.q.weight, self.kv.weight)
-        self.v_gate.fold(self.kv.weight)
+        self.v_gate.fold(self.kv.weight, consumer=self.proj.weight)
         self.joint_gate = FoldedGate.stack([self.qk_gate.folded, self.v_gate.folded])
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -569,7 +588,7 @@ class DynamicEfficientSelfAttention(EfficientSelfAttention):
         w_q, b_q = gather_rows(self.q.weight, self.q.bias, qk_index)
         # K and V rows of the one ``kv`` Linear gathered together: one product, as in the dense layer.
         w_kv, b_kv = gather_rows(self.kv.weight, self.kv.bias, kv_index, kv_values)
-        return w_q, b_q, w_kv, b_kv, gather_columns(self.proj.weight, v_index - C)
+        return w_q, b_q, w_kv, b_kv, gather_columns(v_gate.consumer_weight(self.proj.weight), v_index - C)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         B, N, C = x.shape
@@ -628,7 +647,7 @@ class DynamicMixFFN(MixFFN):
 
     def fold_gates(self) -> None:
         """Freeze the gate for inference (:meth:`DynamicGate.fold`)."""
-        self.gate.fold(self.fc1.weight)
+        self.gate.fold(self.fc1.weight, consumer=self.fc2.weight)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         B, N, _ = x.shape

@@ -271,7 +271,7 @@ class DynamicAttention(Attention):
     def fold_gates(self) -> None:
         """Freeze both gates for inference and join them into one (they read the same pool)."""
         self.qk_gate.fold(_gate_weight(self.to_q), _gate_weight(self.to_k))
-        self.v_gate.fold(_gate_weight(self.to_v))
+        self.v_gate.fold(_gate_weight(self.to_v), consumer=_linear_params(self.proj)[0])
         self.joint_gate = FoldedGate.stack([self.qk_gate.folded, self.v_gate.folded])
 
     def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -292,7 +292,7 @@ class DynamicAttention(Attention):
         index = torch.cat([qk_index, qk_index + nk, v_index + 2 * nk], dim=1)
         values = torch.cat([torch.ones_like(qk_values), qk_values, v_values], dim=1)
         w_qkv, b_qkv = gather_rows(weight, bias, index, values)
-        return w_qkv, b_qkv, gather_columns(_linear_params(self.proj)[0], v_index)
+        return w_qkv, b_qkv, gather_columns(v_gate.consumer_weight(_linear_params(self.proj)[0]), v_index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -337,7 +337,7 @@ class DynamicMLP(MLP):
 
     def fold_gates(self) -> None:
         """Freeze the gate for inference."""
-        self.gate.fold(_gate_weight(self.fc1))
+        self.gate.fold(_gate_weight(self.fc1), consumer=_linear_params(self.fc2)[0])
 
     def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Gate and gathers of the inference form (:func:`~edgeseg.models.dynamic.gather_hidden`)."""

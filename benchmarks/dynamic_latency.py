@@ -1,11 +1,16 @@
-"""DynaSegFormer-B0 vs dense SegFormer-B0 latency: 512×512, batch 1, 2 threads, all timed in the same run.
+"""Dynamic (DGL) models vs their dense teachers, latency: 512×512, batch 1, 2 threads, all timed in the same run.
+
+``--model segformer-b0`` (default): DynaSegFormer-B0 vs SegFormer-B0, the DynaSegFormer issue's targets checked;
+``--model topformer-tiny`` (or -small, -base): TopFormer with a dynamic semantics extractor vs the dense TopFormer.
 
 Rows (timed alternately by ``compare_latency``, medians, so machine noise hits all of them alike):
 
-- ``SegFormer-B0 published`` — our eager model, which computes exactly what the official code computes (concatenating
+- ``published`` — our eager model, which computes exactly what the official code computes (SegFormer: concatenating
   decoder with its 4E → E fuse conv at 1/4 resolution, explicit softmax attention);
-- ``SegFormer-B0 fused`` — ``fuse()``: decoder folded into the additive form, BN folded, SDPA attention;
-- ``DynaSegFormer-B0 s`` — ``from_segformer(dense, s).fuse()``: the student's inference form, which gathers the kept
+- ``fused`` — the dense model's ``fuse()`` (SegFormer: decoder folded into the additive form, SDPA attention; BN
+  folded);
+- ``dynamic s`` — ``from_segformer(dense, s).fuse()`` / ``from_topformer(dense, s).fuse()``: the student's inference
+  form, which gathers the kept
   neurons per image and runs the narrower products (at s = 0 it gathers everything: gating cost, no saving);
   its ``fuse()`` folds the gates and pads the gathered widths with zero neurons to multiples of 8 (exact: e.g. a
   90-channel hidden layer runs as 96, faster on this CPU); ``unpadded`` rows are ``fuse(pad_multiple=1)``;
@@ -21,7 +26,8 @@ the bursts of a shared machine better than a ratio of medians; ``min ms`` is the
 Gates: the students get random gate weights (a fresh gate outputs G ≡ 1, a tie), so each image keeps its own
 channels as a trained gate would; latency does not depend on which channels are kept.
 
-    .venv/bin/python benchmarks/dynasegformer.py [--rounds 15] [--threads 2] [--size 512 512] [--variant b0]
+    .venv/bin/python benchmarks/dynamic_latency.py [--model segformer-b0] [--rounds 20] [--threads 2]
+        [--size 512 512]
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ from edgeseg.models.dynamic import (
     dynamic_gates,
     from_segformer,
 )
+from edgeseg.models.topformer import DynamicAttention, DynamicMLP, from_topformer
 
-TARGETS = {  # (sparsity, reference row) -> max ratio, from the task's targets
+TARGETS = {  # (sparsity, reference row) -> max ratio, the DynaSegFormer issue's targets for SegFormer-B0
     (0.3, "published"): 0.3,
     (0.3, "fused"): 0.85,
     (0.5, "fused"): 0.7,
@@ -60,7 +67,7 @@ def randomise_gates(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-_DGL_SITES = (DynamicEfficientSelfAttention, DynamicMixFFN, DynamicGatedLinear)
+_DGL_SITES = (DynamicEfficientSelfAttention, DynamicMixFFN, DynamicGatedLinear, DynamicAttention, DynamicMLP)
 
 
 def dgl_site_inputs(model: nn.Module, x: torch.Tensor) -> list[tuple[nn.Module, torch.Tensor]]:
@@ -102,7 +109,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", nargs=2, type=int, default=[512, 512])
-    parser.add_argument("--variant", default="b0", help="SegFormer size b0…b5")
+    parser.add_argument("--model", default="segformer-b0", help="dense teacher: segformer-b0…b5, topformer-tiny…base")
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.3, 0.5])
     parser.add_argument("--floor", nargs="*", type=float, default=[0.3],
                         help="sparsities to also time with plans precomputed (the gathered path's floor)")
@@ -114,9 +121,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     size = tuple(args.size)
     x = torch.randn(1, 3, *size)
-    dense = create_model(f"segformer-{args.variant}").eval()
+    dense = create_model(args.model).eval()
+    make_student = from_topformer if args.model.startswith("topformer-") else from_segformer
     models: dict[str, nn.Module] = {"published": dense, "fused": dense.fuse()}
-    students = {s: randomise_gates(from_segformer(dense, s)) for s in {*args.sparsities, *args.unpadded}}
+    students = {s: randomise_gates(make_student(dense, s)) for s in {*args.sparsities, *args.unpadded}}
     for s in args.sparsities:
         models[f"dyna {s:.0%}"] = students[s].fuse()
     for s in args.unpadded:
@@ -137,30 +145,33 @@ def main() -> None:
     def ratio(name: str, ref: str) -> float:
         return statistics.median(a / b for a, b in zip(times[name], times[ref]))
 
-    V = args.variant.upper()
-    print(f"{V} at {size[0]}×{size[1]}, batch 1, {torch.get_num_threads()} threads, {args.rounds} alternating rounds "
+    family, variant = args.model.split("-", 1)
+    dense_label = {"segformer": f"SegFormer-{variant.upper()}", "topformer": f"TopFormer-{variant.capitalize()}"}.get(
+        family, args.model)
+    dynamic_label = "Dyna" + dense_label if dense_label.startswith("SegFormer") else dense_label + " dynamic"
+    print(f"{args.model} at {size[0]}×{size[1]}, batch 1, {torch.get_num_threads()} threads, {args.rounds} alternating rounds "
           f"(load average {load_before:.1f} → {load_after:.1f} on {os.cpu_count()} CPUs)")
     print("| model | GMACs | median ms | min ms | × published | × fused |")
     print("|---|---|---|---|---|---|")
     for name in fns:
-        label = {"published": f"SegFormer-{V} published (eager)", "fused": f"SegFormer-{V} fused"}.get(
-            name, f"DynaSegFormer-{V} {name[5:]}" if name.startswith("dyna") else name)
+        label = {"published": f"{dense_label} published (eager)", "fused": f"{dense_label} fused"}.get(
+            name, f"{dynamic_label} {name[5:]}" if name.startswith("dyna") else name)
         g = f"{gmacs[name]:.2f}" if name in gmacs else "-"
         print(f"| {label} | {g} | {med[name]:.1f} | {min(times[name]):.1f} | {ratio(name, 'published'):.2f} | "
               f"{ratio(name, 'fused'):.2f} |")
     print()
-    for (s, ref), limit in TARGETS.items():
+    for (s, ref), limit in (TARGETS.items() if args.model == "segformer-b0" else ()):
         for key in (f"dyna {s:.0%}", f"dyna {s:.0%} unpadded"):
             if key in med:
                 r = ratio(key, ref)
                 best = min(times[key]) / min(times[ref])
-                print(f"target: DynaSegFormer {key[5:]} ≤ {limit}× {ref}: {r:.2f} (min/min {best:.2f}) "
+                print(f"target: {dynamic_label} {key[5:]} ≤ {limit}× {ref}: {r:.2f} (min/min {best:.2f}) "
                       f"({'met' if r <= limit else 'NOT met'})")
     for s in args.sparsities:
         if s > 0:
             share = ratio(f"gates+gathers {s:.0%}", f"dyna {s:.0%}")
             print(f"gate prediction + gathers at {s:.0%}: {med[f'gates+gathers {s:.0%}']:.1f} ms "
-                  f"({share:.1%} of the DynaSegFormer forward)")
+                  f"({share:.1%} of the {dynamic_label} forward)")
 
 
 if __name__ == "__main__":
