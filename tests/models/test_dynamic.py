@@ -407,3 +407,11 @@ def test_fused_b0_pads_to_kernel_widths_and_counts_the_padding():
         assert (fused(x) - model(x)).abs().max() <= 1e-5
         assert (unpadded(x) - model(x)).abs().max() <= 1e-5
     assert count_gmacs(fused, (64, 64), convention="macs") > count_gmacs(unpadded, (64, 64), convention="macs")
+    # the padding masks are built once and cached: one first built under inference_mode must not break a later
+    # forward with autograd on (e.g. a saliency map through the fused model)
+    dynamic._slot_support.cache_clear()
+    with torch.inference_mode():
+        fused(x)
+    y = x.clone().requires_grad_(True)
+    fused(y).sum().backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0

@@ -12,6 +12,9 @@ Read top to bottom, in the paper's order:
 6. ``DynaSegFormer`` (additive decoder) and ``from_segformer``, the student built from a dense teacher.
 7. Paper figures, checkpoint layout, builders ``dynasegformer-b0`` … ``-b5``.
 
+Beyond the paper, ``topformer.py`` wires the same pieces into TopFormer's semantics extractor (``DynamicAttention``,
+``DynamicMLP``).
+
 How the value of ``M`` enters: the paper writes ``Y = X (W1 ∘ M)`` and ``Z = Y (W2 ∘ Mᵀ)``. We apply the kept gate
 *values* once, on ``Y`` (the bias is treated as a row of ``W1`` on a constant input, so it is scaled too and a gated
 neuron is exactly ``m · (x·w + b)``), and use ``Mᵀ`` on ``W2`` as the *support*: which columns are consumed. Applying
@@ -29,6 +32,10 @@ Two execution forms with the same outputs (≤ 1e-5):
   is multiplied into whichever gathered weight is smallest where a linear map lies in between), then the narrower
   products run, so executed MACs and wall-clock time drop. Only ``topk`` and index gathers are added — no Python
   branching on tensor values, so the graph exports to ONNX (TopK + Gather).
+
+``fuse()`` prepares the inference form further (:func:`fold_gates`): each gate predictor becomes one frozen matrix
+product, and the gathered widths are padded with zero neurons to multiples of 8, which CPU kernels run faster than
+the exact pruned widths (the padding is exact: a padding slot's gate value is 0).
 """
 
 from __future__ import annotations
