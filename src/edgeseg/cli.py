@@ -6,10 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
-
-COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
-
+from typing import Any
 
 def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
@@ -140,11 +137,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-# Engine subcommands (train, eval, demo, ...) register a parser builder here: ENGINE_PARSERS.append(fn), where
-# fn(subparsers) adds its parser and sets `func`.
-ENGINE_PARSERS: list[Callable[[Any], None]] = []
-
-# --- engine commands ---
+# ------------------------------------------------------------------------------------ train, eval, demo, distill
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .engine.train import train
@@ -213,10 +206,6 @@ def _engine_parsers(sub: Any) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-ENGINE_PARSERS.append(_engine_parsers)
-# --- end engine commands ---
-
-# --- distill commands ---
 def cmd_distill(args: argparse.Namespace) -> int:
     from .config import load_config
     from .engine.distill import distill
@@ -245,9 +234,6 @@ def _distill_parser(sub: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_distill)
 
-
-ENGINE_PARSERS.append(_distill_parser)
-# --- end distill commands ---
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,10 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int)
     p.set_defaults(func=cmd_predict, sparsity=None)
 
-    for register in ENGINE_PARSERS:
-        register(sub)
+    _engine_parsers(sub)
+    _distill_parser(sub)
     return parser
-
 
 
 def main(argv: list[str] | None = None) -> int:
