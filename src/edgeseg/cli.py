@@ -118,6 +118,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    from .deploy.export import export_onnx
+
+    model = _build(args)
+    res = export_onnx(model, args.out, tuple(args.size), batch=args.batch, opset=args.opset,
+                      fuse=not args.no_fuse, check=not args.no_check)
+    shapes = f"{'x'.join(map(str, res.input_shape))} -> {'x'.join(map(str, res.output_shape))}"
+    check = "" if res.max_abs_diff is None else (f"; onnxruntime vs PyTorch: max |diff| {res.max_abs_diff:.1e}, "
+                                                 f"same class at {res.argmax_agreement:.2%} of positions")
+    print(f"wrote {model.model_name} ({'fused' if res.fused else 'eager'}, {shapes}, opset {res.opset}) to {res.path}{check}")
+    return 0
+
+
 # -------------------------------------------------------------------------------------------------------- predict
 def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
@@ -265,6 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output file (edgeseg) or folder (hf)")
     p.add_argument("--to", choices=["edgeseg", "hf"], default="edgeseg")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="ONNX graph of a model's inference form, checked with onnxruntime")
+    p.add_argument("model", help="model name or checkpoint path (any supported layout)")
+    p.add_argument("out", help="output .onnx file")
+    p.add_argument("--size", nargs=2, type=int, default=[512, 512], metavar=("H", "W"),
+                   help="input size, fixed in the graph (default 512 512)")
+    p.add_argument("--batch", type=int, default=1, help="batch size, fixed in the graph")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--sparsity", type=float, help="dynamic models: fraction of gated neurons pruned")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--no-fuse", action="store_true", help="export the eager model instead of fuse()'s form")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="segment images: palette label PNGs and overlays")
     p.add_argument("model", help="checkpoint path (any supported layout) or model name")

@@ -1,0 +1,104 @@
+"""ONNX export of any edgeseg model, checked against onnxruntime before the user ships it.
+
+``torch.onnx.export`` alone leaves three things to every user: exporting the inference form (``fuse()``: BN and the
+SegFormer decoder folded, DGL gates folded, gathered widths padded), writing the file so that a failed export never
+leaves half of one, and proving the graph computes what PyTorch computes. ``export_onnx`` does all three and reports
+the largest difference onnxruntime shows on a random input.
+
+Shapes are fixed at export: TopFormer pools its token pyramid to a grid derived from the input size (and ONNX's
+pooling needs whole factors, so TopFormer sizes are multiples of 64), and a dynamic model's batch-of-one fast path
+is chosen by shape, so one file serves one (batch, H, W). Dynamic models export
+their gathered inference path (TopK + Gather), so the per-image pruning is kept in the graph.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ONNX_EXTRA = "pip install 'edgeseg[onnx]'"
+
+
+@dataclass
+class ExportResult:
+    """What was written: the file, the fixed shapes, the ONNX ops used and the onnxruntime check."""
+
+    path: Path
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    opset: int
+    fused: bool
+    ops: list[str] = field(default_factory=list)
+    max_abs_diff: float | None = None  # onnxruntime vs PyTorch on a random input; None when not checked
+    argmax_agreement: float | None = None  # fraction of logit positions where both pick the same class
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int] = (512, 512), batch: int = 1,
+                opset: int = 17, fuse: bool = True, check: bool = True) -> ExportResult:
+    """Write ``model`` (or its ``fuse()`` form) as an ONNX graph with input ``image`` (batch, 3, H, W) and output
+    ``logits``, and check it with onnxruntime.
+
+    The file appears only when the export succeeded (written to a temporary name, then renamed). ``check`` runs the
+    graph on a random normalised-image-like input and reports the largest absolute difference to PyTorch's logits
+    and how often both pick the same class. (An *untrained* model is a poor probe: with default BN statistics
+    TopFormer's unscaled attention is so sharp that float32 PyTorch itself moves by ~1 against float64, and fresh
+    DGL gates tie, so either runtime may keep either of two channels. Check with trained weights.)
+    """
+    try:
+        import onnx
+    except ImportError as err:
+        raise ImportError(f"ONNX export needs the onnx package: {ONNX_EXTRA}") from err
+    pool_stride = getattr(model, "pool_stride", None)  # TopFormer: its token pooling is adaptive
+    if pool_stride is not None:
+        multiple = 32 * pool_stride
+        if input_size[0] % multiple or input_size[1] % multiple:
+            raise ValueError(f"{getattr(model, 'model_name', 'TopFormer')} exports at sizes that are multiples of "
+                             f"{multiple} (ONNX pools only by whole factors), got {input_size[0]}x{input_size[1]}: "
+                             f"e.g. --size {_round_up(input_size[0], multiple)} {_round_up(input_size[1], multiple)}")
+    fused = fuse and callable(getattr(model, "fuse", None))
+    model = model.fuse() if fused else copy.deepcopy(model).eval()
+    x = torch.randn(batch, 3, *input_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(x)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with warnings.catch_warnings():  # shape-dependent Python branches are fixed at export: shapes are fixed
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, (x,), tmp, dynamo=False, opset_version=opset, input_names=["image"],
+                              output_names=["logits"])
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+    ops = sorted({node.op_type for node in onnx.load(str(path)).graph.node})
+    result = ExportResult(path, tuple(x.shape), tuple(reference.shape), opset, fused, ops)
+    if check:
+        try:
+            import onnxruntime as ort
+        except ImportError as err:
+            raise ImportError(f"checking the export needs onnxruntime: {ONNX_EXTRA} (or check=False)") from err
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        out = session.run(None, {"image": x.numpy()})[0]
+        result.max_abs_diff = float(abs(out - reference.numpy()).max())
+        result.argmax_agreement = float((out.argmax(1) == reference.numpy().argmax(1)).mean())
+    return result
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+__all__ = ["ExportResult", "export_onnx"]

@@ -1,0 +1,78 @@
+"""ONNX export: the inference form of every family, checked with onnxruntime; atomic writes; one-line errors."""
+
+from __future__ import annotations
+
+import builtins
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from edgeseg import create_model, load_model
+from edgeseg.cli import main
+from edgeseg.deploy import export as export_module
+from edgeseg.deploy.export import export_onnx
+from edgeseg.models import dynamic
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+
+def test_official_topformer_exports_fused_and_matches(reference_dir, tmp_path):
+    """Official TopFormer-Tiny weights (random but realistic BN statistics), small input: onnxruntime computes what
+    PyTorch computes, for the fused and the eager form, batch 2."""
+    model = load_model(reference_dir / "topformer-tiny_ade20k-150_1x3x512x512_seed0" / "checkpoint.pth")
+    res = export_onnx(model, tmp_path / "sub" / "t.onnx", input_size=(128, 192), batch=2)
+    assert res.path.is_file() and res.fused and res.input_shape == (2, 3, 128, 192)
+    assert res.output_shape == (2, 150, 16, 24)
+    assert res.max_abs_diff is not None and res.max_abs_diff <= 1e-4 and res.argmax_agreement == 1.0
+    assert {"Conv", "MatMul", "Softmax"} <= set(res.ops)
+    eager = export_onnx(model, tmp_path / "e.onnx", input_size=(64, 64), fuse=False)
+    assert not eager.fused and eager.max_abs_diff <= 1e-4
+    with pytest.raises(ValueError, match=r"multiples of 64.*got 96x128: e.g. --size 128 128"):
+        export_onnx(model, tmp_path / "odd.onnx", input_size=(96, 128))
+
+
+def test_dynamic_models_export_their_gathered_path(tmp_path):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    for model in (create_model("dynasegformer-b0", num_classes=5, sparsity=0.3, depths=[1, 1, 1, 1]),
+                  create_model("topformer-tiny", num_classes=5, sparsity=0.3)):
+        with torch.no_grad():  # trained gates do not tie; fresh ones (G ≡ 1) would leave the choice to the runtime
+            for gate in dynamic.dynamic_gates(model):
+                gate.predictor.fc2.weight.copy_(torch.randn(gate.predictor.fc2.weight.shape, generator=gen) * 0.5)
+        res = export_onnx(model.eval(), tmp_path / f"{model.model_name}.onnx", input_size=(64, 64))
+        assert {"TopK", "Gather"} <= set(res.ops), model.model_name
+        assert res.max_abs_diff <= 1e-4, model.model_name
+
+
+def test_cli_export_and_errors(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "s.onnx"
+    code = main(["export", "segformer-b0", str(out), "--size", "64", "64", "--num-classes", "7", "--no-check"])
+    assert code == 0 and out.is_file()
+    printed = capsys.readouterr().out
+    assert "segformer-b0 (fused, 1x3x64x64 -> 1x7x16x16, opset 17)" in printed and "onnxruntime" not in printed
+
+    # a failing export leaves neither the file nor a temporary one behind
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter failed")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(RuntimeError, match="exporter failed"):
+        export_onnx(create_model("topformer-tiny"), tmp_path / "x.onnx", input_size=(64, 64))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.onnx"]
+
+    # without the onnx extra: one line naming the fix
+    real_import = builtins.__import__
+
+    def no_onnx(name, *args, **kwargs):
+        if name == "onnx":
+            raise ImportError("No module named 'onnx'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    code = main(["export", "topformer-tiny", str(tmp_path / "y.onnx"), "--size", "64", "64"])
+    err = capsys.readouterr().err
+    assert code == 2 and export_module.ONNX_EXTRA in err and len(err.strip().splitlines()) == 1
+    assert not Path(tmp_path / "y.onnx").exists()
