@@ -309,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .deploy.allocator import keep_freed_memory_unless_disabled
+
     args = build_parser().parse_args(argv)
+    keep_freed_memory_unless_disabled()  # the command owns its process: reuse freed tensor memory (see allocator.py)
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError, ImportError) as err:  # user errors: one line, no traceback

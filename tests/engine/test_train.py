@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from itertools import islice
 from pathlib import Path
 
@@ -106,9 +107,16 @@ def _ddp_worker(rank: int, world: int, port: int, work_dir: str, out_dir: str) -
 
 
 def test_ddp_two_processes_stay_identical(tmp_path):
-    # fork: the children inherit the imported modules instead of re-importing torch (seconds on a busy CPU)
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path / "work"), str(tmp_path)), nprocs=2,
-                       join=True, start_method="fork")
+    # spawn, not fork: a fork of this multi-threaded test process (OpenMP, onnxruntime and tqdm threads from earlier
+    # tests) can deadlock a child; torchrun starts fresh processes too. A hang fails the test after two minutes.
+    context = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path / "work"), str(tmp_path)),
+                                 nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("DDP workers did not finish within 120 s")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     params = {k for k in r0["state_dict"] if "running" not in k and "num_batches" not in k}
