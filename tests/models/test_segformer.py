@@ -323,6 +323,7 @@ def test_shapes_and_fuse_equivalence(random_b0, shape):
     assert logits.shape == (shape[0], 19, (shape[2] - 1) // 4 + 1, (shape[3] - 1) // 4 + 1)
     assert (fused_logits - logits).abs().max().item() <= 1e-5
     assert isinstance(fused.decode_head, S.AdditiveMLPDecoder) and not hasattr(fused.decode_head, "linear_fuse")
+    assert fused.decode_head.linear_pred.out_channels == 24  # 19 classes padded to 24, sliced off in forward
     assert fused.model_name == "segformer-b0" and fused.model_args == {"num_classes": 19}
     assert isinstance(random_b0.decode_head, S.MLPDecoder)  # fuse() leaves the original untouched
 
@@ -332,7 +333,7 @@ def test_additive_decoder_folds_its_batchnorm():
     dec = _randomize(S.AdditiveMLPDecoder([8, 16, 24, 32], 12, 5, batch_norm=True), seed=3).eval()
     feats = [torch.randn(2, c, 12 // 2**i + 1, 20 // 2**i) for i, c in enumerate([8, 16, 24, 32])]
     fused = dec.fuse()
-    assert isinstance(fused.bn, nn.Identity)
+    assert isinstance(fused.bn, nn.Identity) and fused.linear_pred.out_channels == 8  # 5 classes padded to 8
     with torch.no_grad():
         assert (fused(feats) - dec(feats)).abs().max().item() <= 1e-5
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ConvBN, DropPath, fuse_modules, resize
+from .layers import ConvBN, DropPath, fuse_modules, pad_output_channels, resize
 
 # LayerNorm eps of the official code: ``partial(nn.LayerNorm, eps=1e-6)`` for the block norms (norm1/norm2) and
 # the stage norms (norm1..4); PyTorch's default 1e-5 in the patch embeddings and the sequence-reduction norm.
@@ -322,6 +322,7 @@ class MLPDecoder(nn.Module):
             out.linear_c[i].weight.copy_(part @ lin.weight.double())
             out.linear_c[i].bias.copy_(part @ lin.bias.double() + (shift if i == 0 else 0))
         out.linear_pred.load_state_dict(self.linear_pred.state_dict())
+        out.linear_pred = pad_output_channels(out.linear_pred)  # forward slices back to num_classes
         return out.eval()
 
 
@@ -337,6 +338,7 @@ class AdditiveMLPDecoder(nn.Module):
                  dropout: float = 0.1) -> None:
         super().__init__()
         self.embed_dim = embed_dim
+        self.num_classes = num_classes
         self.linear_c = nn.ModuleList(nn.Linear(c, embed_dim) for c in in_channels)
         self.bn = nn.BatchNorm2d(embed_dim) if batch_norm else nn.Identity()
         self.act = nn.ReLU(inplace=True)
@@ -351,10 +353,11 @@ class AdditiveMLPDecoder(nn.Module):
         for linear, f in zip(self.linear_c[1:], features[1:]):
             x.add_(resize(_project(linear, f), size))
         x = self.dropout(self.act(self.bn(x)))
-        # The 1×1 classifier as one GEMM over the (B, h, w, E) view: no im2col, no layout reorder.
+        # The 1×1 classifier as one GEMM over the (B, h, w, E) view: no im2col, no layout reorder. (Fused, its
+        # outputs are padded to a multiple of 8, ``pad_output_channels``; the slice drops them.)
         weight = self.linear_pred.weight
         logits = F.linear(x.permute(0, 2, 3, 1), weight.reshape(weight.shape[0], -1), self.linear_pred.bias)
-        return logits.permute(0, 3, 1, 2)
+        return logits[..., : self.num_classes].permute(0, 3, 1, 2)
 
     @torch.no_grad()
     def fuse(self) -> AdditiveMLPDecoder:
@@ -369,6 +372,8 @@ class AdditiveMLPDecoder(nn.Module):
             fused.linear_c[0].bias.add_(bn.bias - bn.running_mean * scale)
             fused.bn = nn.Identity()
         fused.dropout = nn.Identity()
+        if fused.linear_pred.out_channels == self.num_classes:
+            fused.linear_pred = pad_output_channels(fused.linear_pred)
         return fused
 
 
