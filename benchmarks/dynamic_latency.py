@@ -27,7 +27,7 @@ Gates: the students get random gate weights (a fresh gate outputs G ≡ 1, a tie
 channels as a trained gate would; latency does not depend on which channels are kept.
 
     .venv/bin/python benchmarks/dynamic_latency.py [--model segformer-b0] [--rounds 20] [--threads 2]
-        [--size 512 512]
+        [--size 512 512] [--keep-freed-memory]
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from edgeseg import create_model
+from edgeseg.deploy.allocator import keep_freed_memory
 from edgeseg.deploy.benchmark import compare_latency, count_gmacs
 from edgeseg.models.dynamic import (
     DynamicEfficientSelfAttention,
@@ -113,10 +114,14 @@ def main() -> None:
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.3, 0.5])
     parser.add_argument("--floor", nargs="*", type=float, default=[0.3],
                         help="sparsities to also time with plans precomputed (the gathered path's floor)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="run with edgeseg.deploy.allocator.keep_freed_memory(), as the edgeseg commands do")
     parser.add_argument("--unpadded", nargs="*", type=float, default=[0.3],
                         help="sparsities to also time without zero-padding the gathered widths")
     args = parser.parse_args()
 
+    if args.keep_freed_memory and not keep_freed_memory():
+        parser.error("--keep-freed-memory needs Linux with glibc")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     size = tuple(args.size)
