@@ -260,6 +260,9 @@ class DynamicAttention(Attention):
         self.qk_gate = DynamicGate(dim, key_dim * num_heads, sparsity, num_heads, rows=(None, None))
         self.v_gate = DynamicGate(dim, self.value_dim * num_heads, sparsity, num_heads)
         self.joint_gate: FoldedGate | None = None
+        # [W_q; W_k; W_v] and biases with BN folded, stacked once by fold_gates (inference only)
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
 
     @classmethod
     def from_dense(cls, attn: Attention, sparsity: float = 0.0) -> DynamicAttention:
@@ -273,6 +276,12 @@ class DynamicAttention(Attention):
         self.qk_gate.fold(_gate_weight(self.to_q), _gate_weight(self.to_k))
         self.v_gate.fold(_gate_weight(self.to_v), consumer=_linear_params(self.proj)[0])
         self.joint_gate = FoldedGate.stack([self.qk_gate.folded, self.v_gate.folded])
+        with torch.no_grad():
+            self.qkv_weight, self.qkv_bias = self._qkv_params()
+
+    def _qkv_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        params = [_linear_params(m) for m in (self.to_q, self.to_k, self.to_v)]
+        return torch.cat([w for w, _ in params]), torch.cat([b for _, b in params])
 
     def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gates and gathers of the inference form: the kept rows of Q, K (scaled) and V (scaled) as one weight,
@@ -287,8 +296,7 @@ class DynamicAttention(Attention):
         else:
             qk_values, qk_index = qk_gate(pooled, _gate_weight(self.to_q), _gate_weight(self.to_k))
             v_values, v_index = v_gate(pooled, _gate_weight(self.to_v))
-        params = [_linear_params(m) for m in (self.to_q, self.to_k, self.to_v)]
-        weight, bias = torch.cat([w for w, _ in params]), torch.cat([b for _, b in params])
+        weight, bias = (self.qkv_weight, self.qkv_bias) if self.qkv_weight is not None else self._qkv_params()
         index = torch.cat([qk_index, qk_index + nk, v_index + 2 * nk], dim=1)
         values = torch.cat([torch.ones_like(qk_values), qk_values, v_values], dim=1)
         w_qkv, b_qkv = gather_rows(weight, bias, index, values)
