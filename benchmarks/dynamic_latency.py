@@ -49,6 +49,7 @@ from edgeseg.models.dynamic import (
     DynamicMixFFN,
     dynamic_gates,
     from_segformer,
+    random_gates_,
 )
 from edgeseg.models.topformer import DynamicAttention, DynamicMLP, from_topformer
 
@@ -57,15 +58,6 @@ TARGETS = {  # (sparsity, reference row) -> max ratio, the DynaSegFormer issue's
     (0.3, "fused"): 0.85,
     (0.5, "fused"): 0.7,
 }
-
-
-def randomise_gates(model: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for gate in dynamic_gates(model):
-            fc2 = gate.predictor.fc2
-            fc2.weight.copy_(torch.randn(fc2.weight.shape, generator=gen) * 0.5)
-    return model
 
 
 _DGL_SITES = (DynamicEfficientSelfAttention, DynamicMixFFN, DynamicGatedLinear, DynamicAttention, DynamicMLP)
@@ -129,7 +121,7 @@ def main() -> None:
     dense = create_model(args.model).eval()
     make_student = from_topformer if args.model.startswith("topformer-") else from_segformer
     models: dict[str, nn.Module] = {"published": dense, "fused": dense.fuse()}
-    students = {s: randomise_gates(make_student(dense, s)) for s in {*args.sparsities, *args.unpadded}}
+    students = {s: random_gates_(make_student(dense, s)) for s in {*args.sparsities, *args.unpadded}}
     for s in args.sparsities:
         models[f"dyna {s:.0%}"] = students[s].fuse()
     for s in args.unpadded:

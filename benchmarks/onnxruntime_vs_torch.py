@@ -24,7 +24,7 @@ import torch
 from edgeseg import create_model
 from edgeseg.deploy.benchmark import compare_latency
 from edgeseg.deploy.export import export_onnx
-from edgeseg.models.dynamic import dynamic_gates
+from edgeseg.models.dynamic import random_gates_
 
 
 def main() -> None:
@@ -43,7 +43,6 @@ def main() -> None:
     # onnxruntime's workers spin after each run by default, which steals the cores from the PyTorch run timed next
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     x = torch.randn(1, 3, *args.size)
-    gen = torch.Generator().manual_seed(0)
     print(f"{args.size[0]}×{args.size[1]}, batch 1, {args.threads} threads, {args.rounds} alternating rounds, "
           f"onnxruntime {ort.__version__} (load average {os.getloadavg()[0]:.1f})")
     print("| model | PyTorch fused ms | onnxruntime ms | onnxruntime / PyTorch | max abs diff | same class |")
@@ -51,11 +50,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             kwargs = {"sparsity": args.sparsity} if name.startswith("dyna") else {}
-            model = create_model(name, **kwargs).eval()
-            with torch.no_grad():
-                for gate in dynamic_gates(model):
-                    w = gate.predictor.fc2.weight
-                    w.copy_(torch.randn(w.shape, generator=gen) * 0.5)
+            model = random_gates_(create_model(name, **kwargs).eval())
             fused = model.fuse()
             res = export_onnx(model, Path(tmp) / f"{name}.onnx", tuple(args.size))
             session = ort.InferenceSession(str(res.path), options, providers=["CPUExecutionProvider"])

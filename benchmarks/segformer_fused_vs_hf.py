@@ -19,24 +19,9 @@ import tempfile
 
 import torch
 
-from edgeseg.deploy.benchmark import compare_latency
+from edgeseg.deploy.benchmark import compare_latency, random_weights_
 from edgeseg.models.hf_segformer import load_hf_folder, save_hf_folder
 from edgeseg.models.segformer import MODELS
-
-
-def _random_weights_(model: torch.nn.Module) -> None:
-    """Non-trivial weights and BN statistics, so every branch of the decoder contributes to the comparison."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            if name.endswith("running_var") or (t.ndim == 1 and name.endswith("weight")):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif t.ndim >= 2:
-                t.copy_(torch.randn(t.shape, generator=g) / t[0].numel() ** 0.5)
-            else:
-                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
 
 
 def main() -> None:
@@ -52,7 +37,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     source = MODELS[args.model](ln_eps=1e-5)
-    _random_weights_(source)
+    random_weights_(source)
     with tempfile.TemporaryDirectory() as folder:
         save_hf_folder(source.eval(), folder)
         ours = load_hf_folder(folder)

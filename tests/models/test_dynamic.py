@@ -22,22 +22,13 @@ from edgeseg.models.dynamic import (
     SparsitySchedule,
     from_segformer,
     gate_l1,
+    random_gates_,
     keep_count,
     set_gather,
     set_sparsity,
     top_r,
 )
 from edgeseg.models.segformer import EfficientSelfAttention, MixFFN
-
-
-def randomise_gates(model: nn.Module, std: float = 0.5, seed: int = 0) -> None:
-    """Fresh gates output G ≡ 1 (every neuron tied); random last layers make the masks differ per image."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for gate in dynamic.dynamic_gates(model):
-            fc2 = gate.predictor.fc2
-            fc2.weight.copy_(torch.randn(fc2.weight.shape, generator=gen) * std)
-            fc2.bias.copy_(1 + torch.randn(fc2.bias.shape, generator=gen) * 0.1)
 
 
 def both_forms(module: nn.Module, *args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +54,7 @@ def test_keep_count_and_validation():
 def test_gate_shapes_and_top_r_per_head():
     torch.manual_seed(0)
     gate = DynamicGate(in_features=12, gated_features=24, sparsity=0.25, groups=3).eval()
-    randomise_gates(gate)
+    random_gates_(gate)
     pooled, w1 = torch.randn(4, 12), torch.randn(24, 12)
     logits = gate.predictor(pooled, (w1,), (None,))
     assert logits.shape == (4, 24)
@@ -145,7 +136,7 @@ def test_masked_equals_gathered_layers(sparsity):
     x = torch.randn(2, 60, 40)
     for dense in (EfficientSelfAttention(40, num_heads=4, sr_ratio=2), EfficientSelfAttention(40, 5, sr_ratio=1)):
         attn = DynamicEfficientSelfAttention.from_dense(dense, sparsity).eval()
-        randomise_gates(attn)
+        random_gates_(attn)
         masked, gathered = both_forms(attn, x, hw)
         assert (masked - gathered).abs().max() <= 1e-5
         # the two images keep different channels, and each runs alone the same as in the batch
@@ -154,13 +145,13 @@ def test_masked_equals_gathered_layers(sparsity):
         with torch.no_grad():
             assert (attn(x[1:], hw) - gathered[1:]).abs().max() <= 1e-5
     ffn = DynamicMixFFN.from_dense(MixFFN(40, 160), sparsity).eval()
-    randomise_gates(ffn)
+    random_gates_(ffn)
     masked, gathered = both_forms(ffn, x, hw)
     assert (masked - gathered).abs().max() <= 1e-5
     with torch.no_grad():
         assert (ffn(x[:1], hw) - gathered[:1]).abs().max() <= 1e-5
     dgl = DynamicGatedLinear(40, 96, sparsity=sparsity).eval()
-    randomise_gates(dgl)
+    random_gates_(dgl)
     masked, gathered = both_forms(dgl, x)
     assert (masked - gathered).abs().max() <= 1e-5
 
@@ -172,7 +163,7 @@ def test_attention_plan_with_unequal_qk_and_v_sparsity():
     hw = (6, 10)
     x = torch.randn(2, 60, 40)
     attn = DynamicEfficientSelfAttention.from_dense(EfficientSelfAttention(40, 4, sr_ratio=2), 0.3).eval()
-    randomise_gates(attn)
+    random_gates_(attn)
     attn.v_gate.sparsity = 0.5
     assert attn.qk_gate.keep != attn.v_gate.keep
     masked, gathered = both_forms(attn, x, hw)
@@ -185,7 +176,7 @@ def test_attention_plan_with_unequal_qk_and_v_sparsity():
 def test_masked_equals_gathered_whole_model_batch2_and_fused():
     torch.manual_seed(0)
     model = create_model("dynasegformer-b0", num_classes=5, sparsity=0.3).eval()
-    randomise_gates(model)
+    random_gates_(model)
     x = torch.randn(2, 3, 64, 64)
     masked, gathered = both_forms(model, x)
     assert masked.shape == (2, 5, 16, 16)
@@ -203,7 +194,7 @@ def test_pruned_neurons_are_not_consumed():
     """A pruned hidden channel must not reach fc2 even though the depthwise conv's bias makes it non-zero."""
     torch.manual_seed(0)
     ffn = DynamicMixFFN(8, 32, sparsity=0.5).train()
-    randomise_gates(ffn)
+    random_gates_(ffn)
     with torch.no_grad():
         ffn.dwconv.bias.fill_(3.0)
     x, hw = torch.randn(1, 12, 8), (3, 4)
@@ -218,7 +209,7 @@ def test_pruned_neurons_are_not_consumed():
 def test_gate_l1_and_gradients_reach_the_gate():
     torch.manual_seed(0)
     model = create_model("dynasegformer-b0", num_classes=3, sparsity=0.3).train()
-    randomise_gates(model)
+    random_gates_(model)
     x = torch.randn(2, 3, 32, 32)
     out = model(x)
     gates = [g.last_gate for g in dynamic.dynamic_gates(model)]
@@ -308,7 +299,7 @@ def test_layout_claim_and_infer_model():
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = create_model("dynasegformer-b0", num_classes=4, sparsity=0.5).eval()
-    randomise_gates(model)
+    random_gates_(model)
     save_checkpoint(tmp_path / "dyna.pth", model)
     loaded = load_model(tmp_path / "dyna.pth")
     assert loaded.model_name == "dynasegformer-b0" and loaded.model_args["sparsity"] == 0.5
@@ -324,7 +315,7 @@ def test_onnx_export_matches(tmp_path, fused):
     onnx = pytest.importorskip("onnx")
     torch.manual_seed(0)
     model = create_model("dynasegformer-b0", num_classes=5, sparsity=0.3, depths=[1, 1, 1, 1]).eval()
-    randomise_gates(model)
+    random_gates_(model)
     if fused:
         model = model.fuse()
     x = torch.randn(1, 3, 64, 64)
@@ -346,7 +337,7 @@ def test_folded_gates_compute_the_predictors():
     become one block-diagonal gate. Same gate logits as the trainable predictors."""
     torch.manual_seed(0)
     attn = DynamicEfficientSelfAttention.from_dense(EfficientSelfAttention(40, 4, sr_ratio=2), 0.3).eval()
-    randomise_gates(attn)
+    random_gates_(attn)
     with torch.no_grad():
         for g in (attn.qk_gate, attn.v_gate):
             g.predictor.norm.weight.uniform_(0.5, 1.5)
@@ -373,7 +364,7 @@ def test_padded_widths_are_exact_zero_neurons(sparsity):
     with torch.no_grad():
         ffn.dwconv.bias.fill_(3.0)
     for module, args in ((attn, (x, hw)), (ffn, (x, hw)), (dgl, (x,))):
-        randomise_gates(module)
+        random_gates_(module)
         masked, _ = both_forms(module, *args)
         dynamic.fold_gates(module, pad_multiple=8)
         gates = list(dynamic.dynamic_gates(module))
@@ -396,7 +387,7 @@ def test_fused_b0_pads_to_kernel_widths_and_counts_the_padding():
     fused model, which executes (and counts) the padding; ``pad_multiple=1`` executes the paper's pruned widths."""
     torch.manual_seed(0)
     model = create_model("dynasegformer-b0", num_classes=5, sparsity=0.3).eval()
-    randomise_gates(model)
+    random_gates_(model)
     fused = model.fuse()
     block = fused.encoder.stages[0].blocks[0]
     assert (block.attn.qk_gate.keep, block.attn.qk_gate.width) == (22, 24)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from edgeseg.deploy.benchmark import random_weights_
 from edgeseg.models import segformer as S
 from edgeseg.models.hf_segformer import load_hf_folder, save_hf_folder, to_hf_state_dict
 
@@ -22,27 +23,12 @@ CONFIGS = {
 X = torch.randn(2, 3, 40, 72, generator=torch.Generator().manual_seed(0))  # non-square, not a multiple of 32
 
 
-def _randomize_(model: nn.Module, seed: int) -> None:
-    """Non-trivial weights and BN statistics (transformers initialises LayerNorms to (1, 0) and BN stats to (0, 1))."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            if name.endswith("running_var") or (t.ndim == 1 and name.endswith("weight")):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif t.ndim >= 2:
-                t.copy_(torch.randn(t.shape, generator=g) / t[0].numel() ** 0.5)
-            else:
-                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
-
-
 def _hf_segmentation(config: str, num_labels: int = 7, seed: int = 0):
     cfg = transformers.SegformerConfig(num_labels=num_labels, **CONFIGS[config])
     cfg.id2label = {i: f"class{i}" for i in range(num_labels)}
     cfg.label2id = {v: k for k, v in cfg.id2label.items()}
     model = transformers.SegformerForSemanticSegmentation(cfg).eval()
-    _randomize_(model, seed)
+    random_weights_(model, seed)
     return model
 
 
@@ -87,7 +73,7 @@ def test_official_model_exports_to_transformers(tmp_path):
     """A model with the official eps (1e-6) computes, inside transformers (1e-5 everywhere), the same logits to
     well within the parity tolerance."""
     model = S.segformer_b0(num_classes=5)
-    _randomize_(model, 2)
+    random_weights_(model, 2)
     model.eval()
     save_hf_folder(model, tmp_path)
     hf = transformers.SegformerForSemanticSegmentation.from_pretrained(tmp_path).eval()
@@ -112,7 +98,7 @@ def test_in_memory_hf_state_dict_converts(tmp_path):
 def test_bin_weights_and_imagenet_classifier(tmp_path):
     cfg = transformers.SegformerConfig(num_labels=11, hidden_sizes=[16, 32, 40, 64], depths=[1, 1, 2, 1])
     hf = transformers.SegformerForImageClassification(cfg).eval()
-    _randomize_(hf, 4)
+    random_weights_(hf, 4)
     hf.save_pretrained(tmp_path)
     from safetensors.torch import load_file
 

@@ -22,11 +22,9 @@ from edgeseg.models.topformer import DynamicAttention, DynamicMLP, from_topforme
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random gate last layers (fresh gates output G ≡ 1, a tie) and BN statistics (fresh ones are the identity),
     so per-image masks differ and the BN folding of the gathered form is exercised."""
+    dynamic.random_gates_(model, seed)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for gate in dynamic.dynamic_gates(model):
-            fc2 = gate.predictor.fc2
-            fc2.weight.copy_(torch.randn(fc2.weight.shape, generator=gen) * 0.5)
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)

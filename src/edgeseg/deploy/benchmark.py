@@ -85,6 +85,26 @@ def count_params(model: nn.Module, trainable_only: bool = True) -> int:
 
 
 @torch.no_grad()
+def random_weights_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial weights and BN statistics, in place, for comparing implementations of one architecture.
+
+    Default inits leave LayerNorms at (1, 0), BN statistics at (0, 1) and biases at 0, which would hide a mistake in
+    any of them; scaled weights keep activations in a sane range through deep models.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for name, t in model.state_dict().items():
+        if not t.is_floating_point():
+            continue
+        if name.endswith("running_var") or (t.ndim == 1 and name.endswith("weight")):
+            t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+        elif t.ndim >= 2:
+            t.copy_(torch.randn(t.shape, generator=g) / t[0].numel() ** 0.5)
+        else:
+            t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+    return model
+
+
+@torch.no_grad()
 def count_gmacs(model: nn.Module, input_size: tuple[int, int] = (512, 512), batch: int = 1,
                 forward: Callable[[torch.Tensor], Any] | None = None, convention: str = "paper") -> float:
     """GMACs of one forward pass of ``batch`` images, per image.

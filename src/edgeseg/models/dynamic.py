@@ -489,6 +489,21 @@ def fold_gates(model: nn.Module, pad_multiple: int = 8) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def random_gates_(model: nn.Module, seed: int = 0, std: float = 0.5) -> nn.Module:
+    """Random last gate layers for measurements on untrained models, in place.
+
+    A fresh gate outputs ``G ≡ 1``: every neuron ties, and which ones Top-r keeps is left to the kernel (two runtimes
+    may disagree). Random weights make each image keep its own channels, as a trained gate would.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for gate in dynamic_gates(model):
+        fc2 = gate.predictor.fc2
+        fc2.weight.copy_(torch.randn(fc2.weight.shape, generator=gen) * std)
+        fc2.bias.copy_(1 + torch.randn(fc2.bias.shape, generator=gen) * 0.1)
+    return model
+
+
 def set_gather(model: nn.Module, gather: bool) -> None:
     """Choose the eval-mode form: gathered (default, the fast one) or masked dense (the training form)."""
     for gate in dynamic_gates(model):
