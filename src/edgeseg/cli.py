@@ -231,20 +231,23 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.teacher:
         cfg.distill.teacher = args.teacher
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
-    out = distill(cfg, work_dir, progress=not args.no_progress)
+    out = distill(cfg, work_dir, resume=args.resume, progress=not args.no_progress)
     miou = (out["last_eval"] or {}).get("mIoU")
-    print(f"distilled {out['model'].model_name} at sparsity {cfg.distill.sparsity} for {out['iteration']} iterations"
-          f"{f', mIoU {miou:.2f}' if miou is not None else ''}; student: {work_dir / 'final.pth'}")
+    if out["rank"] == 0:
+        print(f"distilled {out['model'].model_name} at sparsity {cfg.distill.sparsity} for {out['iteration']} "
+              f"iterations{f', mIoU {miou:.2f}' if miou is not None else ''}; student: {work_dir / 'final.pth'}")
     return 0
 
 
 def _distill_parser(sub: Any) -> None:
-    p = sub.add_parser("distill", help="two-stage distillation of a dense model into its dynamic (DGL) form")
+    p = sub.add_parser("distill", help="two-stage distillation of a dense model into its dynamic (DGL) form "
+                       "(torchrun --nproc-per-node N -m edgeseg distill ... for DDP)")
     p.add_argument("config", help="recipe YAML with a distill: section, e.g. configs/dynasegformer_b0_ade20k_30.yaml")
     p.add_argument("--teacher", help="dense teacher checkpoint (any layout): a SegFormer of the DynaSegFormer's size, "
                    "or the TopFormer variant of a dynamic TopFormer recipe")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. distill.sparsity=0.5")
     p.add_argument("--work-dir", help="output folder (default: work_dirs/<config name>)")
+    p.add_argument("--resume", metavar="auto|PATH", help="continue exactly: 'auto' = <work-dir>/latest.pth if present")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_distill)
 

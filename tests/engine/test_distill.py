@@ -1,20 +1,32 @@
-"""DynaSegFormer's two-stage distillation: loss values on hand-made tensors, the recipe loader, and a tiny run on
-procedural scenes through the CLI."""
+"""DynaSegFormer's two-stage distillation: loss values on hand-made tensors, the recipe loader, a tiny run on
+procedural scenes through the CLI, exact resumption in either stage, and DDP."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import socket
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import yaml
 
 from edgeseg import create_model, save_checkpoint
 from edgeseg.cli import main
 from edgeseg.config import DistillCfg, load_config
-from edgeseg.engine.distill import feature_mse, soft_cross_entropy, stage1_loss, stage2_loss
+from edgeseg.engine.distill import (
+    StudentFeatures,
+    distill,
+    feature_mse,
+    soft_cross_entropy,
+    stage1_loss,
+    stage2_loss,
+)
 from edgeseg.engine.train import seg_loss, train
 from edgeseg.models.dynamic import dynamic_gates, from_segformer, gate_l1, set_sparsity
 
@@ -60,7 +72,7 @@ def test_stage_losses_combine_their_terms():
     gt = torch.randint(0, 4, (2, 32, 32))
     gt[0, :4] = 255
     # at sparsity 0 the student is the teacher: stage 1 is the L1 term alone, on gates that are all 1
-    out = stage1_loss(student, teacher, img, dcfg)
+    out = stage1_loss(StudentFeatures(student), teacher, img, dcfg)
     n_gates = sum(g.gated_features for g in dynamic_gates(student))
     assert out["mse"].item() < 1e-10 and out["l1"].item() == pytest.approx(n_gates)
     assert out["loss"].item() == pytest.approx(out["mse"].item() + 0.01 * n_gates)
@@ -172,3 +184,137 @@ def test_tiny_distill_run_on_scenes(tmp_path, capsys, tiny_distill_recipe):
                  "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and f"'{plain}' has no distill: section" in err and not (tmp_path / "y").exists()
+
+
+# ------------------------------------------------------------------------------------------ resumption and DDP
+def _teacher(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path / "teacher.pth", create_model("segformer-b0", num_classes=8, depths=[1, 1, 1, 1]))
+
+
+def _rows(work_dir: Path) -> list[dict]:
+    """log.jsonl without the wall-clock column."""
+    rows = [json.loads(line) for line in (work_dir / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_distill_resumes_exactly_in_either_stage(tmp_path, tiny_distill_recipe):
+    # default drop path and dropout: a resumed run only matches if every generator is restored
+    recipe = tiny_distill_recipe({"name": "dynasegformer-b0"})
+    teacher = _teacher(tmp_path)
+    cfg = load_config(recipe, [f"distill.teacher={teacher}", "train.checkpoint_interval=1"])
+    first = tmp_path / "uninterrupted"
+    distill(cfg, first, progress=False, log=lambda *a: None)
+    stages = [torch.load(first / f"iter_{k}.pth", weights_only=True)["stage"] for k in (1, 2, 3, 4)]
+    assert stages == [1, 1, 2, 2]
+    latest, final = _weights(first / "latest.pth"), _weights(first / "final.pth")
+    assert all(torch.equal(latest[name], final[name]) for name in final)  # latest.pth is the last step's
+    reference = _rows(first)
+
+    # "crash" after step k: a fresh work dir holding only iter_k.pth as latest.pth. k = 1 is inside stage 1, k = 2
+    # its very end (stage 2 must start with a fresh AdamW), k = 3 inside stage 2 (its AdamW state must be loaded).
+    for k in (1, 2, 3):
+        work = tmp_path / f"resumed_at_{k}"
+        work.mkdir()
+        shutil.copy(first / f"iter_{k}.pth", work / "latest.pth")
+        if k == 2:
+            code = main(["distill", str(recipe), "--teacher", str(teacher), "--work-dir", str(work), "--no-progress",
+                         "--set", "train.checkpoint_interval=1", "--resume", "auto"])
+            assert code == 0
+        else:
+            distill(cfg, work, resume="auto", progress=False, log=lambda *a: None)
+        rows = _rows(work)
+        assert rows == [r for r in reference if r["iter"] > k], k  # losses, lr, sparsity, mIoU: bit for bit
+        after = _weights(work / "final.pth")
+        assert all(torch.equal(after[name], final[name]) for name in final), k
+    assert (tmp_path / "resumed_at_1" / "stage1.pth").is_file()
+
+    # the stages of another recipe do not hold step 3 in stage 2
+    with pytest.raises(ValueError, match="iter_3.pth: written at step 3 of stage 2.*distill.stage1_iters"):
+        distill(load_config(recipe, [f"distill.teacher={teacher}", "distill.stage1_iters=3"]), tmp_path / "other",
+                resume=str(first / "iter_3.pth"), progress=False, log=lambda *a: None)
+
+
+def test_distill_resume_errors_name_the_file_and_the_fix(tmp_path, capsys, tiny_distill_recipe):
+    recipe = tiny_distill_recipe({"name": "dynasegformer-b0"})
+    teacher = _teacher(tmp_path)
+    plain = tmp_path / "plain.yaml"  # the same data for edgeseg train
+    plain.write_text(yaml.safe_dump({**{k: v for k, v in yaml.safe_load(recipe.read_text()).items() if k != "distill"},
+                                     "model": {"name": "segformer-b0", "overrides": {"depths": [1, 1, 1, 1]}}}))
+    train(load_config(plain, ["schedule.iters=1", "train.eval_interval=0"]), tmp_path / "trained", progress=False,
+          log=lambda *a: None)
+
+    def resume_error(path: Path) -> str:
+        code = main(["distill", str(recipe), "--teacher", str(teacher), "--work-dir", str(tmp_path / "run"),
+                     "--no-progress", "--resume", str(path)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        return err
+
+    assert (f"--resume {teacher}: holds no training state (optimizer, iteration); resume from latest.pth or an "
+            f"iter_N.pth of the distillation run") in resume_error(teacher)
+    trained = tmp_path / "trained" / "latest.pth"
+    assert (f"--resume {trained}: a checkpoint of edgeseg train, not of a distillation; resume from latest.pth or an "
+            f"iter_N.pth written by edgeseg distill") in resume_error(trained)
+    missing = tmp_path / "missing.pth"
+    assert f"--resume {missing}: no such checkpoint; pass a .pth written by edgeseg distill or 'auto'" in \
+        resume_error(missing)
+    assert not (tmp_path / "run" / "log.jsonl").exists()  # refused before the first step
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_distill_worker(rank: int, world: int, port: int, recipe: str, teacher: str, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    cfg = load_config(recipe, [f"distill.teacher={teacher}"])
+    result = distill(cfg, Path(out_dir) / "ddp", progress=False, log=lambda *a: None)
+    torch.save(result["model"].state_dict(), Path(out_dir) / f"rank{rank}.pt")
+
+
+def test_ddp_distill_two_processes_stay_identical(tmp_path, tiny_distill_recipe):
+    # 4 images per step = 2 processes x 2 micro-steps of 1 image: the first micro-step runs under no_sync
+    recipe = tiny_distill_recipe({"name": "dynasegformer-b0"})
+    settings = yaml.safe_load(recipe.read_text())
+    settings["data"]["batch_size"], settings["train"]["grad_accum"] = 4, 2
+    settings["train"]["checkpoint_interval"], settings["distill"]["lambda_gate"] = 1, 1e-3
+    recipe.write_text(yaml.safe_dump(settings))
+    teacher = _teacher(tmp_path)
+    # spawn, not fork (see test_train); a hang fails the test after two minutes
+    context = mp.start_processes(_ddp_distill_worker, nprocs=2, join=False, start_method="spawn",
+                                 args=(2, _free_port(), str(recipe), str(teacher), str(tmp_path)))
+    deadline = time.monotonic() + 120
+    for process in context.processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    if any(process.is_alive() for process in context.processes):
+        for process in context.processes:
+            process.kill()
+        pytest.fail("DDP distillation workers did not finish within 120 s")
+    context.join()  # re-raises a worker's exception
+
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    params = [k for k in r0 if "running" not in k and "num_batches" not in k]
+    assert params and all(torch.equal(r0[k], r1[k]) for k in params)
+    assert any(not torch.equal(r0[k], r1[k]) for k in r0 if "running_mean" in k)  # each rank had its own images
+    work = tmp_path / "ddp"
+    rows = _rows(work)
+    assert [(r["mode"], r["stage"], r["iter"]) for r in rows] == [("train", 1, 1), ("train", 1, 2), ("train", 2, 3),
+                                                                  ("train", 2, 4), ("val", 2, 4)]
+    ckpt = torch.load(work / "latest.pth", weights_only=True)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and ckpt["stage"] == 2
+
+    # At step 1 the student is the teacher (sparsity 0): the feature MSE is ~0 and the gate L1 term alone moves the
+    # gates. λ_m > 0 on G = fc2.bias ≡ 1 pushes every bias down by ~lr in AdamW's first step, through DDP's hooks.
+    step1 = _weights(work / "iter_1.pth")
+    biases = [v for k, v in step1.items() if k.endswith("predictor.fc2.bias")]
+    lr = settings["optim"]["lr"]
+    assert biases and all((b < 1 - lr / 2).all() for b in biases)

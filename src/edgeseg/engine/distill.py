@@ -11,9 +11,15 @@ the global step.
 - Both add ``λ_m · Σ_layers ‖G‖₁`` on the gate logits.
 
 A recipe is an ordinary ``Config`` with a ``distill:`` section (``config.DistillCfg``). The loop reads like
-``train.py``'s and reuses its pieces (work dir, data stream, optimizer groups, poly schedule, loss on labels,
-evaluation, logging, checkpoints); each stage gets a fresh AdamW and its own poly schedule. Single process; resuming
-a distillation run is not supported (a stage is restarted from the last stage checkpoint by hand).
+``train.py``'s and reuses its pieces (processes, work dir, data stream, optimizer groups, poly schedule, loss on
+labels, evaluation, logging, checkpoints), so it keeps train's guarantees: DDP under torchrun, and exact resumption.
+Both stages run on one global step — the sparsity is a function of it, the data stream of the global sample
+position — so a checkpoint needs only the stage, the step, the stage's optimizer and every rank's generators. Each
+stage gets a fresh AdamW and its own poly schedule, so a run resumed at the end of stage 1 starts stage 2 fresh, as
+an uninterrupted run does.
+
+DDP hooks ``forward``, but stage 1 trains through ``forward_features``: :class:`StudentFeatures` presents that pass
+as a forward.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,17 +42,24 @@ from ..models.topformer import from_topformer
 from .evaluate import build_val_dataset
 from .optim import build_optimizer, set_lr
 from .train import (
-    DistInfo,
     RunLogger,
+    _find_resume,
+    _mean_over_ranks,
     autocast_context,
     build_train_loader,
     build_train_set,
+    data_parallel,
     evaluate_during_training,
+    init_distributed,
+    leave_process_group,
     open_work_dir,
     progress_bar,
-    resolve_device,
+    read_training_state,
+    restore_rng,
+    save_training_state,
     seed_everything,
     seg_loss,
+    sync_batchnorm,
 )
 
 
@@ -70,18 +84,38 @@ def soft_cross_entropy(student: Tensor, teacher: Tensor, temperature: float = 1.
     return -(q * log_p).sum(dim=1).mean() * temperature**2
 
 
-def stage1_loss(student: nn.Module, teacher: nn.Module, img: Tensor, dcfg: DistillCfg) -> dict[str, Tensor]:
-    """Stage 1 on images (B, 3, H, W): ``feature_mse`` to the frozen teacher's stages + ``λ_m · Σ‖G‖₁``."""
+class StudentFeatures(nn.Module):
+    """The student's ``forward_features`` as ``forward``: stage 1's pass in the form DDP synchronises.
+
+    Its gradients reach the encoder and the gates, never the head, which stage 1 does not run.
+    """
+
+    def __init__(self, student: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, img: Tensor) -> list[Tensor]:
+        return self.student.forward_features(img)
+
+
+def stage1_loss(features: nn.Module, teacher: nn.Module, img: Tensor, dcfg: DistillCfg) -> dict[str, Tensor]:
+    """Stage 1 on images (B, 3, H, W): ``feature_mse`` to the frozen teacher's stages + ``λ_m · Σ‖G‖₁``.
+
+    ``features`` is :class:`StudentFeatures` of the student, or its DDP wrapper.
+    """
     with torch.no_grad():
         target = teacher.forward_features(img)
-    mse = feature_mse(student.forward_features(img), target)
-    l1 = gate_l1(student)
+    mse = feature_mse(features(img), target)
+    l1 = gate_l1(features)
     return {"loss": mse + dcfg.lambda_gate * l1, "mse": mse, "l1": l1}
 
 
 def stage2_loss(student: nn.Module, teacher: nn.Module, img: Tensor, gt: Tensor, dcfg: DistillCfg,
                 ignore_index: int = 255) -> dict[str, Tensor]:
-    """Stage 2 on images (B, 3, H, W), labels (B, H, W): ``CE + λ_s · soft CE to teacher + λ_m · Σ‖G‖₁``."""
+    """Stage 2 on images (B, 3, H, W), labels (B, H, W): ``CE + λ_s · soft CE to teacher + λ_m · Σ‖G‖₁``.
+
+    ``student`` is the student or its DDP wrapper.
+    """
     with torch.no_grad():
         target = teacher(img)
     logits = student(img)
@@ -112,11 +146,29 @@ def build_student(cfg: Config, teacher: nn.Module, num_classes: int) -> nn.Modul
     return make(teacher, cfg.distill.sparsity, **overrides)
 
 
-def distill(cfg: Config, work_dir: str | Path, progress: bool = True, log: Any = print) -> dict[str, Any]:
-    """Run both stages of ``cfg.distill`` in ``work_dir``; returns ``{"model", "iteration", "last_eval"}``.
+def _read_distill_state(path: Path, stages: dict[int, tuple[int, int]]) -> dict[str, Any]:
+    """The training state in ``path``, checked to be a distillation's and to fall inside this recipe's stages."""
+    ckpt = read_training_state(path, "resume from latest.pth or an iter_N.pth of the distillation run")
+    if "stage" not in ckpt:
+        raise ValueError(f"--resume {path}: a checkpoint of edgeseg train, not of a distillation; resume from "
+                         f"latest.pth or an iter_N.pth written by edgeseg distill")
+    stage, step = int(ckpt["stage"]), int(ckpt["iteration"])
+    first, last = stages[stage]
+    if not first < step <= last:
+        raise ValueError(f"--resume {path}: written at step {step} of stage {stage}, which in this recipe spans steps "
+                         f"{first + 1}..{last}: resume with the distill.stage1_iters and schedule.iters the run "
+                         f"started with")
+    return ckpt
 
-    Writes ``config.yaml`` (with its ``distill`` section), ``log.jsonl``, ``stage1.pth`` after stage 1 and
-    ``final.pth`` (the student at its target sparsity, loadable by ``edgeseg.load_model``).
+
+def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progress: bool = True,
+            log: Any = print) -> dict[str, Any]:
+    """Run both stages of ``cfg.distill`` in ``work_dir``; ``resume`` is None, ``"auto"`` (latest.pth if present) or
+    a path. Returns ``{"model", "iteration", "best_mIoU", "last_eval", "rank"}`` on every rank.
+
+    Writes ``config.yaml`` (with its ``distill`` section), ``log.jsonl``, ``iter_N.pth`` and ``latest.pth`` (every
+    ``train.checkpoint_interval`` steps and at the end of each stage), ``stage1.pth`` after stage 1, ``best.pth``
+    and ``final.pth`` (the student at its target sparsity, loadable by ``edgeseg.load_model``).
     """
     dcfg = cfg.distill
     if dcfg is None:
@@ -124,78 +176,111 @@ def distill(cfg: Config, work_dir: str | Path, progress: bool = True, log: Any =
                          "e.g. configs/dynasegformer_b0_ade20k_30.yaml")
     if dcfg.teacher is None:
         raise ValueError("no teacher: pass --teacher CKPT (a dense SegFormer checkpoint of the student's size)")
-    device = resolve_device(cfg.train.device)
-    work_dir = open_work_dir(cfg, work_dir)
+    info = init_distributed(cfg.train.device)
+    work_dir = open_work_dir(cfg, work_dir) if info.main else Path(work_dir)
+    log = log if info.main else (lambda *a, **k: None)
+
+    # Identical students on every rank (new gates draw from torch's generator); then per-rank streams for dropout.
     seed_everything(cfg.train.seed)
     train_set = build_train_set(cfg)
-    teacher = load_model(dcfg.teacher).to(device).eval()
+    teacher = load_model(dcfg.teacher).to(info.device).eval()
     teacher.requires_grad_(False)
-    student = build_student(cfg, teacher, train_set.num_classes).to(device).train()
+    student = build_student(cfg, teacher, train_set.num_classes)
+    student = sync_batchnorm(student, cfg, info).to(info.device).train()
+    seed_everything(cfg.train.seed + info.rank)
     log(f"student {student.model_name} from teacher {teacher.model_name} ({dcfg.teacher}), target sparsity "
         f"{dcfg.sparsity}, annealed over {dcfg.anneal_iters} iterations")
 
-    accum = cfg.train.grad_accum
-    batches = iter(build_train_loader(cfg, train_set, DistInfo(device=device), start_batch=0))
+    # Each stage's global steps (first, last]; step counts the optimizer steps done so far.
+    stages = {1: (0, dcfg.stage1_iters), 2: (dcfg.stage1_iters, dcfg.stage1_iters + cfg.schedule.iters)}
+    step, best, resumed = 0, -math.inf, None
+    ckpt_path = _find_resume(resume, work_dir, "distill")
+    if ckpt_path is not None:
+        resumed = _read_distill_state(ckpt_path, stages)
+        student.load_state_dict(resumed["state_dict"])
+        step, best = int(resumed["iteration"]), float(resumed["best_mIoU"])
+        restore_rng(resumed["rng"], info)
+        log(f"resumed from {ckpt_path} at step {step} (stage {resumed['stage']})")
+    elif resume == "auto":
+        log(f"no checkpoint in {work_dir}: starting from scratch")
+
+    accum, dev = cfg.train.grad_accum, info.device
+    batches = iter(build_train_loader(cfg, train_set, info, start_batch=step * accum))
     val_set = build_val_dataset(cfg) if cfg.train.eval_interval > 0 else None
-    logger = RunLogger(work_dir, True)
+    logger = RunLogger(work_dir, info.main)
     schedule = SparsitySchedule(dcfg.sparsity, dcfg.anneal_iters)
-    stages = [(1, dcfg.stage1_iters), (2, cfg.schedule.iters)]
-    bar = progress_bar(sum(n for _, n in stages), desc="distill") if progress else None
-    step, last_eval, best = 0, None, -math.inf
+    bar = progress_bar(stages[2][1], step, desc="distill") if progress and info.main else None
+    last_eval: dict[str, Any] | None = None
     t_start = time.perf_counter()
 
-    for stage, iters in stages:
-        if iters == 0:
+    for stage, (first, last) in stages.items():
+        if step >= last:  # finished before the resume point, or empty
             continue
         optimizer = build_optimizer(student, cfg.optim)
-        lr_schedule = dataclasses.replace(cfg.schedule, iters=iters)
+        if resumed is not None and resumed["stage"] == stage:
+            optimizer.load_state_dict(resumed["optimizer"])
+        lr_schedule = dataclasses.replace(cfg.schedule, iters=last - first)
+        # stage 1 never runs the head: DDP must find those unused parameters; stage 2 uses all, so it skips that walk
+        net = data_parallel(StudentFeatures(student) if stage == 1 else student, info,
+                            find_unused_parameters=stage == 1)
         sums: dict[str, float] = {}
         count = 0
-        for it in range(iters):
+        for it in range(step - first, last - first):
             lr = set_lr(optimizer, it, cfg.optim.lr, lr_schedule)
             sparsity = schedule(step)
             set_sparsity(student, sparsity)
-            for _ in range(accum):
+            for micro in range(accum):
                 batch = next(batches)
-                img = batch["img"].to(device, non_blocking=True)
-                with autocast_context(cfg.train.amp, device):
-                    if stage == 1:
-                        losses = stage1_loss(student, teacher, img, dcfg)
-                    else:
-                        gt = batch["gt"].to(device, non_blocking=True)
-                        losses = stage2_loss(student, teacher, img, gt, dcfg, train_set.ignore_index)
-                (losses["loss"] / accum).backward()
+                img = batch["img"].to(dev, non_blocking=True)
+                skip_sync = info.world > 1 and micro < accum - 1  # DDP: all-reduce gradients on the last micro-step
+                with net.no_sync() if skip_sync else nullcontext():
+                    with autocast_context(cfg.train.amp, dev):
+                        if stage == 1:
+                            losses = stage1_loss(net, teacher, img, dcfg)
+                        else:
+                            gt = batch["gt"].to(dev, non_blocking=True)
+                            losses = stage2_loss(net, teacher, img, gt, dcfg, train_set.ignore_index)
+                    (losses["loss"] / accum).backward()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step, count = step + 1, count + 1
-            if step % cfg.train.log_interval == 0 or it == iters - 1:
-                row = {"mode": "train", "stage": stage, "iter": step, "lr": lr, "sparsity": sparsity,
-                       **{k: v / count for k, v in sums.items()}, "time_s": round(time.perf_counter() - t_start, 3)}
-                logger(row)
+
+            if step % cfg.train.log_interval == 0 or step == last:
+                means = {k: _mean_over_ranks(v / count, info) for k, v in sums.items()}
+                logger({"mode": "train", "stage": stage, "iter": step, "lr": lr, "sparsity": sparsity, **means,
+                        "time_s": round(time.perf_counter() - t_start, 3)})
                 if bar is not None:
-                    bar.set_postfix(stage=stage, loss=f"{row['loss']:.4f}", s=f"{sparsity:.3f}")
+                    bar.set_postfix(stage=stage, loss=f"{means['loss']:.4f}", s=f"{sparsity:.3f}")
                 sums, count = {}, 0
             if bar is not None:
                 bar.update(1)
-            if stage == 2 and val_set is not None and ((it + 1) % cfg.train.eval_interval == 0 or it == iters - 1):
+            if stage == 2 and val_set is not None and ((it + 1) % cfg.train.eval_interval == 0 or step == last):
                 last_eval = evaluate_during_training(student, val_set, cfg)
                 logger({"mode": "val", "stage": 2, "iter": step, "sparsity": sparsity, "mIoU": last_eval["mIoU"],
                         "mAcc": last_eval["mAcc"], "aAcc": last_eval["aAcc"]})
                 if last_eval["mIoU"] is not None and last_eval["mIoU"] > best:
                     best = last_eval["mIoU"]
-                    save_checkpoint(work_dir / "best.pth", student, {"iteration": step, "mIoU": best})
-        if stage == 1:
-            save_checkpoint(work_dir / "stage1.pth", student, {"iteration": step, "sparsity": sparsity})
+                    if info.main:
+                        save_checkpoint(work_dir / "best.pth", student, {"iteration": step, "mIoU": best})
+            if stage == 1 and step == last and info.main:
+                save_checkpoint(work_dir / "stage1.pth", student, {"iteration": step, "sparsity": sparsity})
+            if (cfg.train.checkpoint_interval > 0 and step % cfg.train.checkpoint_interval == 0) or step == last:
+                save_training_state(work_dir, student, {
+                    "iteration": step, "stage": stage, "best_mIoU": best, "optimizer": optimizer.state_dict(),
+                    "config": cfg.to_dict()}, info)
 
     if bar is not None:
         bar.close()
     logger.close()
     set_sparsity(student, dcfg.sparsity)
     student.eval()
-    save_checkpoint(work_dir / "final.pth", student, {"iteration": step, "distill": dataclasses.asdict(dcfg)})
-    return {"model": student, "iteration": step, "last_eval": last_eval}
+    if info.main:
+        save_checkpoint(work_dir / "final.pth", student, {"iteration": step, "distill": dataclasses.asdict(dcfg)})
+    leave_process_group(info)
+    return {"model": student, "iteration": step, "best_mIoU": best if best > -math.inf else None,
+            "last_eval": last_eval, "rank": info.rank}
 
 
-__all__ = ["distill", "feature_mse", "soft_cross_entropy", "stage1_loss", "stage2_loss"]
+__all__ = ["StudentFeatures", "distill", "feature_mse", "soft_cross_entropy", "stage1_loss", "stage2_loss"]

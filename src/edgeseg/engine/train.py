@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from ..config import Config
 from ..data import SegDataset, TrainTransform, build_dataset, collate
 from ..models import create_model
@@ -122,6 +122,33 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if owns:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(rank, world, local_rank, dev, owns)
+
+
+def sync_batchnorm(model: nn.Module, cfg: Config, info: DistInfo) -> nn.Module:
+    """``train.sync_bn``: BatchNorm statistics over every process's batch, where torch can (CUDA + DDP)."""
+    if cfg.train.sync_bn and info.world > 1:
+        if info.device.type == "cuda":
+            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if info.main:
+            warnings.warn("train.sync_bn: SyncBatchNorm needs CUDA; on CPU each process normalises its own batch",
+                          stacklevel=3)
+    return model
+
+
+def data_parallel(module: nn.Module, info: DistInfo, find_unused_parameters: bool = False) -> nn.Module:
+    """``module`` under DDP (gradients averaged over processes in backward) when there are several, else itself."""
+    if info.world == 1:
+        return module
+    return nn.parallel.DistributedDataParallel(module, device_ids=[info.local_rank] if info.device.type == "cuda"
+                                               else None, find_unused_parameters=find_unused_parameters)
+
+
+def leave_process_group(info: DistInfo) -> None:
+    """Wait for every rank (rank 0 may still be writing), then destroy the group if this run created it."""
+    if info.world > 1:
+        dist.barrier()
+        if info.owns_group:
+            dist.destroy_process_group()
 
 
 def _all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
@@ -277,7 +304,7 @@ def evaluate_during_training(model: nn.Module, val_set: SegDataset, cfg: Config)
     return result
 
 
-def _find_resume(resume: str | None, work_dir: Path) -> Path | None:
+def _find_resume(resume: str | None, work_dir: Path, command: str = "train") -> Path | None:
     if resume is None:
         return None
     if resume == "auto":
@@ -285,8 +312,37 @@ def _find_resume(resume: str | None, work_dir: Path) -> Path | None:
         return path if path.is_file() else None
     path = Path(resume)
     if not path.is_file():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint; pass a .pth written by edgeseg train or 'auto'")
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint; pass a .pth written by edgeseg {command} "
+                                f"or 'auto'")
     return path
+
+
+def read_training_state(path: Path, fix: str) -> dict[str, Any]:
+    """A checkpoint that holds training state (``save_training_state``); ``fix`` ends the error for weights only."""
+    ckpt = read_checkpoint(path)
+    if "optimizer" not in ckpt:
+        raise ValueError(f"--resume {path}: holds no training state (optimizer, iteration); {fix}")
+    return ckpt
+
+
+def restore_rng(states: list[dict[str, Any]], info: DistInfo) -> None:
+    """Continue this rank's generators from a checkpoint's per-rank list."""
+    if len(states) != info.world:
+        warnings.warn(f"resuming with {info.world} processes from a {len(states)}-process run: the data stream "
+                      f"is identical, dropout draws are not", stacklevel=3)
+    set_rng_state(states[info.rank % len(states)])
+
+
+def save_training_state(work_dir: Path, model: nn.Module, state: dict[str, Any], info: DistInfo) -> None:
+    """``iter_<state["iteration"]>.pth``: weights, ``state`` and every rank's generators; then ``latest.pth``.
+
+    Collective: every rank calls it (the generators are gathered), rank 0 writes.
+    """
+    rng = _all_gather_object(rng_state(), info)  # each rank resumes its own
+    if info.main:
+        path = save_checkpoint(work_dir / f"iter_{state['iteration']}.pth", model,
+                               {**state, "rng": rng, "world_size": info.world})
+        _replace_copy(path, work_dir / "latest.pth")
 
 
 # --------------------------------------------------------------------------------------------------------- loop
@@ -308,13 +364,7 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
     train_set = build_train_set(cfg)
     model = build_model(cfg, train_set.num_classes, log)
     ignore_index = train_set.ignore_index
-    if cfg.train.sync_bn and info.world > 1:
-        if info.device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif info.main:
-            warnings.warn("train.sync_bn: SyncBatchNorm needs CUDA; on CPU each process normalises its own batch",
-                          stacklevel=2)
-    model.to(info.device)
+    model = sync_batchnorm(model, cfg, info).to(info.device)
     optimizer = build_optimizer(model, cfg.optim)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16" and info.device.type == "cuda")
     seed_everything(cfg.train.seed + info.rank)
@@ -322,29 +372,19 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
     start, best_miou = 0, -math.inf
     ckpt_path = _find_resume(resume, work_dir)
     if ckpt_path is not None:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if "optimizer" not in ckpt:
-            raise ValueError(f"--resume {ckpt_path}: holds no training state (optimizer, iteration); to start "
-                             f"from its weights set model.pretrained instead")
+        ckpt = read_training_state(ckpt_path, "to start from its weights set model.pretrained instead")
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start, best_miou = int(ckpt["iteration"]), float(ckpt.get("best_mIoU", -math.inf))
-        states = ckpt["rng"]
-        if len(states) != info.world:
-            warnings.warn(f"resuming with {info.world} processes from a {len(states)}-process run: the data stream "
-                          f"is identical, dropout draws are not", stacklevel=2)
-        set_rng_state(states[info.rank % len(states)])
+        restore_rng(ckpt["rng"], info)
         log(f"resumed from {ckpt_path} at iteration {start}")
     elif resume == "auto":
         log(f"no checkpoint in {work_dir}: starting from scratch")
 
-    net: nn.Module = model
-    if info.world > 1:
-        # The official configs need find_unused_parameters=True for SegFormer's never-used conv_seg; edgeseg's
-        # models do not build it, every parameter receives a gradient, so DDP skips that graph traversal.
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    # The official configs need find_unused_parameters=True for SegFormer's never-used conv_seg; edgeseg's
+    # models do not build it, every parameter receives a gradient, so DDP skips that graph traversal.
+    net = data_parallel(model, info)
 
     accum, iters, dev = cfg.train.grad_accum, cfg.schedule.iters, info.device
     batches = iter(build_train_loader(cfg, train_set, info, start_batch=start * accum))
@@ -391,25 +431,18 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
             if last_eval["mIoU"] is not None and last_eval["mIoU"] > best_miou:
                 best_miou, is_best = last_eval["mIoU"], True
 
-        periodic = (cfg.train.checkpoint_interval > 0 and done % cfg.train.checkpoint_interval == 0) or done == iters
-        if periodic or is_best:
-            rng = _all_gather_object(rng_state(), info)  # collective: every rank's generators, each resumes its own
-            if info.main and is_best:
-                save_checkpoint(work_dir / "best.pth", model, {"iteration": done, "mIoU": best_miou,
-                                                               "config": cfg.to_dict()})
-            if info.main and periodic:
-                path = save_checkpoint(work_dir / f"iter_{done}.pth", model, {
-                    "iteration": done, "best_mIoU": best_miou, "rng": rng, "world_size": info.world,
-                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "config": cfg.to_dict()})
-                _replace_copy(path, work_dir / "latest.pth")
+        if info.main and is_best:
+            save_checkpoint(work_dir / "best.pth", model, {"iteration": done, "mIoU": best_miou,
+                                                           "config": cfg.to_dict()})
+        if (cfg.train.checkpoint_interval > 0 and done % cfg.train.checkpoint_interval == 0) or done == iters:
+            save_training_state(work_dir, model, {
+                "iteration": done, "best_mIoU": best_miou, "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "config": cfg.to_dict()}, info)
 
     if bar is not None:
         bar.close()
     logger.close()
-    if info.world > 1:
-        dist.barrier()
-        if info.owns_group:
-            dist.destroy_process_group()
+    leave_process_group(info)
     return {"model": model, "iteration": iters, "best_mIoU": best_miou if best_miou > -math.inf else None,
             "last_eval": last_eval, "rank": info.rank}
 
