@@ -50,6 +50,7 @@ from .train import (
     build_train_set,
     data_parallel,
     evaluate_during_training,
+    grad_scaler,
     init_distributed,
     leave_process_group,
     open_work_dir,
@@ -187,6 +188,7 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
     teacher.requires_grad_(False)
     student = build_student(cfg, teacher, train_set.num_classes)
     student = sync_batchnorm(student, cfg, info).to(info.device).train()
+    scaler = grad_scaler(cfg, info)
     seed_everything(cfg.train.seed + info.rank)
     log(f"student {student.model_name} from teacher {teacher.model_name} ({dcfg.teacher}), target sparsity "
         f"{dcfg.sparsity}, annealed over {dcfg.anneal_iters} iterations")
@@ -198,6 +200,7 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
     if ckpt_path is not None:
         resumed = _read_distill_state(ckpt_path, stages)
         student.load_state_dict(resumed["state_dict"])
+        scaler.load_state_dict(resumed["scaler"])
         step, best = int(resumed["iteration"]), float(resumed["best_mIoU"])
         restore_rng(resumed["rng"], info)
         log(f"resumed from {ckpt_path} at step {step} (stage {resumed['stage']})")
@@ -240,10 +243,11 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
                         else:
                             gt = batch["gt"].to(dev, non_blocking=True)
                             losses = stage2_loss(net, teacher, img, gt, dcfg, train_set.ignore_index)
-                    (losses["loss"] / accum).backward()
+                    scaler.scale(losses["loss"] / accum).backward()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step, count = step + 1, count + 1
 
@@ -269,7 +273,7 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
             if (cfg.train.checkpoint_interval > 0 and step % cfg.train.checkpoint_interval == 0) or step == last:
                 save_training_state(work_dir, student, {
                     "iteration": step, "stage": stage, "best_mIoU": best, "optimizer": optimizer.state_dict(),
-                    "config": cfg.to_dict()}, info)
+                    "scaler": scaler.state_dict(), "config": cfg.to_dict()}, info)
 
     if bar is not None:
         bar.close()

@@ -124,6 +124,12 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, dev, owns)
 
 
+def grad_scaler(cfg: Config, info: DistInfo) -> torch.amp.GradScaler:
+    """Loss scaling for ``train.amp=fp16`` on CUDA, where small fp16 gradients would underflow to 0; otherwise a
+    disabled scaler that passes losses, steps and (empty) state straight through."""
+    return torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16" and info.device.type == "cuda")
+
+
 def sync_batchnorm(model: nn.Module, cfg: Config, info: DistInfo) -> nn.Module:
     """``train.sync_bn``: BatchNorm statistics over every process's batch, where torch can (CUDA + DDP)."""
     if cfg.train.sync_bn and info.world > 1:
@@ -366,7 +372,7 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
     ignore_index = train_set.ignore_index
     model = sync_batchnorm(model, cfg, info).to(info.device)
     optimizer = build_optimizer(model, cfg.optim)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16" and info.device.type == "cuda")
+    scaler = grad_scaler(cfg, info)
     seed_everything(cfg.train.seed + info.rank)
 
     start, best_miou = 0, -math.inf
