@@ -338,6 +338,44 @@ def test_additive_decoder_folds_its_batchnorm():
         assert (fused(feats) - dec(feats)).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("scale", [1, 2, 4, 8])
+def test_resize_rows_equals_rows_of_the_whole_resize(scale):
+    y = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(scale))
+    H, W = 5 * scale, 11
+    whole = S.resize(y, (H, W))
+    for band in (1, 3, 8):
+        for r0 in range(0, H, band):
+            r1 = min(H, r0 + band)
+            assert torch.equal(S._resize_rows(y, H, W, r0, r1), whole[:, :, r0:r1])
+
+
+@pytest.mark.parametrize("heights, banded", [
+    ((40, 20, 10, 5), True),  # ratios 2, 4, 8: in bands
+    ((36, 18, 9, 5), False),  # 36 / 5 is not an integer: whole
+    ((48, 24, 16, 6), False),  # 48 / 16 = 3 is not a power of two: whole
+    ((8, 4, 2, 1), False),  # no taller than one band: whole
+])
+def test_decoder_runs_in_row_bands_in_eval_mode_only(heights, banded):
+    dec = _randomize(S.AdditiveMLPDecoder([8, 16, 24, 32], 12, 5, batch_norm=True), seed=5).eval()
+    dec.row_band = 8
+    gen = torch.Generator().manual_seed(6)
+    feats = [torch.randn(2, c, h, 3 + h // 2, generator=gen) for c, h in zip([8, 16, 24, 32], heights)]
+    feats[0] = feats[0].to(memory_format=torch.channels_last)  # the layout the encoder hands over
+    calls = []
+    dec._forward_in_bands = lambda f: calls.append(1) or S.AdditiveMLPDecoder._forward_in_bands(dec, f)
+    with torch.no_grad():
+        out = dec(feats)
+        dec.row_band = 0
+        whole = dec(feats)
+    assert bool(calls) == banded
+    assert out.shape == whole.shape == (2, 5, heights[0], 3 + heights[0] // 2)
+    # The resizes are bit-identical (above); the band-sized products may round differently in another BLAS.
+    assert (out - whole).abs().max().item() <= 1e-6
+    dec.row_band, calls[:] = 8, []
+    dec.train()(feats)  # training: BN normalises with batch statistics, over the whole map
+    assert not calls
+
+
 def test_mit_classifier_pools_the_normed_last_stage():
     torch.manual_seed(0)
     mit = _randomize(S.mit_b0(num_classes=10), seed=4).eval()
