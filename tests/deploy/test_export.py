@@ -40,7 +40,8 @@ def test_dynamic_models_export_their_gathered_path(tmp_path):
                   create_model("topformer-tiny", num_classes=5, sparsity=0.3)):
         # trained gates do not tie; fresh ones (G ≡ 1) would leave the choice to the runtime
         dynamic.random_gates_(model)
-        res = export_onnx(model.eval(), tmp_path / f"{model.model_name}.onnx", input_size=(64, 64))
+        # 128²: SegFormer decoders run in row bands there in eager mode, the export traces one whole pass
+        res = export_onnx(model.eval(), tmp_path / f"{model.model_name}.onnx", input_size=(128, 128))
         assert {"TopK", "Gather"} <= set(res.ops), model.model_name
         assert res.max_abs_diff <= 1e-4, model.model_name
 
