@@ -50,6 +50,7 @@ import statistics
 import tempfile
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgeseg import create_model
@@ -135,6 +136,33 @@ def transformers_eager(dense: nn.Module) -> nn.Module | None:
     with tempfile.TemporaryDirectory() as folder:
         save_hf_folder(dense, folder)
         return SegformerForSemanticSegmentation.from_pretrained(folder, attn_implementation="eager").eval()
+
+
+def sdpa_width_scaling(fused: nn.Module, students: dict[float, nn.Module], x: torch.Tensor,
+                       rounds: int) -> dict[float, list[float]]:
+    """Per stage of a fused SegFormer: the attention kernel's time at each student's kept head width over its time
+    at the dense width, same tokens and heads (``F.scaled_dot_product_attention``, the kernel both models run).
+    Its MACs scale with the width; the softmax over the N × N/R² scores does not."""
+    shapes = []  # (tokens, key/value tokens, heads, head width) of each stage's first attention
+    hooks = [stage.blocks[0].attn.register_forward_pre_hook(
+        lambda m, args: shapes.append((args[0].shape[1], (args[1][0] // m.sr_ratio) * (args[1][1] // m.sr_ratio),
+                                       m.num_heads, m.head_dim)))
+        for stage in fused.encoder.stages]
+    with torch.inference_mode():
+        fused(x)
+    for h in hooks:
+        h.remove()
+    gen = torch.Generator().manual_seed(0)
+    fns = {}
+    for i, (n, m, heads, dim) in enumerate(shapes):
+        widths = {dim} | {st.encoder.stages[i].blocks[0].attn.qk_gate.width for st in students.values()}
+        for d in widths:
+            q, k, v = (torch.randn(1, heads, t, d, generator=gen) for t in (n, m, m))
+            fns[(i, d)] = lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)
+    times = compare_latency(fns, rounds=rounds)
+    return {s: [statistics.median(a / b for a, b in zip(
+        times[(i, st.encoder.stages[i].blocks[0].attn.qk_gate.width)], times[(i, shape[3])]))
+        for i, shape in enumerate(shapes)] for s, st in students.items()}
 
 
 def main() -> None:
@@ -223,6 +251,12 @@ def main() -> None:
                 w = (gmacs[f"dyna {s:.0%}"] - gmacs["untouched by DGL"]) / gated
                 print(f"bound at {s:.0%} (gating free, gated modules' time ∝ their MACs, {w:.2f} of them left): "
                       f"{untouched + (1 - untouched) * w:.2f}× fused")
+    if segformer:
+        fused_students = {s: models[f"dyna {s:.0%}"] for s in args.sparsities if s > 0}
+        for s, scaling in sdpa_width_scaling(models["fused"], fused_students, x, args.rounds).items():
+            attn = fused_students[s].encoder.stages[0].blocks[0].attn
+            print(f"attention kernel at {s:.0%} ({attn.qk_gate.width} of {attn.head_dim} channels per head), time "
+                  f"over the dense width, stages 1–4: " + " ".join(f"{r:.2f}" for r in scaling))
     for s in args.sparsities:
         if s > 0:
             share = ratio(f"gates+gathers {s:.0%}", f"dyna {s:.0%}")

@@ -4,7 +4,8 @@ One set of random weights is written as a Hugging Face folder and loaded by both
 function (transformers' LayerNorm eps convention, 1e-5 everywhere); the script prints max |Δ| of the logits next to
 the times. The models are timed alternately in the same run (warm-up, then A, B, C, A, B, C, ...) and the medians
 compared, because on a shared machine only same-run ratios are stable. transformers is timed with both of its
-attention implementations ("eager" = explicit softmax(QKᵀ)V, "sdpa" = its default).
+attention implementations ("eager" = explicit softmax(QKᵀ)V, "sdpa" = its default); the fused model also with its
+decoder's row bands turned off (``row_band = 0``).
 
     PYTHONPATH=src .venv/bin/python benchmarks/segformer_fused_vs_hf.py [--model segformer-b0] [--size 512 512]
         [--threads 2] [--rounds 15]
@@ -13,6 +14,7 @@ attention implementations ("eager" = explicit softmax(QKᵀ)V, "sdpa" = its defa
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
@@ -44,6 +46,8 @@ def main() -> None:
         hf = {impl: SegformerForSemanticSegmentation.from_pretrained(folder, attn_implementation=impl).eval()
               for impl in ("eager", "sdpa")}
     fused = ours.fuse()
+    whole = copy.deepcopy(fused)
+    whole.decode_head.row_band = 0  # the decoder's whole-map pass, to show what the row bands buy
     x = torch.randn(args.batch, 3, *args.size, generator=torch.Generator().manual_seed(1))
 
     fns = {
@@ -51,6 +55,7 @@ def main() -> None:
         "transformers (attn sdpa)": lambda: hf["sdpa"](pixel_values=x).logits,
         "edgeseg unfused": lambda: ours(x),
         "edgeseg fused": lambda: fused(x),
+        "edgeseg fused, decoder in one pass (no row bands)": lambda: whole(x),
     }
     with torch.inference_mode():
         reference = fns["transformers (attn eager)"]()

@@ -395,11 +395,10 @@ class AdditiveMLPDecoder(nn.Module):
     def _forward_in_bands(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """The same logits, computed ``row_band`` rows of the 1/4 map at a time (eval mode: BN is per-pixel).
 
-        Whole, the decoder writes and re-reads three upsampled E-channel maps at 1/4 resolution (16 MB each for B0
-        at 512²) before the classifier reads their sum; a band of 16 rows stays in cache from its upsampling to its
-        logits. On this CPU that makes fused SegFormer-B0 6–15 % faster at 512² (the low end with
-        ``keep_freed_memory``), and the decoder's peak memory a band's worth. The resizes are bit-identical to the
-        whole pass (:func:`_resize_rows`).
+        Whole, the decoder writes and re-reads upsampled E-channel maps at 1/4 resolution (16 MB each for B0 at
+        512², 128 MB at 1024×2048) before the classifier reads their sum; in bands of 16 rows they never exist whole,
+        which cuts the memory a fused B0 forward adds by about 40 % (benchmarks/decoder_bands.py), what limits
+        small devices. The resizes are bit-identical to the whole pass (:func:`_resize_rows`).
         """
         c1, *rest = features
         B, _, H, W = c1.shape
