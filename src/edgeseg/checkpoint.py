@@ -163,7 +163,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
         raise ValueError(f"checkpoint '{path}' does not match {model.model_name}: "
                          f"{len(report.missing_keys)} missing keys (e.g. {report.missing_keys[:2]}), "
                          f"{len(report.unexpected_keys)} unexpected (e.g. {report.unexpected_keys[:2]}); "
-                         f"pass strict=False to load the rest")
+                         f"it holds {src_name} {src_args}: build it with edgeseg.load_model('{path}'), "
+                         f"or pass strict=False to load the rest")
     if strict and drop_head and report.unexpected_keys:
         raise ValueError(f"checkpoint '{path}': unexpected keys {report.unexpected_keys[:3]} for "
                          f"{model.model_name}; pass strict=False to ignore them")
@@ -185,8 +186,13 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     if ckpt.get("format") == EDGESEG_FORMAT:
         name, args = ckpt["model_name"], dict(ckpt.get("model_args", {}))
     else:
-        family, sd, _ = detect_layout(unwrap_state_dict(ckpt), source=f"checkpoint '{path}'")
+        raw = unwrap_state_dict(ckpt)
+        family, sd, _ = detect_layout(raw, source=f"checkpoint '{path}'")
         name, args = FAMILIES[family].infer_model(sd)
+        # What the layout implies beyond the shapes (mmsegmentation's SegFormer: LayerNorm eps), where a family says.
+        layout_args = getattr(FAMILIES[family], "layout_args", None)
+        if layout_args is not None:
+            args.update(layout_args(raw))
     args.update(overrides)
     model = create_model(name, **args)
     load_checkpoint(model, path, strict=True)

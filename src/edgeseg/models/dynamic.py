@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from .layers import fuse_modules
 from .segformer import (
+    EMBED_LN_EPS,
     OFFICIAL_LN_EPS,
     SHARED,
     VARIANTS,
@@ -59,6 +60,7 @@ from .segformer import (
     MixFFN,
     MixVisionTransformer,
     MLPDecoder,
+    MMSegMLPDecoder,
     SegFormer,
 )
 from .segformer import infer_model as segformer_infer_model
@@ -749,6 +751,7 @@ class DynaSegFormer(nn.Module):
         drop_path_rate: float = 0.1,
         dropout: float = 0.1,
         ln_eps: float = OFFICIAL_LN_EPS,
+        embed_ln_eps: float = EMBED_LN_EPS,
     ) -> None:
         super().__init__()
         keep_count(1, sparsity)
@@ -756,7 +759,7 @@ class DynaSegFormer(nn.Module):
         self.sparsity = float(sparsity)
         encoder = MixVisionTransformer(embed_dims, depths, num_heads, sr_ratios, mlp_ratios, in_channels,
                                        drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-                                       drop_path_rate=drop_path_rate, ln_eps=ln_eps)
+                                       drop_path_rate=drop_path_rate, ln_eps=ln_eps, embed_ln_eps=embed_ln_eps)
         self.encoder = make_dynamic(encoder, sparsity)
         self.decode_head = AdditiveMLPDecoder(embed_dims, decoder_dim, num_classes, batch_norm=True, dropout=dropout)
         self.model_name = "dynasegformer"
@@ -789,7 +792,12 @@ def from_segformer(teacher: SegFormer, sparsity: float = 0.3, **overrides) -> Dy
     name = getattr(teacher, "model_name", "")
     if not name.startswith("segformer-"):
         raise ValueError(f"the DynaSegFormer teacher must be a SegFormer model (segformer-b0…b5), got '{name}'")
-    args = {**teacher.model_args, **overrides}
+    if isinstance(teacher.decode_head, MMSegMLPDecoder):
+        # Its ReLU after each stage's projection comes before the fusion conv: no Σ_i up(Linear_i(c_i)) equals it.
+        raise ValueError(f"the DynaSegFormer teacher {name} has mmsegmentation's decode head (decoder='mmseg'), whose "
+                         f"per-stage ReLUs do not fold into DynaSegFormer's additive decoder: distil from a SegFormer "
+                         f"with the official decoder (an NVlabs or Hugging Face checkpoint, or decoder='official')")
+    args = {k: v for k, v in {**teacher.model_args, **overrides}.items() if k != "decoder"}  # official: checked
     student = MODELS["dyna" + name](sparsity=sparsity, **args)
     student = student.to(next(teacher.parameters()).device)
     result = student.encoder.load_state_dict(teacher.encoder.state_dict(), strict=False)
@@ -831,7 +839,7 @@ def infer_model(state_dict: dict[str, Tensor]) -> tuple[str, dict]:
 
 
 _ARGS = ("embed_dims", "depths", "num_heads", "sr_ratios", "mlp_ratios", "in_channels", "drop_rate",
-         "attn_drop_rate", "drop_path_rate", "ln_eps", "decoder_dim", "dropout")
+         "attn_drop_rate", "drop_path_rate", "ln_eps", "embed_ln_eps", "decoder_dim", "dropout")
 
 
 def _create(variant: str, num_classes: int, sparsity: float, overrides: dict) -> DynaSegFormer:

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .segformer import (HF_LN_EPS, SHARED, VARIANTS, MiTClassifier, MLPDecoder, SegFormer, closest_variant,
-                        convert_state_dict)
+from .segformer import (HF_LN_EPS, SHARED, VARIANTS, MiTClassifier, MLPDecoder, MMSegMLPDecoder, SegFormer,
+                        closest_variant, convert_state_dict)
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
@@ -203,6 +203,10 @@ def hf_config(model: nn.Module) -> dict[str, Any]:
     """The ``config.json`` transformers needs to rebuild ``model`` (read off the modules, not the name)."""
     if not isinstance(model, (SegFormer, MiTClassifier)):
         raise TypeError(f"save_hf_folder expects a SegFormer or MiT model, got {type(model).__name__}")
+    if isinstance(model, SegFormer) and isinstance(model.decode_head, MMSegMLPDecoder):
+        raise ValueError(f"{getattr(model, 'model_name', 'this SegFormer')} has mmsegmentation's decode head "
+                         f"(decoder='mmseg'), which Hugging Face's SegFormer cannot hold (it has only the official "
+                         f"decoder): keep it in the edgeseg layout (edgeseg convert SRC DST --to edgeseg)")
     if isinstance(model, SegFormer) and not isinstance(model.decode_head, MLPDecoder):
         raise ValueError("save_hf_folder needs the trainable form: save the model before fuse()")
     stages = model.encoder.stages
@@ -254,8 +258,8 @@ def save_hf_folder(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (``pytorch_model.bin`` when safetensors is not installed)
     that ``transformers`` loads with ``from_pretrained``; each file is written atomically. Returns the folder."""
     folder = Path(path)
+    cfg = hf_config(model)  # first: a model transformers cannot hold leaves no empty folder behind
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = hf_config(model)
     sd = to_hf_state_dict(model)
     try:
         from safetensors.torch import save_file

@@ -6,15 +6,21 @@ Read top to bottom as the paper tells it:
    (Eq. 2, key/value sequence reduced by ``sr_ratio``), ``MixFFN`` (Eq. 3, a 3×3 depthwise conv between the two
    linears gives positional information), ``Block`` (pre-norm transformer block), ``MiTStage``.
 2. ``MixVisionTransformer``: four stages at 1/4, 1/8, 1/16, 1/32 (Fig. 2).
-3. Decoders — ``MLPDecoder`` (Eq. 4: per-stage Linear to E, upsample to 1/4, concat, fuse, classify) and its exact
-   inference form ``AdditiveMLPDecoder`` (the fuse conv folded into the per-stage Linears; see ``MLPDecoder.fuse``).
+3. Decoders — ``MLPDecoder`` (Eq. 4: per-stage Linear to E, upsample to 1/4, concat, fuse, classify),
+   ``MMSegMLPDecoder`` (the same decoder as mmsegmentation implements it: conv+BN+ReLU per stage, concatenation in
+   input order) and their exact inference form ``AdditiveMLPDecoder`` (the fuse conv folded into the per-stage
+   branches; see ``MLPDecoder.fuse`` and ``MMSegMLPDecoder.fuse``).
 4. Models — ``SegFormer`` (logits at 1/4) and ``MiTClassifier`` (the ImageNet form of the encoder).
 5. Variant table B0…B5 and the paper's figures.
-6. Checkpoint layouts (official NVlabs mmseg, ImageNet ``mit_bX.pth``, Hugging Face) → edgeseg, and ``infer_model``.
+6. Checkpoint layouts → edgeseg: official NVlabs mmseg, ImageNet ``mit_bX.pth``, Hugging Face (files and
+   transformers-5 module names), open-mmlab mmsegmentation (model zoo, and ``mit_bX`` backbones converted by its
+   ``mit2mmseg.py``); ``infer_model`` and ``layout_args`` (what a layout implies beyond the shapes).
 7. Builders ``segformer-b0``…``segformer-b5`` and ``mit-b0``…``mit-b5``.
 
 Parity: with the official checkpoint loaded unchanged, ``SegFormer`` computes what NVlabs/SegFormer computes
-(``tests/models/test_segformer.py`` checks it against fixtures made by the official code).
+(``tests/models/test_segformer.py`` checks it against fixtures made by the official code); with an mmsegmentation
+checkpoint, what mmsegmentation computes (``tests/models/test_segformer_mmseg.py``, against a plain-torch model
+with mmseg's module tree).
 """
 
 from __future__ import annotations
@@ -28,15 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ConvBN, DropPath, fuse_modules, pad_output_channels, resize
+from .layers import ConvBN, DropPath, folded_bn_params, fuse_modules, pad_output_channels, resize
 
 # LayerNorm eps of the official code: ``partial(nn.LayerNorm, eps=1e-6)`` for the block norms (norm1/norm2) and
 # the stage norms (norm1..4); PyTorch's default 1e-5 in the patch embeddings and the sequence-reduction norm.
 # Hugging Face transformers builds every one of them with the default 1e-5 (its ``config.layer_norm_eps`` is not
 # read by the SegFormer modules), so a model loaded from an HF folder is built with ``ln_eps=1e-5``.
+# mmsegmentation's MiT passes its one ``norm_cfg`` (LN, eps 1e-6) to every LayerNorm, the patch embeddings and the
+# sequence reduction included, so a model loaded from an mmseg file is built with ``embed_ln_eps=1e-6``.
 OFFICIAL_LN_EPS = 1e-6
 HF_LN_EPS = 1e-5
 EMBED_LN_EPS = 1e-5
+MMSEG_LN_EPS = 1e-6
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -148,10 +157,10 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 ln_eps: float = OFFICIAL_LN_EPS) -> None:
+                 ln_eps: float = OFFICIAL_LN_EPS, sr_ln_eps: float = EMBED_LN_EPS) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=ln_eps)
-        self.attn = EfficientSelfAttention(dim, num_heads, sr_ratio, qkv_bias, attn_drop, drop)
+        self.attn = EfficientSelfAttention(dim, num_heads, sr_ratio, qkv_bias, attn_drop, drop, norm_eps=sr_ln_eps)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
         self.mlp = MixFFN(dim, int(dim * mlp_ratio), drop)
@@ -169,11 +178,11 @@ class MiTStage(nn.Module):
 
     def __init__(self, in_channels: int, dim: int, depth: int, num_heads: int, sr_ratio: int, mlp_ratio: float,
                  patch_size: int, stride: int, drop_path: Sequence[float], qkv_bias: bool = True, drop: float = 0.0,
-                 attn_drop: float = 0.0, ln_eps: float = OFFICIAL_LN_EPS) -> None:
+                 attn_drop: float = 0.0, ln_eps: float = OFFICIAL_LN_EPS, embed_ln_eps: float = EMBED_LN_EPS) -> None:
         super().__init__()
-        self.patch_embed = OverlapPatchEmbed(in_channels, dim, patch_size, stride)
+        self.patch_embed = OverlapPatchEmbed(in_channels, dim, patch_size, stride, norm_eps=embed_ln_eps)
         self.blocks = nn.ModuleList(
-            Block(dim, num_heads, sr_ratio, mlp_ratio, qkv_bias, drop, attn_drop, drop_path[i], ln_eps)
+            Block(dim, num_heads, sr_ratio, mlp_ratio, qkv_bias, drop, attn_drop, drop_path[i], ln_eps, embed_ln_eps)
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(dim, eps=ln_eps)
@@ -195,8 +204,8 @@ class MixVisionTransformer(nn.Module):
     """MiT: four stages producing maps at 1/4, 1/8, 1/16, 1/32 with ``embed_dims`` channels (paper Fig. 2).
 
     Stochastic depth rises linearly from 0 to ``drop_path_rate`` over all blocks (official linspace rule).
-    ``ln_eps`` is the eps of the block and stage LayerNorms (official 1e-6, Hugging Face 1e-5); the patch-embed and
-    sequence-reduction norms use 1e-5 in both.
+    ``ln_eps`` is the eps of the block and stage LayerNorms (official 1e-6, Hugging Face 1e-5); ``embed_ln_eps`` that
+    of the patch-embed and sequence-reduction norms (1e-5 in both; mmsegmentation's MiT uses 1e-6 there too).
     """
 
     def __init__(
@@ -214,6 +223,7 @@ class MixVisionTransformer(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
         ln_eps: float = OFFICIAL_LN_EPS,
+        embed_ln_eps: float = EMBED_LN_EPS,
     ) -> None:
         super().__init__()
         self.embed_dims = tuple(embed_dims)
@@ -222,7 +232,8 @@ class MixVisionTransformer(nn.Module):
         stages, start, prev = [], 0, in_channels
         for i, (dim, depth) in enumerate(zip(embed_dims, depths)):
             stages.append(MiTStage(prev, dim, depth, num_heads[i], sr_ratios[i], mlp_ratios[i], patch_sizes[i],
-                                   strides[i], dpr[start:start + depth], qkv_bias, drop_rate, attn_drop_rate, ln_eps))
+                                   strides[i], dpr[start:start + depth], qkv_bias, drop_rate, attn_drop_rate, ln_eps,
+                                   embed_ln_eps))
             start, prev = start + depth, dim
         self.stages = nn.ModuleList(stages)
         self.apply(_init_mit_weights)
@@ -311,19 +322,79 @@ class MLPDecoder(nn.Module):
         """
         E = self.embed_dim
         n = len(self.linear_c)
-        conv, bn = self.linear_fuse.conv, self.linear_fuse.bn
-        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)  # composed in float64
-        weight = conv.weight.flatten(1).double() * scale[:, None]  # (E, n·E), BN scale folded
+        weight, shift = _folded_fusion(self.linear_fuse)
         out = AdditiveMLPDecoder([lin.in_features for lin in self.linear_c], E, self.linear_pred.out_channels,
-                                 batch_norm=False, dropout=0.0).to(conv.weight)
-        shift = bn.bias.double() - bn.running_mean.double() * scale  # added once, on the un-resized 1/4 stage
+                                 batch_norm=False, dropout=0.0).to(self.linear_fuse.conv.weight)
         for i, lin in enumerate(self.linear_c):
             part = weight[:, (n - 1 - i) * E:(n - i) * E]  # stage i sits at position n-1-i in [c4, c3, c2, c1]
             out.linear_c[i].weight.copy_(part @ lin.weight.double())
+            # the BN shift is added once, on the un-resized 1/4 stage
             out.linear_c[i].bias.copy_(part @ lin.bias.double() + (shift if i == 0 else 0))
         out.linear_pred.load_state_dict(self.linear_pred.state_dict())
         out.linear_pred = pad_output_channels(out.linear_pred)  # forward slices back to num_classes
         return out.eval()
+
+
+class MMSegMLPDecoder(nn.Module):
+    """The all-MLP decoder as open-mmlab mmsegmentation implements it (its ``SegformerHead``), which its model-zoo
+    SegFormer checkpoints were trained with. Three differences from the official ``MLPDecoder``:
+
+    - each stage's projection to E is a 1×1 conv without bias + BN + **ReLU** (mmcv's ``ConvModule``), not a Linear;
+    - the upsampled maps are concatenated in input order [c1, c2, c3, c4] (official: [c4, c3, c2, c1]);
+    - the classifier is mmseg's ``conv_seg`` (named ``linear_pred`` here, as in every edgeseg decoder).
+
+    Then, as the official decoder: 1×1 conv 4E → E (no bias) + BN + ReLU, Dropout2d, classifier. Four maps
+    (B, C_i, h_i, w_i) → logits (B, K, h_1, w_1).
+    """
+
+    def __init__(self, in_channels: Sequence[int], embed_dim: int, num_classes: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.linear_c = nn.ModuleList(ConvBN(c, embed_dim, 1, act=nn.ReLU) for c in in_channels)
+        self.linear_fuse = ConvBN(len(in_channels) * embed_dim, embed_dim, 1, act=nn.ReLU)
+        self.dropout = nn.Dropout2d(dropout)
+        self.linear_pred = nn.Conv2d(embed_dim, num_classes, 1)
+        for branch in (*self.linear_c, self.linear_fuse):  # mmcv ConvModule's init
+            nn.init.kaiming_normal_(branch.conv.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        size = features[0].shape[2:]
+        maps = [branch(f) for branch, f in zip(self.linear_c, features)]
+        maps = [maps[0]] + [resize(m, size) for m in maps[1:]]
+        x = self.linear_fuse(torch.cat(maps, dim=1))  # mmseg's order [c1, c2, c3, c4]
+        return self.linear_pred(self.dropout(x))
+
+    @torch.no_grad()
+    def fuse(self) -> AdditiveMLPDecoder:
+        """The exact inference form: an ``AdditiveMLPDecoder`` whose stage branches are Linear → ReLU → Linear.
+
+        Each branch's BN folds into its conv (now a Linear ``A_i``). The ReLU ``r_i = ReLU(A_i x_i + a_i)`` sits
+        before the fusion conv, so that conv cannot fold into ``A_i``; but it still commutes with bilinear resizing:
+        ``F·cat(up(r_i))`` = ``Σ_i up(F_i r_i)``, with F_i the fusion conv's input-channel block for stage i (BN
+        scale folded) as a second Linear E → E run at stage i's own resolution. The BN shift goes to the un-resized
+        1/4 stage. The 4E → E conv over the full-resolution concatenation disappears.
+        """
+        E = self.embed_dim
+        weight, shift = _folded_fusion(self.linear_fuse)
+        out = AdditiveMLPDecoder([b.conv.in_channels for b in self.linear_c], E, self.linear_pred.out_channels,
+                                 batch_norm=False, dropout=0.0, stage_relu=True).to(self.linear_fuse.conv.weight)
+        for i, branch in enumerate(self.linear_c):
+            project, _, mix = out.linear_c[i]
+            w, b = folded_bn_params(branch.conv, branch.bn)
+            project.weight.copy_(w.flatten(1))
+            project.bias.copy_(b)
+            mix.weight.copy_(weight[:, i * E:(i + 1) * E])  # input order [c1, c2, c3, c4]
+            mix.bias.copy_(shift if i == 0 else torch.zeros_like(shift))
+        out.linear_pred.load_state_dict(self.linear_pred.state_dict())
+        out.linear_pred = pad_output_channels(out.linear_pred)
+        return out.eval()
+
+
+def _folded_fusion(linear_fuse: ConvBN) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fusion conv 4E → E with its BN (eval) folded, composed in float64: weight (E, 4E) and shift (E,)."""
+    conv, bn = linear_fuse.conv, linear_fuse.bn
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    return conv.weight.flatten(1).double() * scale[:, None], bn.bias.double() - bn.running_mean.double() * scale
 
 
 def _bands_are_exact(features: Sequence[torch.Tensor], band: int) -> bool:
@@ -360,16 +431,24 @@ class AdditiveMLPDecoder(nn.Module):
     This is ``MLPDecoder.fuse()``'s result (``batch_norm=False``, the projections already carrying the fuse conv
     and BN) and the decoder DynaSegFormer trains directly (``batch_norm=True``): per-stage projections to E,
     upsampled to the 1/4 map and added, never concatenated. Four maps (B, C_i, h_i, w_i) → (B, K, h_1, w_1).
+
+    With ``stage_relu`` each stage's projection is ``Linear(C_i → E) → ReLU → Linear(E → E)``: the inference form
+    of ``MMSegMLPDecoder``, whose per-stage ReLU keeps its fusion conv's block for the stage a separate Linear (run
+    at the stage's own resolution, before the upsampling).
     """
 
     row_band = 16  # rows of the 1/4 map per band in eval mode (see ``_forward_in_bands``); 0 turns banding off
 
     def __init__(self, in_channels: Sequence[int], embed_dim: int, num_classes: int, batch_norm: bool = True,
-                 dropout: float = 0.1) -> None:
+                 dropout: float = 0.1, stage_relu: bool = False) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.num_classes = num_classes
-        self.linear_c = nn.ModuleList(nn.Linear(c, embed_dim) for c in in_channels)
+        self.linear_c = nn.ModuleList(
+            nn.Sequential(nn.Linear(c, embed_dim), nn.ReLU(), nn.Linear(embed_dim, embed_dim)) if stage_relu
+            else nn.Linear(c, embed_dim)
+            for c in in_channels
+        )
         self.bn = nn.BatchNorm2d(embed_dim) if batch_norm else nn.Identity()
         self.act = nn.ReLU(inplace=True)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
@@ -416,15 +495,16 @@ class AdditiveMLPDecoder(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> AdditiveMLPDecoder:
-        """Fold the BN (if any) into the projections, exactly as ``MLPDecoder.fuse`` does."""
+        """Fold the BN (if any) into the projections (their last Linear), exactly as ``MLPDecoder.fuse`` does."""
         fused = copy.deepcopy(self).eval()
         if isinstance(self.bn, nn.BatchNorm2d):
             bn = self.bn
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            for lin in fused.linear_c:
+            last = [branch[-1] if isinstance(branch, nn.Sequential) else branch for branch in fused.linear_c]
+            for lin in last:
                 lin.weight.mul_(scale[:, None])
                 lin.bias.mul_(scale)
-            fused.linear_c[0].bias.add_(bn.bias - bn.running_mean * scale)
+            last[0].bias.add_(bn.bias - bn.running_mean * scale)
             fused.bn = nn.Identity()
         fused.dropout = nn.Identity()
         if fused.linear_pred.out_channels == self.num_classes:
@@ -441,6 +521,8 @@ class SegFormer(nn.Module):
     """MiT encoder → MLP decoder. (B, 3, H, W) normalised images → logits at 1/4: (B, K, ⌊(H−1)/4⌋+1, ⌊(W−1)/4⌋+1).
 
     Upsample them bilinearly (``align_corners=False``) to (H, W) for per-pixel labels, as mmseg does at test time.
+    ``decoder`` is ``"official"`` (NVlabs' ``MLPDecoder``) or ``"mmseg"`` (mmsegmentation's ``MMSegMLPDecoder``,
+    which its model zoo was trained with; such files also need ``embed_ln_eps=1e-6``).
     """
 
     def __init__(
@@ -458,13 +540,19 @@ class SegFormer(nn.Module):
         drop_path_rate: float = 0.1,
         dropout: float = 0.1,
         ln_eps: float = OFFICIAL_LN_EPS,
+        embed_ln_eps: float = EMBED_LN_EPS,
+        decoder: str = "official",
     ) -> None:
         super().__init__()
+        if decoder not in ("official", "mmseg"):
+            raise ValueError(f"SegFormer decoder must be 'official' (NVlabs) or 'mmseg' (mmsegmentation), "
+                             f"not {decoder!r}")
         self.num_classes = num_classes
         self.encoder = MixVisionTransformer(embed_dims, depths, num_heads, sr_ratios, mlp_ratios, in_channels,
                                             drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-                                            drop_path_rate=drop_path_rate, ln_eps=ln_eps)
-        self.decode_head = MLPDecoder(embed_dims, decoder_dim, num_classes, dropout)
+                                            drop_path_rate=drop_path_rate, ln_eps=ln_eps, embed_ln_eps=embed_ln_eps)
+        head = MLPDecoder if decoder == "official" else MMSegMLPDecoder
+        self.decode_head = head(embed_dims, decoder_dim, num_classes, dropout)
         self.model_name = "segformer"
         self.model_args: dict = {"num_classes": num_classes}
 
@@ -477,9 +565,9 @@ class SegFormer(nn.Module):
 
     def fuse(self) -> SegFormer:
         """A new inference model: the decoder in additive form (fuse conv and BN folded into the per-stage
-        projections), attention through SDPA, dropout/drop-path removed, conv weights channels-last (the token
-        sequences are channels-last maps already, so oneDNN then runs the convs without layout reorders).
-        Same logits (≤ 1e-5)."""
+        projections; see ``MLPDecoder.fuse`` and ``MMSegMLPDecoder.fuse``), attention through SDPA, dropout/drop-path
+        removed, conv weights channels-last (the token sequences are channels-last maps already, so oneDNN then runs
+        the convs without layout reorders). Same logits (≤ 1e-5)."""
         return fuse_modules(copy.deepcopy(self).eval()).to(memory_format=torch.channels_last)
 
 
@@ -504,12 +592,13 @@ class MiTClassifier(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
         ln_eps: float = OFFICIAL_LN_EPS,
+        embed_ln_eps: float = EMBED_LN_EPS,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.encoder = MixVisionTransformer(embed_dims, depths, num_heads, sr_ratios, mlp_ratios, in_channels,
                                             drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-                                            drop_path_rate=drop_path_rate, ln_eps=ln_eps)
+                                            drop_path_rate=drop_path_rate, ln_eps=ln_eps, embed_ln_eps=embed_ln_eps)
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         _init_mit_weights(self.head)
         self.model_name = "mit"
@@ -566,7 +655,8 @@ PAPER: dict[str, dict] = {
 # --------------------------------------------------------------------------------------------------------------
 
 # Each layout: ordered (regex, replacement) rules over the encoder part of a key, producing edgeseg names under
-# ``encoder.``. Keys / values arrive split in Hugging Face files as temporary ``attn.k`` / ``attn.v``.
+# ``encoder.``. Keys / values arrive split in Hugging Face files as temporary ``attn.k`` / ``attn.v``, and Q, K, V
+# joined in mmsegmentation files as a temporary ``attn.in_proj``.
 _OFFICIAL_ENCODER = (  # NVlabs mix_transformer.py, also the bare keys of mit_bX.pth
     (r"^patch_embed(\d)\.", lambda m: f"stages.{int(m[1]) - 1}.patch_embed."),
     (r"^block(\d)\.(\d+)\.", lambda m: f"stages.{int(m[1]) - 1}.blocks.{m[2]}."),
@@ -604,6 +694,17 @@ _HF_MODULE_ENCODER = (  # transformers >= 5 in-memory module names (model.state_
     (r"\.attention\.sequence_reduction\.layer_norm\.", ".attn.norm."),
     (r"\.mlp\.dwconv\.dwconv\.", ".mlp.dwconv."),
 )
+_MMSEG_ENCODER = (  # open-mmlab mmseg backbones/mit.py (layers.i = [PatchEmbed, blocks, LayerNorm]); mit2mmseg.py
+    (r"^layers\.(\d)\.0\.projection\.", r"stages.\1.patch_embed.proj."),
+    (r"^layers\.(\d)\.0\.norm\.", r"stages.\1.patch_embed.norm."),
+    (r"^layers\.(\d)\.1\.(\d+)\.", r"stages.\1.blocks.\2."),
+    (r"^layers\.(\d)\.2\.", r"stages.\1.norm."),
+    (r"\.attn\.attn\.in_proj_(weight|bias)$", r".attn.in_proj.\1"),  # nn.MultiheadAttention: [W_q; W_k; W_v]
+    (r"\.attn\.attn\.out_proj\.", ".attn.proj."),
+    (r"\.ffn\.layers\.0\.", ".mlp.fc1."),  # FFN Sequential [fc1, dwconv, GELU, Dropout, fc2, Dropout]
+    (r"\.ffn\.layers\.1\.", ".mlp.dwconv."),
+    (r"\.ffn\.layers\.4\.", ".mlp.fc2."),
+)
 _OFFICIAL_HEAD = (
     (r"^decode_head\.linear_c(\d)\.proj\.", lambda m: f"decode_head.linear_c.{int(m[1]) - 1}."),
 )
@@ -614,14 +715,40 @@ _HF_HEAD = (
     (r"^decode_head\.classifier\.", "decode_head.linear_pred."),
     (r"^classifier\.", "head."),  # SegformerForImageClassification
 )
+_MMSEG_HEAD = (  # mmseg decode_heads/segformer_head.py: ConvModules (conv, bn) and the base head's conv_seg
+    (r"^decode_head\.convs\.(\d)\.", r"decode_head.linear_c.\1."),
+    (r"^decode_head\.fusion_conv\.", "decode_head.linear_fuse."),
+    (r"^decode_head\.conv_seg\.", "decode_head.linear_pred."),
+)
 _HF_LAYOUT_NOTE = ("Hugging Face layout: transformers builds every SegFormer LayerNorm with eps 1e-5; build the model "
                    "with ln_eps=1e-5 (load_hf_folder does) to reproduce its outputs exactly")
+_MMSEG_LAYOUT_NOTE = ("mmsegmentation layout (open-mmlab MixVisionTransformer): attn.in_proj split into q and kv, the "
+                      "FFN's 1x1 convs as Linears; mmseg builds every LayerNorm with eps 1e-6: build the model with "
+                      "embed_ln_eps=1e-6 (load_model does) to reproduce its outputs exactly")
+_MMSEG_HEAD_NOTE = ("mmsegmentation's SegformerHead (conv+BN+ReLU per stage, concatenation [c1..c4], conv_seg the "
+                    "classifier): a decoder='mmseg' model holds it")
 
 
 def _apply(rules: Sequence[tuple[str, str | Callable]], key: str) -> str:
     for pattern, repl in rules:
         key = re.sub(pattern, repl, key)
     return key
+
+
+def _split_in_proj(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Split mmseg's joined ``attn.in_proj`` ([W_q; W_k; W_v], 3C rows) into ``attn.q`` (first C rows) and the
+    official ``attn.kv`` (last 2C: K then V), and squeeze its 1×1-conv FFN weights (4C, C, 1, 1) to Linear shapes."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if ".attn.in_proj." in key:
+            dim = value.shape[0] // 3
+            out[key.replace(".attn.in_proj.", ".attn.q.")] = value[:dim]
+            out[key.replace(".attn.in_proj.", ".attn.kv.")] = value[dim:]
+        elif re.search(r"\.mlp\.fc[12]\.weight$", key) and value.ndim == 4:
+            out[key] = value.flatten(1)
+        else:
+            out[key] = value
+    return out
 
 
 def _merge_kv(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -641,7 +768,7 @@ def _merge_kv(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 _OWN_KEY = re.compile(
     r"^(encoder\.stages\.\d+\.(patch_embed\.(proj|norm)|norm|blocks\.\d+\.(norm1|norm2|attn\.(q|kv|proj|sr|norm)"
     r"|mlp\.(fc1|fc2|dwconv)))\.(weight|bias)"
-    r"|decode_head\.(linear_c\.\d+|linear_pred|linear_fuse\.conv|linear_fuse\.bn|bn)\."
+    r"|decode_head\.(linear_c\.\d+(\.conv|\.bn)?|linear_pred|linear_fuse\.conv|linear_fuse\.bn|bn)\."
     r"(weight|bias|running_mean|running_var|num_batches_tracked)"
     r"|head\.(weight|bias))$"
 )
@@ -664,6 +791,9 @@ def _layout(keys: Sequence[str]) -> str | None:
         return "hf-modules"
     if has(r"^(backbone\.)?patch_embed1\.proj\.weight$") and has(r"^(backbone\.)?block1\.0\.attn\.kv\.weight$"):
         return "official"
+    if (has(r"^(backbone\.)?layers\.0\.0\.projection\.weight$")
+            and has(r"^(backbone\.)?layers\.0\.1\.0\.attn\.attn\.in_proj_weight$")):
+        return "mmseg"
     return None
 
 
@@ -671,10 +801,15 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, t
     """Map any SegFormer / MiT layout onto edgeseg's; ``None`` if the keys are not SegFormer's.
 
     Layouts: official NVlabs mmseg (``backbone.patch_embed1.proj``, ``backbone.block1.0.attn.kv``,
-    ``decode_head.linear_c1.proj``, ``decode_head.linear_fuse.conv/bn``, ``decode_head.linear_pred``), the ImageNet
-    files ``mit_bX.pth`` (the same backbone keys bare, plus ``head.*``), Hugging Face (``segformer.encoder.*`` as in
-    Hub files and ``save_pretrained``, or transformers-5 module names ``segformer.stages.*``; split key/value,
-    ``decode_head.linear_c.N``, ``linear_fuse``, ``batch_norm``, ``classifier``) and edgeseg's own.
+    ``decode_head.linear_c1.proj``, ``decode_head.linear_fuse.conv/bn``, ``decode_head.linear_pred``; the unused
+    ``decode_head.conv_seg`` is dropped), the ImageNet files ``mit_bX.pth`` (the same backbone keys bare, plus
+    ``head.*``), Hugging Face (``segformer.encoder.*`` as in Hub files and ``save_pretrained``, or transformers-5
+    module names ``segformer.stages.*``; split key/value, ``decode_head.linear_c.N``, ``linear_fuse``,
+    ``batch_norm``, ``classifier``), open-mmlab mmsegmentation's own (its model zoo: ``backbone.layers.i.{0,1,2}``
+    with ``attn.attn.in_proj_weight`` and ``ffn.layers.{0,1,4}``, ``decode_head.convs.N.conv/bn``,
+    ``decode_head.fusion_conv.conv/bn``, ``decode_head.conv_seg`` — here the classifier; and the bare backbone keys
+    that its ``mit2mmseg.py`` writes for ``mit_bX``) and edgeseg's own. An mmseg decode head maps onto
+    ``MMSegMLPDecoder``'s keys, which ``infer_model`` recognises.
     """
     layout = _layout(list(state_dict))
     if layout is None:
@@ -685,6 +820,11 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, t
     if layout == "official":
         encoder_rules, head_rules, prefix = _OFFICIAL_ENCODER, _OFFICIAL_HEAD, "backbone."
         notes.append("official NVlabs/SegFormer layout")
+    elif layout == "mmseg":
+        encoder_rules, head_rules, prefix = _MMSEG_ENCODER, _MMSEG_HEAD, "backbone."
+        notes.append(_MMSEG_LAYOUT_NOTE)
+        if any(k.startswith("decode_head.") for k in state_dict):
+            notes.append(_MMSEG_HEAD_NOTE)
     else:
         encoder_rules = _HF_ENCODER if layout == "hf" else _HF_MODULE_ENCODER
         head_rules, prefix = _HF_HEAD, "segformer."
@@ -692,7 +832,7 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, t
     out: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
     for key, value in state_dict.items():
-        if key.startswith("decode_head.conv_seg."):
+        if key.startswith("decode_head.conv_seg.") and layout != "mmseg":
             dropped.append(key)
             continue
         if key.startswith(("decode_head.", "classifier.")) or (layout == "official" and key.startswith("head.")):
@@ -702,10 +842,19 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, t
         out["encoder." + _apply(encoder_rules, bare)] = value
     if dropped:
         notes.append("dropped decode_head.conv_seg (created by mmseg's BaseDecodeHead, never used by SegFormerHead)")
-    if layout != "official":
+    if layout == "mmseg":
+        out = _split_in_proj(out)
+    elif layout != "official":
         out = _merge_kv(out)
         notes.append("concatenated key/value projections into attn.kv (K first, then V)")
     return out, notes
+
+
+def layout_args(state_dict: dict[str, torch.Tensor]) -> dict:
+    """Builder overrides that a checkpoint's layout implies but no tensor shape shows (``load_model`` adds them to
+    ``infer_model``'s): mmsegmentation's MiT has LayerNorm eps 1e-6 in its patch embeddings and sequence reduction
+    too, so its files are built with ``embed_ln_eps=1e-6``."""
+    return {"embed_ln_eps": MMSEG_LN_EPS} if _layout(list(state_dict)) == "mmseg" else {}
 
 
 def closest_variant(embed_dims: Sequence[int], depths: Sequence[int]) -> str:
@@ -726,7 +875,9 @@ def infer_model(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict]:
 
     Widths, depths, sr ratios, mlp ratios, decoder width and classes are read off tensor shapes; the variant is the
     one whose widths and depths match (B0 vs B1 differ by widths, B1…B5 by depths). Head counts leave no trace in
-    the weights: the official (1, 2, 5, 8) is assumed. ``segformer-*`` if a decode head is present, else ``mit-*``.
+    the weights: the official (1, 2, 5, 8) is assumed. ``segformer-*`` if a decode head is present, else ``mit-*``;
+    ``decoder="mmseg"`` if the per-stage projections are conv+BN (``MMSegMLPDecoder``). LayerNorm eps leave no trace
+    either: see ``layout_args``.
     """
     sd = state_dict
     dims, depths, srs, mlps = [], [], [], []
@@ -749,9 +900,12 @@ def infer_model(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict]:
     args: dict = {}
     if seg:
         args["num_classes"] = sd["decode_head.linear_pred.weight"].shape[0]
-        decoder_dim = sd["decode_head.linear_c.0.weight"].shape[0]
+        mmseg_head = "decode_head.linear_c.0.conv.weight" in sd
+        decoder_dim = sd[f"decode_head.linear_c.0.{'conv.' if mmseg_head else ''}weight"].shape[0]
         if decoder_dim != base["decoder_dim"]:
             args["decoder_dim"] = decoder_dim
+        if mmseg_head:
+            args["decoder"] = "mmseg"
     else:
         args["num_classes"] = sd["head.weight"].shape[0] if "head.weight" in sd else 0
     for name, found in (("embed_dims", dims), ("depths", depths), ("sr_ratios", srs), ("mlp_ratios", mlps)):
@@ -770,8 +924,8 @@ def infer_model(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict]:
 # --------------------------------------------------------------------------------------------------------------
 
 _ENCODER_ARGS = ("embed_dims", "depths", "num_heads", "sr_ratios", "mlp_ratios", "in_channels", "drop_rate",
-                 "attn_drop_rate", "drop_path_rate", "ln_eps")
-_SEG_ARGS = _ENCODER_ARGS + ("decoder_dim", "dropout")
+                 "attn_drop_rate", "drop_path_rate", "ln_eps", "embed_ln_eps")
+_SEG_ARGS = _ENCODER_ARGS + ("decoder_dim", "dropout", "decoder")
 
 
 def _jsonable(value):
