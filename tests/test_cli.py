@@ -41,6 +41,25 @@ def test_info_sparsity_compares_only_figures_published_for_it(capsys):
     assert out["paper"] is None and out["params"] > 1_389_654 and out["gmacs"] < 0.58
 
 
+def test_info_builder_arguments_change_the_architecture_and_drop_the_paper(capsys):
+    """``--arg KEY=VALUE`` reaches the builder (values read as YAML); a changed architecture has no paper figure."""
+    assert main(["info", "topformer-tiny", "--num-classes", "19", "--json"]) == 0
+    depthwise = json.loads(capsys.readouterr().out)
+    assert main(["info", "topformer-tiny", "--num-classes", "19", "--arg", "head_depthwise=false", "--json"]) == 0
+    dense = json.loads(capsys.readouterr().out)  # TopFormer-Tiny's Cityscapes head: a dense 1×1 fuse conv
+    assert dense["params"] > depthwise["params"] and dense["gmacs"] > depthwise["gmacs"]
+    assert dense["paper"] is None and depthwise["paper"] is not None
+    assert main(["info", "segformer-b0", "--arg", "decoder=mmseg", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"] > 3_752_694  # per-stage BN: more than the official decoder
+
+
+@pytest.mark.parametrize("arg, message", [("decoder", "expected KEY=VALUE"), ("nonsense=1", "unknown SegFormer")])
+def test_bad_builder_argument_is_one_line(capsys, arg, message):
+    assert main(["info", "segformer-b0", "--arg", arg]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
 def test_info_table_lists_every_model(capsys, monkeypatch):
     import edgeseg.models
 

@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Any
 
 def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Builder keyword arguments from ``--arg KEY=VALUE`` (values read as YAML), ``--num-classes``, ``--sparsity``."""
+    import yaml
+
     kwargs: dict[str, Any] = {}
+    for item in getattr(args, "arg", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--arg {item!r}: expected KEY=VALUE, e.g. --arg head_depthwise=false")
+        kwargs[key.strip().replace("-", "_")] = yaml.safe_load(value)
     if getattr(args, "num_classes", None) is not None:
         kwargs["num_classes"] = args.num_classes
     if getattr(args, "sparsity", None) is not None:
@@ -26,16 +34,17 @@ def _build(args: argparse.Namespace):
     return create_model(args.model, **_model_kwargs(args))
 
 
+ARG_HELP = "builder argument, repeatable (value read as YAML), e.g. --arg head_depthwise=false or --arg decoder=mmseg"
+
+
 # ----------------------------------------------------------------------------------------------------------- info
-def _info_row(name: str, size: tuple[int, int], num_classes: int | None, sparsity: float | None) -> dict[str, Any]:
+def _info_row(name: str, size: tuple[int, int], kwargs: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from .deploy.benchmark import count_gmacs, count_params
     from .models import PAPER, create_model
 
-    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
-    if sparsity is not None:
-        kwargs["sparsity"] = sparsity
+    sparsity = kwargs.get("sparsity")
     try:  # shapes are all a count needs: building on the meta device skips initialising 85 M parameters
         with torch.device("meta"):
             model = create_model(name, **kwargs).eval()
@@ -44,6 +53,8 @@ def _info_row(name: str, size: tuple[int, int], num_classes: int | None, sparsit
         model = create_model(name, **kwargs).eval()
         gmacs = (count_gmacs(model, size), count_gmacs(model, size, convention="macs"))
     paper = PAPER.get(name)
+    if set(kwargs) - {"num_classes", "sparsity"}:
+        paper = None  # a changed architecture: the published figures are not its own
     if sparsity is not None and paper is not None and "gmacs_at_sparsity" not in paper:
         paper = None  # published figures of the dense model (e.g. a TopFormer with a dynamic extractor)
     paper_out = None
@@ -66,7 +77,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     rows = []
     for name in names:
         paper_size = tuple(PAPER.get(name, {}).get("input_size") or (512, 512))
-        rows.append(_info_row(name, size or paper_size, args.num_classes, args.sparsity))
+        rows.append(_info_row(name, size or paper_size, _model_kwargs(args)))
     if args.json:
         out = rows[0] if args.model else rows
         if args.model:
@@ -262,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), help="input size (default: the paper's)")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--sparsity", type=float, help="dynamic models: fraction of gated neurons pruned")
+    p.add_argument("--arg", action="append", metavar="KEY=VALUE", help=ARG_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
@@ -273,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse", action="store_true", help="benchmark the inference form (BN folded, decoder folded)")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--sparsity", type=float, help="dynamic models: fraction of gated neurons pruned")
+    p.add_argument("--arg", action="append", metavar="KEY=VALUE", help=ARG_HELP)
     p.add_argument("--seconds", type=float, default=3.0, help="minimum timed duration")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
@@ -291,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="batch size, fixed in the graph")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--sparsity", type=float, help="dynamic models: fraction of gated neurons pruned")
+    p.add_argument("--arg", action="append", metavar="KEY=VALUE", help=ARG_HELP)
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--no-fuse", action="store_true", help="export the eager model instead of fuse()'s form")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
