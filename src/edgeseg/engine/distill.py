@@ -43,16 +43,16 @@ from .evaluate import build_val_dataset
 from .optim import build_optimizer, set_lr
 from .train import (
     RunLogger,
-    _find_resume,
-    _mean_over_ranks,
     autocast_context,
     build_train_loader,
     build_train_set,
     data_parallel,
     evaluate_during_training,
+    find_resume,
     grad_scaler,
     init_distributed,
     leave_process_group,
+    mean_over_ranks,
     open_work_dir,
     progress_bar,
     read_training_state,
@@ -196,7 +196,7 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
     # Each stage's global steps (first, last]; step counts the optimizer steps done so far.
     stages = {1: (0, dcfg.stage1_iters), 2: (dcfg.stage1_iters, dcfg.stage1_iters + cfg.schedule.iters)}
     step, best, resumed = 0, -math.inf, None
-    ckpt_path = _find_resume(resume, work_dir, "distill")
+    ckpt_path = find_resume(resume, work_dir, "distill")
     if ckpt_path is not None:
         resumed = _read_distill_state(ckpt_path, stages)
         student.load_state_dict(resumed["state_dict"])
@@ -252,7 +252,7 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
             step, count = step + 1, count + 1
 
             if step % cfg.train.log_interval == 0 or step == last:
-                means = {k: _mean_over_ranks(v / count, info) for k, v in sums.items()}
+                means = {k: mean_over_ranks(v / count, info) for k, v in sums.items()}
                 logger({"mode": "train", "stage": stage, "iter": step, "lr": lr, "sparsity": sparsity, **means,
                         "time_s": round(time.perf_counter() - t_start, 3)})
                 if bar is not None:

@@ -310,7 +310,8 @@ def evaluate_during_training(model: nn.Module, val_set: SegDataset, cfg: Config)
     return result
 
 
-def _find_resume(resume: str | None, work_dir: Path, command: str = "train") -> Path | None:
+def find_resume(resume: str | None, work_dir: Path, command: str = "train") -> Path | None:
+    """``--resume``: None, ``"auto"`` (``work_dir/latest.pth`` if present) or a checkpoint path that must exist."""
     if resume is None:
         return None
     if resume == "auto":
@@ -376,7 +377,7 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
     seed_everything(cfg.train.seed + info.rank)
 
     start, best_miou = 0, -math.inf
-    ckpt_path = _find_resume(resume, work_dir)
+    ckpt_path = find_resume(resume, work_dir)
     if ckpt_path is not None:
         ckpt = read_training_state(ckpt_path, "to start from its weights set model.pretrained instead")
         model.load_state_dict(ckpt["state_dict"])
@@ -418,7 +419,7 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
         done = it + 1
 
         if done % cfg.train.log_interval == 0 or done == iters:
-            mean_loss = _mean_over_ranks(loss_sum / loss_count, info)
+            mean_loss = mean_over_ranks(loss_sum / loss_count, info)
             elapsed = time.perf_counter() - t_start
             logger({"mode": "train", "iter": done, "loss": mean_loss, "lr": lr, "time_s": round(elapsed, 3),
                     "eta_s": round(elapsed / (done - start) * (iters - done), 1)})
@@ -460,7 +461,8 @@ def progress_bar(total: int, initial: int = 0, desc: str = "train") -> Any:
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
 
 
-def _mean_over_ranks(value: float, info: DistInfo) -> float:
+def mean_over_ranks(value: float, info: DistInfo) -> float:
+    """A logged scalar averaged over every process (collective under DDP)."""
     if info.world == 1:
         return value
     t = torch.tensor(value, dtype=torch.float64, device=info.device)

@@ -464,12 +464,14 @@ class AdditiveMLPDecoder(nn.Module):
         x = _project(self.linear_c[0], features[0])  # a fresh tensor: safe to accumulate into in place
         for linear, f in zip(self.linear_c[1:], features[1:]):
             x.add_(resize(_project(linear, f), size))
-        x = self.dropout(self.act(self.bn(x)))
-        # The 1×1 classifier as one GEMM over the (B, h, w, E) view: no im2col, no layout reorder. (Fused, its
-        # outputs are padded to a multiple of 8, ``pad_output_channels``; the slice drops them.)
+        return self._classify(self.dropout(self.act(self.bn(x)))).permute(0, 3, 1, 2)
+
+    def _classify(self, x: torch.Tensor) -> torch.Tensor:
+        """The 1×1 classifier as one GEMM over the (B, h, w, E) view of a channels-last map: no im2col, no layout
+        reorder. Returns (B, h, w, K) logits; fused, the padded outputs (``pad_output_channels``) are sliced off."""
         weight = self.linear_pred.weight
-        logits = F.linear(x.permute(0, 2, 3, 1), weight.reshape(weight.shape[0], -1), self.linear_pred.bias)
-        return logits[..., : self.num_classes].permute(0, 3, 1, 2)
+        logits = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), self.linear_pred.bias)
+        return logits[..., : self.num_classes]
 
     def _forward_in_bands(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """The same logits, computed ``row_band`` rows of the 1/4 map at a time (eval mode: BN is per-pixel).
@@ -482,16 +484,14 @@ class AdditiveMLPDecoder(nn.Module):
         c1, *rest = features
         B, _, H, W = c1.shape
         small = [_project(linear, f) for linear, f in zip(self.linear_c[1:], rest)]  # at 1/8…1/32: whole, once
-        weight = self.linear_pred.weight.flatten(1)
-        logits = c1.new_empty(B, H, W, weight.shape[0])
+        logits = c1.new_empty(B, H, W, self.num_classes)
         for r0 in range(0, H, self.row_band):
             r1 = min(H, r0 + self.row_band)
             x = _project(self.linear_c[0], c1[:, :, r0:r1])
             for y in small:
                 x.add_(_resize_rows(y, H, W, r0, r1))
-            x = self.act(self.bn(x))
-            logits[:, r0:r1] = F.linear(x.permute(0, 2, 3, 1), weight, self.linear_pred.bias)
-        return logits[..., : self.num_classes].permute(0, 3, 1, 2)
+            logits[:, r0:r1] = self._classify(self.act(self.bn(x)))
+        return logits.permute(0, 3, 1, 2)
 
     @torch.no_grad()
     def fuse(self) -> AdditiveMLPDecoder:
