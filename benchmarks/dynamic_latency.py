@@ -18,7 +18,9 @@ Rows (timed alternately by ``compare_latency``, medians, so machine noise hits a
   form, which gathers the kept
   neurons per image and runs the narrower products (at s = 0 it gathers everything: gating cost, no saving);
   its ``fuse()`` folds the gates and pads the gathered widths with zero neurons to multiples of 8 (exact: e.g. a
-  90-channel hidden layer runs as 96, faster on this CPU); ``unpadded`` rows are ``fuse(pad_multiple=1)``;
+  90-channel hidden layer runs as 96, faster on this CPU); ``unpadded`` rows are ``fuse(pad_multiple=1)``; each
+  site plans (gate, top-r, gathers) in one native call where the kernel builds (``edgeseg.models.dgl_native``),
+  and the ``PyTorch plans`` rows are the same models planning with PyTorch operators (``set_native(model, False)``);
 - ``gates + gathers @ s`` — only the per-image overhead of the dynamic model: for every DGL site the token pooling,
   gate MLP, top-r and weight gathers (``plan()``, the code the forward runs), on the inputs of a real forward;
 - ``DynaSegFormer-B0 s, plans precomputed`` — the same model with every site's ``plan()`` result computed once for
@@ -63,7 +65,9 @@ from edgeseg.models.dynamic import (
     dynamic_gates,
     from_segformer,
     random_gates_,
+    set_native,
 )
+from edgeseg.models import dgl_native
 from edgeseg.models.hf_segformer import save_hf_folder
 from edgeseg.models.topformer import DynamicAttention, DynamicMLP, from_topformer
 
@@ -196,6 +200,11 @@ def main() -> None:
         models[f"dyna {s:.0%}"] = students[s].fuse()
     for s in args.unpadded:
         models[f"dyna {s:.0%} unpadded"] = students[s].fuse(pad_multiple=1)
+    if dgl_native.available():
+        for s in args.sparsities:
+            if s > 0:
+                models[f"dyna {s:.0%}, PyTorch plans"] = torch_plans = students[s].fuse()
+                set_native(torch_plans, False)
     for s in args.floor:
         models[f"dyna {s:.0%}, plans precomputed"] = precomputed_plans(models[f"dyna {s:.0%}"], x)
     if segformer:

@@ -35,7 +35,10 @@ Two execution forms with the same outputs (≤ 1e-5):
 
 ``fuse()`` prepares the inference form further (:func:`fold_gates`): each gate predictor becomes one frozen matrix
 product, and the gathered widths are padded with zero neurons to multiples of 8, which CPU kernels run faster than
-the exact pruned widths (the padding is exact: a padding slot's gate value is 0).
+the exact pruned widths (the padding is exact: a padding slot's gate value is 0). A fused SegFormer site then plans
+(gate, top-r, gathers) in one call of a small C kernel where one can be built (:mod:`.dgl_native`; PyTorch
+otherwise, or with :func:`set_native`): about 15 small operators per site cost more than half of what 30 %
+sparsity saves on B0.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import dgl_native
+from .dgl_native import Gather, NativePlan
 from .layers import fuse_modules
 from .segformer import (
     EMBED_LN_EPS,
@@ -235,8 +240,8 @@ class DynamicGate(nn.Module):
     ``sparsity`` is the *current* value (the trainer anneals it with :class:`SparsitySchedule`); ``groups`` splits
     the gated axis into equal slices that each keep the same count (attention heads); ``rows`` says which output
     rows of each weight passed at call time form ``W1``. ``gather`` selects the inference form in eval mode;
-    training always runs the masked dense form. ``last_gate`` keeps ``G`` of the latest training forward for the L1
-    penalty (:func:`gate_l1`).
+    training always runs the masked dense form; ``native`` lets a fused site plan in C (:func:`set_native`).
+    ``last_gate`` keeps ``G`` of the latest training forward for the L1 penalty (:func:`gate_l1`).
     """
 
     def __init__(self, in_features: int, gated_features: int, sparsity: float = 0.0, groups: int = 1,
@@ -253,6 +258,7 @@ class DynamicGate(nn.Module):
         self.sparsity = float(sparsity)
         self.pad_multiple = 1
         self.gather = True
+        self.native = True
         self.last_gate: Tensor | None = None
         self.folded: FoldedGate | None = None
         self.register_buffer("consumer_t", None, persistent=False)
@@ -445,6 +451,36 @@ def gathered_hidden(x: Tensor, hw: tuple[int, int], plan: Sequence[Tensor | None
     return consume_gathered(act(y.reshape(B, k, N).transpose(1, 2)), w2, bias2)
 
 
+def native_hidden_plan(plans: dict[tuple[int, int], NativePlan], gate: DynamicGate, fc1: nn.Module, dwconv: nn.Conv2d,
+                       fc2: nn.Module) -> NativePlan | None:
+    """:func:`gather_hidden`'s plan as one native call (:mod:`.dgl_native`), cached in ``plans`` by kept and padded
+    width; None where it does not apply (gate not folded, a layer without bias, no kernel built). ``fc1`` / ``fc2``
+    are Linears or 1×1 convs."""
+    if gate.folded is None or fc1.bias is None or dwconv.bias is None or not dgl_native.available():
+        return None
+    plan = plans.get((gate.keep, gate.width))
+    if plan is None:
+        k = gate.groups * gate.width
+        plan = NativePlan(gate.folded, gate.groups, gate.keep, gate.width, [
+            Gather(fc1.weight, 0, k), Gather(fc1.bias[:, None], 0, k), Gather(dwconv.weight, 0, k, scale="value"),
+            Gather(dwconv.bias[:, None], 0, k, scale="support"), Gather(gate.consumer_t, 0, k)],
+            functools.partial(_hidden_views, kernel=tuple(dwconv.weight.shape[-2:])))
+        plans[(gate.keep, gate.width)] = plan
+    return plan
+
+
+def _hidden_views(outs: list[Tensor], batch: int, kernel: tuple[int, int]) -> tuple[Tensor, ...]:
+    """The native buffers as :func:`gather_hidden` returns its plan (filters with channels-last strides)."""
+    w1, b1, taps, f_bias, w2_t = outs
+    return w1, b1.view(-1), taps.view(-1, *kernel, 1).permute(0, 3, 1, 2), f_bias.view(-1), w2_t.t()
+
+
+def _attention_views(outs: list[Tensor], batch: int) -> tuple[Tensor, ...]:
+    """The native buffers as :meth:`DynamicEfficientSelfAttention.plan` returns its plan."""
+    w_q, b_q, w_kv, b_kv, w_proj_t = outs
+    return w_q, b_q.view(-1), w_kv, b_kv.view(-1), w_proj_t.t()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 4. Sparsity annealing and the gate penalty
 # --------------------------------------------------------------------------------------------------------------
@@ -512,6 +548,12 @@ def set_gather(model: nn.Module, gather: bool) -> None:
         gate.gather = gather
 
 
+def set_native(model: nn.Module, native: bool) -> None:
+    """Let fused DGL sites plan natively (default, where the kernel builds: :mod:`.dgl_native`) or in PyTorch."""
+    for gate in dynamic_gates(model):
+        gate.native = native
+
+
 def gate_l1(model: nn.Module) -> Tensor:
     """``Σ_layers ‖G‖₁`` of the latest training forward, averaged over the images of the batch."""
     terms = [g.last_gate.abs().sum(dim=1).mean() for g in dynamic_gates(model) if g.last_gate is not None]
@@ -554,6 +596,7 @@ class DynamicEfficientSelfAttention(EfficientSelfAttention):
         self.qk_gate = DynamicGate(dim, dim, sparsity, num_heads, rows=(None, (0, dim)), hidden_features=hidden)
         self.v_gate = DynamicGate(dim, dim, sparsity, num_heads, rows=((dim, 2 * dim),), hidden_features=hidden)
         self.joint_gate: FoldedGate | None = None
+        self.native_plans: dict[tuple[int, int], NativePlan] = {}
 
     @classmethod
     def from_dense(cls, attn: EfficientSelfAttention, sparsity: float = 0.0) -> DynamicEfficientSelfAttention:
@@ -572,6 +615,23 @@ class DynamicEfficientSelfAttention(EfficientSelfAttention):
         self.qk_gate.fold(self.q.weight, self.kv.weight)
         self.v_gate.fold(self.kv.weight, consumer=self.proj.weight)
         self.joint_gate = FoldedGate.stack([self.qk_gate.folded, self.v_gate.folded])
+        self.native_plans = {}
+
+    def native_plan(self) -> NativePlan | None:
+        """This site's plan as one native call (:mod:`.dgl_native`), for the current kept and padded widths; None
+        where it does not apply (gates not folded, unequal Q/K and V sparsities, no bias, no kernel built)."""
+        qk, v = self.qk_gate, self.v_gate
+        if self.joint_gate is None or qk.keep != v.keep or self.q.bias is None or not dgl_native.available():
+            return None
+        plan = self.native_plans.get((qk.keep, qk.width))
+        if plan is None:
+            C, K = self.q.in_features, self.num_heads * qk.width
+            plan = NativePlan(self.joint_gate, 2 * self.num_heads, qk.keep, qk.width, [
+                Gather(self.q.weight, 0, K), Gather(self.q.bias[:, None], 0, K),
+                Gather(self.kv.weight, 0, 2 * K, scale="value"), Gather(self.kv.bias[:, None], 0, 2 * K, scale="value"),
+                Gather(v.consumer_t, K, K, offset=C)], _attention_views)
+            self.native_plans[(qk.keep, qk.width)] = plan
+        return plan
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if self.use_sdpa:
@@ -588,6 +648,9 @@ class DynamicEfficientSelfAttention(EfficientSelfAttention):
         masked form scales Q and V). The plan runs per image at every site, where each small op is a visible
         share of the narrowed products, so it is kept to as few ops as possible.
         """
+        native = self.native_plan() if self.qk_gate.native and dgl_native.usable(x) else None
+        if native is not None:
+            return native(x)[0]
         C = x.shape[-1]
         pooled = avg_pool_tokens(x)
         qk_gate, v_gate = self.qk_gate, self.v_gate
@@ -655,6 +718,7 @@ class DynamicMixFFN(MixFFN):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, sparsity: float = 0.0) -> None:
         super().__init__(dim, hidden_dim, drop)
         self.gate = DynamicGate(dim, hidden_dim, sparsity)
+        self.native_plans: dict[tuple[int, int], NativePlan] = {}
 
     @classmethod
     def from_dense(cls, mlp: MixFFN, sparsity: float = 0.0) -> DynamicMixFFN:
@@ -664,7 +728,12 @@ class DynamicMixFFN(MixFFN):
         return new.to(mlp.fc1.weight.device)
 
     def plan(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
-        """Gate and gathers of the inference form (:func:`gather_hidden`)."""
+        """Gate and gathers of the inference form (:func:`gather_hidden`), natively where it can
+        (:func:`native_hidden_plan`)."""
+        native = native_hidden_plan(self.native_plans, self.gate, self.fc1, self.dwconv, self.fc2) \
+            if self.gate.native and dgl_native.usable(x) else None
+        if native is not None:
+            return native(x)[0]
         values, index = self.gate(avg_pool_tokens(x), self.fc1.weight)
         return gather_hidden(self.gate, values, index, self.fc1.weight, self.fc1.bias, self.dwconv.weight,
                              self.dwconv.bias, self.fc2.weight)
@@ -672,6 +741,7 @@ class DynamicMixFFN(MixFFN):
     def fold_gates(self) -> None:
         """Freeze the gate for inference (:meth:`DynamicGate.fold`)."""
         self.gate.fold(self.fc1.weight, consumer=self.fc2.weight)
+        self.native_plans = {}
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         B, N, _ = x.shape
