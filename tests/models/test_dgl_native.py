@@ -10,8 +10,18 @@ import torch
 
 from edgeseg import create_model
 from edgeseg.models import dgl_native
-from edgeseg.models.dgl_native import Gather, NativePlan
-from edgeseg.models.dynamic import FoldedGate, from_segformer, random_gates_, set_native, top_r
+from edgeseg.models.dgl_native import NativePlan, Part, Selection
+from edgeseg.models.dynamic import (
+    DynamicGatedLinear,
+    FoldedGate,
+    dynamic_gates,
+    fold_gates,
+    from_segformer,
+    random_gates_,
+    set_native,
+    top_r,
+)
+from edgeseg.models.topformer import from_topformer
 
 
 @pytest.fixture
@@ -24,15 +34,17 @@ def native_kernel():
     return dgl_native.library()
 
 
-def _sites(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if hasattr(m, "native_plans")]
+def _planned(model: torch.nn.Module) -> list[bool]:
+    """Per DGL site (a module owning gates), whether it built a native plan (attention keeps it on its Q/K gate)."""
+    sites = [m for m in model.modules() if any(isinstance(c, type(next(dynamic_gates(model)))) for c in m.children())]
+    return [any(bool(g.native_plans) for g in site.children() if hasattr(g, "native_plans")) for site in sites]
 
 
 def _fresh_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy with no native plan built yet, so a test can see whether its forward builds (uses) one."""
     model = copy.deepcopy(model)
-    for site in _sites(model):
-        site.native_plans = {}
+    for gate in dynamic_gates(model):
+        gate.native_plans = {}
     return model
 
 
@@ -56,8 +68,8 @@ def test_native_plans_equal_pytorch_plans(native_kernel, fused_student, sparsity
     with torch.inference_mode():
         got, want = model(x), reference(x)
         again = model(x)  # buffers reused: a second call must not see the first one's state
-    assert _sites(model) and all(m.native_plans for m in _sites(model)), "every site should have planned natively"
-    assert not any(m.native_plans for m in _sites(reference))
+    assert _planned(model) and all(_planned(model)), "every site should have planned natively"
+    assert not any(_planned(reference))
     assert (got - want).abs().max() <= 1e-5
     assert torch.equal(got, again)
 
@@ -68,9 +80,10 @@ def test_kernel_top_r_matches_torch(native_kernel):
     gate = FoldedGate(torch.randn(hidden, C, generator=gen), torch.randn(hidden, generator=gen),
                       torch.randn(n, hidden, generator=gen), torch.randn(n, generator=gen), 1e-5)
     source = torch.arange(n, dtype=torch.float32)[:, None] + 1.0  # a gathered row names its neuron
-    plan = NativePlan(gate, groups, keep, width,
-                      [Gather(source, 0, groups * width), Gather(source, 0, groups * width, scale="value"),
-                       Gather(source, 0, groups * width, scale="support")], lambda outs, batch: tuple(outs))
+    slots = groups * width
+    plan = NativePlan(gate, [Selection(0, groups, n // groups, keep, width)],
+                      [[Part(source, 0, slots)], [Part(source, 0, slots, scale="value")],
+                       [Part(source, 0, slots, scale="support")]], lambda bufs, batch: tuple(bufs))
     x = torch.randn(3, tokens, C, generator=gen)
     with torch.inference_mode():
         (rows, scaled, supported), values, index = plan(x)
@@ -99,7 +112,7 @@ def test_falls_back_to_pytorch_without_compiler(monkeypatch, tmp_path, fused_stu
         model = _fresh_copy(fused_student[0.5])
         with torch.inference_mode():
             model(torch.randn(1, 3, 64, 64))
-        assert not any(m.native_plans for m in _sites(model))
+        assert not any(_planned(model))
         monkeypatch.delenv("CC")
         monkeypatch.setenv(dgl_native.ENV_SWITCH, "0")
         dgl_native.library.cache_clear()
@@ -113,7 +126,64 @@ def test_native_plan_only_without_autograd(native_kernel, fused_student):
     x = torch.randn(1, 3, 64, 64)
     with torch.enable_grad():
         want = model(x)
-    assert not any(m.native_plans for m in _sites(model))
+    assert not any(_planned(model))
     with torch.no_grad():
         assert (model(x) - want).abs().max() <= 1e-5
-    assert all(m.native_plans for m in _sites(model))
+    assert all(_planned(model))
+
+
+def test_native_plans_equal_pytorch_plans_topformer(native_kernel):
+    """TopFormer's sites: Q/K and V select over heads of different widths (two selections), maps are pooled.
+
+    The tolerance is relative: this family's attention amplifies float32 rounding of random weights to ~1e-5 of the
+    logits (see test_topformer_dynamic's float64 test), and the kernel rounds the gate MLP differently."""
+    torch.manual_seed(0)
+    dense = create_model("topformer-tiny", num_classes=5).eval()
+    model = random_gates_(from_topformer(dense, 0.3), seed=2).fuse()
+    reference = _fresh_copy(model)
+    set_native(reference, False)
+    x = torch.randn(2, 3, 128, 96)
+    with torch.inference_mode():
+        got, want = model(x), reference(x)
+    assert all(_planned(model)) and not any(_planned(reference))
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_native_plan_multiple_selections_and_parts(native_kernel):
+    """Two selections of different group widths, and one output gathered from three parts of one source."""
+    gen = torch.Generator().manual_seed(3)
+    C, hidden, heads, qk_dim, v_dim = 12, 8, 2, 4, 6
+    nk, nv = heads * qk_dim, heads * v_dim
+    gate = FoldedGate(torch.randn(hidden, C, generator=gen), torch.randn(hidden, generator=gen),
+                      torch.randn(nk + nv, hidden, generator=gen), torch.randn(nk + nv, generator=gen), 1e-5)
+    rows = torch.randn(2 * nk + nv, 5, generator=gen)
+    (kq, wq), (kv, wv) = (3, 4), (4, 6)
+    sq, sv = heads * wq, heads * wv
+    plan = NativePlan(gate, [Selection(0, heads, qk_dim, kq, wq), Selection(nk, heads, v_dim, kv, wv)],
+                      [[Part(rows, 0, sq), Part(rows, 0, sq, offset=-nk, scale="value"),
+                        Part(rows, sq, sv, offset=-nk, scale="value")]], lambda bufs, batch: tuple(bufs))
+    x = torch.randn(2, C, 3, 3, generator=gen)
+    with torch.inference_mode():
+        (got,), values, index = plan(x, (2, 3))
+        logits = gate(x.mean(dim=(2, 3)))
+    for b in range(2):
+        for (start, width, keep, per), first in (((0, wq, kq, qk_dim), 0), ((nk, wv, kv, v_dim), sq)):
+            for h in range(heads):
+                slots = slice(first + h * width, first + h * width + keep)
+                want = logits[b, start + h * per:start + (h + 1) * per].topk(keep).indices + start + h * per
+                assert torch.equal(index[b, slots].sort().values, want.sort().values)
+        q, k, v = index[b, :sq], index[b, :sq] + nk, index[b, sq:] + nk
+        want_rows = torch.cat([rows[q], rows[k] * values[b, :sq, None], rows[v] * values[b, sq:, None]])
+        assert torch.allclose(got[b], want_rows, atol=1e-6)
+
+
+def test_native_plan_generic_dgl(native_kernel):
+    torch.manual_seed(0)
+    dgl = random_gates_(DynamicGatedLinear(24, 80, act=torch.nn.Sigmoid, sparsity=0.3)).eval()
+    fold_gates(dgl)
+    x = torch.randn(3, 10, 24)
+    with torch.no_grad():
+        got = dgl(x)
+        set_native(dgl, False)
+        want = dgl(x)
+    assert dgl.gate.native_plans and (got - want).abs().max() <= 1e-5

@@ -22,6 +22,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -42,16 +43,23 @@ SOURCE = Path(__file__).with_name("dgl_native.c")
 _I64, _F32P, _I64P = ctypes.c_int64, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
 
 
-class _Segment(ctypes.Structure):
-    _fields_ = [("src", _F32P), ("dst", _F32P), ("row", _I64), ("first", _I64), ("count", _I64),
-                ("offset", _I64), ("scale", ctypes.c_int32)]
+class _Selection(ctypes.Structure):
+    _fields_ = [("start", _I64), ("groups", _I64), ("per_group", _I64), ("keep", _I64), ("width", _I64)]
+
+
+class _Part(ctypes.Structure):
+    _fields_ = [("src", _F32P), ("first", _I64), ("count", _I64), ("offset", _I64), ("scale", ctypes.c_int32)]
+
+
+class _Output(ctypes.Structure):
+    _fields_ = [("dst", _F32P), ("row", _I64), ("rows", _I64), ("parts", ctypes.POINTER(_Part)), ("n_parts", _I64)]
 
 
 class _Site(ctypes.Structure):
     _fields_ = [("w1", _F32P), ("b1", _F32P), ("w2", _F32P), ("b2", _F32P), ("channels", _I64), ("hidden", _I64),
-                ("n", _I64), ("eps", ctypes.c_double), ("groups", _I64), ("keep", _I64), ("width", _I64),
-                ("values", _F32P), ("index", _I64P), ("segments", ctypes.POINTER(_Segment)),
-                ("n_segments", _I64)]
+                ("n", _I64), ("eps", ctypes.c_double), ("selections", ctypes.POINTER(_Selection)),
+                ("n_selections", _I64), ("slots", _I64), ("values", _F32P), ("index", _I64P),
+                ("outputs", ctypes.POINTER(_Output)), ("n_outputs", _I64)]
 
 
 def _enabled() -> bool:
@@ -105,9 +113,21 @@ def _ptr(t: Tensor, kind=_F32P):
 
 
 @dataclass(frozen=True)
-class Gather:
-    """One gathered weight: rows ``index - offset`` of ``source`` (rows, row) for slots ``[first, first + count)``
-    of each image, times the gate value (``scale="value"``), the slot's support (``"support"``) or 1."""
+class Selection:
+    """``Top-r`` over ``groups`` slices of ``per_group`` gate logits starting at ``start``: ``keep`` slots with
+    their values, then ``width - keep`` padding slots (value 0), per slice, as :func:`~.dynamic.top_r`."""
+
+    start: int
+    groups: int
+    per_group: int
+    keep: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows ``index - offset`` of ``source`` (rows, row) for the slots ``[first, first + count)`` of each image, times
+    the gate value (``scale="value"``), the slot's support (``"support"``: 1 real, 0 padding) or 1."""
 
     source: Tensor
     first: int
@@ -117,26 +137,33 @@ class Gather:
 
 
 class NativePlan:
-    """A site's frozen gate and gather sources, and its buffers; ``__call__`` returns the gathered tensors.
+    """A site's folded gate, its selections and gathers, and their buffers; ``__call__`` returns the gathered tensors.
 
-    ``gate`` is the site's ``FoldedGate`` (its LN has no affine); ``groups`` / ``keep`` / ``width`` as in ``top_r``;
-    ``gathers`` name what to gather; ``views(outs, batch)`` shapes the gathered (B·count, row) buffers into what the
-    site's forward consumes (made once per buffer set, so a call creates no tensors). The plan holds its sources
-    (the layer's weights, detached: in-place updates are seen, as by the PyTorch plan) and the folded gate's
-    tensors, so the pointers the kernel reads stay valid whatever becomes of the module's parameters.
+    ``gate`` is the site's ``FoldedGate`` (its LN has no affine). Slots are numbered selection by selection, and a
+    slot's index is its position in the gate's output. Each entry of ``outputs`` is one gathered tensor: its parts,
+    one after another, per image (all parts of an output have the same row length). ``views(buffers, batch)`` shapes
+    the (B, rows, row) buffers into what the site's forward consumes, once per buffer set, so a call creates no
+    tensors. The plan holds its sources (the layer's weights, detached: in-place updates are seen, as by the
+    PyTorch plan) and the gate's tensors, so the pointers the kernel reads stay valid whatever becomes of the
+    module's parameters.
     """
 
     _SCALES = {"none": 0, "value": 1, "support": 2}
 
-    def __init__(self, gate, groups: int, keep: int, width: int, gathers: Sequence[Gather],
+    def __init__(self, gate, selections: Sequence[Selection], outputs: Sequence[Sequence[Part]],
                  views: Callable[[list[Tensor], int], tuple[Tensor, ...]]) -> None:
         def frozen(t: Tensor) -> Tensor:
             return t.detach().to(torch.float32).contiguous()
 
         self.w1, self.b1, self.w2, self.b2 = (frozen(t) for t in (gate.w1, gate.b1, gate.w2, gate.b2))
         self.eps = float(gate.eps)
-        self.groups, self.keep, self.width = groups, keep, width
-        self.gathers = [Gather(frozen(g.source.flatten(1)), g.first, g.count, g.offset, g.scale) for g in gathers]
+        self.selections = list(selections)
+        self.slots = sum(s.groups * s.width for s in self.selections)
+        self.outputs = [[Part(frozen(p.source.reshape(p.source.shape[0], -1)), p.first, p.count, p.offset, p.scale)
+                         for p in parts] for parts in outputs]
+        for parts in self.outputs:
+            if len({p.source.shape[1] for p in parts}) != 1:
+                raise ValueError("the parts of one gathered output must have the same row length")
         self.views = views
         self._buffers: dict[tuple[int, int], tuple] = {}
 
@@ -147,38 +174,43 @@ class NativePlan:
         key = (batch, threading.get_ident())
         state = self._buffers.get(key)
         if state is None:
-            slots = self.groups * self.width
             with torch.inference_mode(False):  # normal tensors: written under inference mode and under no_grad
-                values = torch.empty(batch, slots)
-                index = torch.empty(batch, slots, dtype=torch.int64)
+                values = torch.empty(batch, self.slots)
+                index = torch.empty(batch, self.slots, dtype=torch.int64)
                 pooled = torch.empty(batch, self.w1.shape[1])
-                outs = [torch.empty(batch * g.count, g.source.shape[1]) for g in self.gathers]
-            segments = (_Segment * len(outs))(*[
-                _Segment(_ptr(g.source), _ptr(o), g.source.shape[1], g.first, g.count, g.offset, self._SCALES[g.scale])
-                for g, o in zip(self.gathers, outs)])
+                buffers = [torch.empty(batch, sum(p.count for p in parts), parts[0].source.shape[1])
+                           for parts in self.outputs]
+            selections = (_Selection * len(self.selections))(
+                *[_Selection(s.start, s.groups, s.per_group, s.keep, s.width) for s in self.selections])
+            parts = [(_Part * len(ps))(*[_Part(_ptr(p.source), p.first, p.count, p.offset, self._SCALES[p.scale])
+                                         for p in ps]) for ps in self.outputs]
+            outputs = (_Output * len(buffers))(*[_Output(_ptr(buf), buf.shape[2], buf.shape[1], ps, len(ps))
+                                                 for buf, ps in zip(buffers, parts)])
             site = _Site(_ptr(self.w1), _ptr(self.b1), _ptr(self.w2), _ptr(self.b2), self.w1.shape[1],
-                         self.w1.shape[0], self.w2.shape[0], self.eps, self.groups, self.keep, self.width,
-                         _ptr(values), _ptr(index, _I64P), segments, len(outs))
-            state = (ctypes.byref(site), site, segments, pooled, _ptr(pooled), values, index,
-                     self.views(outs, batch))
+                         self.w1.shape[0], self.w2.shape[0], self.eps, selections, len(selections), self.slots,
+                         _ptr(values), _ptr(index, _I64P), outputs, len(outputs))
+            # the ctypes objects stay referenced here: the kernel reads them through raw pointers
+            state = (ctypes.byref(site), pooled, _ptr(pooled), values, index, self.views(buffers, batch),
+                     (site, selections, parts, outputs))
             self._buffers[key] = state
         return state
 
-    def __call__(self, x: Tensor) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
-        """Tokens (B, N, C) → (``views`` of the gathered tensors, gate values, index), values and index
-        (B, groups·width) as ``top_r`` returns them."""
-        B, N, _ = x.shape
-        site_ref, _, _, pooled, pooled_ptr, values, index, outs = self._state(B)
-        torch.sum(x, dim=1, out=pooled)
-        if library().dgl_plan(site_ref, pooled_ptr, B, N):
+    def __call__(self, x: Tensor, dims: tuple[int, ...] = (1,)) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
+        """The plan for ``x``, pooled over ``dims`` (tokens (B, N, C): ``(1,)``; maps (B, C, H, W): ``(2, 3)``).
+
+        Returns (``views`` of the gathered tensors, gate values, index), values and index (B, slots)."""
+        B = x.shape[0]
+        site_ref, pooled, pooled_ptr, values, index, views, _ = self._state(B)
+        torch.sum(x, dim=dims, out=pooled)
+        if library().dgl_plan(site_ref, pooled_ptr, B, math.prod(x.shape[d] for d in dims)):
             raise MemoryError("DGL native plan: out of memory")
-        return outs, values, index
+        return views, values, index
 
 
 def usable(x: Tensor) -> bool:
     """Whether the native plan may run on ``x`` now (CPU float32, no autograd, not tracing or exporting)."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export() and x.is_contiguous())
+            and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export())
 
 
-__all__ = ["ENV_SWITCH", "Gather", "NativePlan", "available", "cache_dir", "library", "usable"]
+__all__ = ["ENV_SWITCH", "NativePlan", "Part", "Selection", "available", "cache_dir", "library", "usable"]

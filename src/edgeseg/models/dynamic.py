@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import dgl_native
-from .dgl_native import Gather, NativePlan
+from .dgl_native import NativePlan, Part, Selection
 from .layers import fuse_modules
 from .segformer import (
     EMBED_LN_EPS,
@@ -259,6 +259,7 @@ class DynamicGate(nn.Module):
         self.pad_multiple = 1
         self.gather = True
         self.native = True
+        self.native_plans: dict[tuple, NativePlan] = {}  # by kept and padded widths; see native_site_plan
         self.last_gate: Tensor | None = None
         self.folded: FoldedGate | None = None
         self.register_buffer("consumer_t", None, persistent=False)
@@ -288,6 +289,7 @@ class DynamicGate(nn.Module):
         ``consumer`` (``W2``, (C', n)) is kept transposed: gathering rows of a contiguous (n, C') tensor runs 2–6×
         faster than gathering columns (:meth:`consumer_weight`)."""
         self.folded = self.predictor.folded(weights, self.rows)
+        self.native_plans = {}
         if consumer is not None:
             self.consumer_t = consumer.detach().t().contiguous()
 
@@ -348,6 +350,11 @@ class DynamicGatedLinear(nn.Module):
 
     def plan(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         """Gate and gathers of the inference form: the kept rows of ``fc1`` (scaled) and columns of ``fc2``."""
+        native = native_site_plan(self.gate, [[(self.fc1.weight, "value")], [(self.fc1.bias, "value")],
+                                              [(self.gate.consumer_t, "support")]], _linear_views) \
+            if self.gate.native and self.fc1.bias is not None and dgl_native.usable(x) else None
+        if native is not None:
+            return native(x)[0]
         values, index = self.gate(avg_pool_tokens(x), self.fc1.weight)
         w1, b1 = gather_rows(self.fc1.weight, self.fc1.bias, index, values)
         w2 = gather_columns(self.gate.consumer_weight(self.fc2.weight), index)
@@ -451,33 +458,49 @@ def gathered_hidden(x: Tensor, hw: tuple[int, int], plan: Sequence[Tensor | None
     return consume_gathered(act(y.reshape(B, k, N).transpose(1, 2)), w2, bias2)
 
 
-def native_hidden_plan(plans: dict[tuple[int, int], NativePlan], gate: DynamicGate, fc1: nn.Module, dwconv: nn.Conv2d,
-                       fc2: nn.Module) -> NativePlan | None:
-    """:func:`gather_hidden`'s plan as one native call (:mod:`.dgl_native`), cached in ``plans`` by kept and padded
-    width; None where it does not apply (gate not folded, a layer without bias, no kernel built). ``fc1`` / ``fc2``
-    are Linears or 1×1 convs."""
-    if gate.folded is None or fc1.bias is None or dwconv.bias is None or not dgl_native.available():
+def native_site_plan(gate: DynamicGate, parts: Sequence[Sequence[tuple[Tensor, str]]],
+                     views: Callable[[list[Tensor], int], tuple[Tensor, ...]]) -> NativePlan | None:
+    """The plan of a site with one gate over all its slots as one native call (:mod:`.dgl_native`), cached on the
+    gate by kept and padded width; None where it does not apply (gate not folded, no kernel built). ``parts``:
+    per gathered tensor, its (source, scale) parts."""
+    if gate.folded is None or not dgl_native.available():
         return None
-    plan = plans.get((gate.keep, gate.width))
+    plan = gate.native_plans.get((gate.keep, gate.width))
     if plan is None:
         k = gate.groups * gate.width
-        plan = NativePlan(gate.folded, gate.groups, gate.keep, gate.width, [
-            Gather(fc1.weight, 0, k), Gather(fc1.bias[:, None], 0, k), Gather(dwconv.weight, 0, k, scale="value"),
-            Gather(dwconv.bias[:, None], 0, k, scale="support"), Gather(gate.consumer_t, 0, k)],
-            functools.partial(_hidden_views, kernel=tuple(dwconv.weight.shape[-2:])))
-        plans[(gate.keep, gate.width)] = plan
+        selection = Selection(0, gate.groups, gate.gated_features // gate.groups, gate.keep, gate.width)
+        plan = NativePlan(gate.folded, [selection], [[Part(src, 0, k, scale=scale) for src, scale in out]
+                                                     for out in parts], views)
+        gate.native_plans[(gate.keep, gate.width)] = plan
     return plan
 
 
-def _hidden_views(outs: list[Tensor], batch: int, kernel: tuple[int, int]) -> tuple[Tensor, ...]:
+def native_hidden_plan(gate: DynamicGate, w1: Tensor, b1: Tensor | None, dw_weight: Tensor, dw_bias: Tensor | None,
+                       w2: Tensor) -> NativePlan | None:
+    """:func:`gather_hidden`'s plan as one native call (:func:`native_site_plan`); ``w2`` (C', n) is only checked
+    against the transposed copy the folded gate keeps. None where a layer has no bias."""
+    if b1 is None or dw_bias is None or gate.consumer_t is None or gate.consumer_t.shape != w2.t().shape:
+        return None
+    return native_site_plan(gate, [[(w1, "none")], [(b1, "none")], [(dw_weight, "value")], [(dw_bias, "support")],
+                                   [(gate.consumer_t, "none")]],
+                            functools.partial(_hidden_views, kernel=tuple(dw_weight.shape[-2:])))
+
+
+def _linear_views(bufs: list[Tensor], batch: int) -> tuple[Tensor, ...]:
+    """The native buffers as :meth:`DynamicGatedLinear.plan` returns its plan."""
+    w1, b1, w2_t = (b.flatten(0, 1) for b in bufs)
+    return w1, b1.view(-1), w2_t.t()
+
+
+def _hidden_views(bufs: list[Tensor], batch: int, kernel: tuple[int, int]) -> tuple[Tensor, ...]:
     """The native buffers as :func:`gather_hidden` returns its plan (filters with channels-last strides)."""
-    w1, b1, taps, f_bias, w2_t = outs
+    w1, b1, taps, f_bias, w2_t = (b.flatten(0, 1) for b in bufs)
     return w1, b1.view(-1), taps.view(-1, *kernel, 1).permute(0, 3, 1, 2), f_bias.view(-1), w2_t.t()
 
 
-def _attention_views(outs: list[Tensor], batch: int) -> tuple[Tensor, ...]:
+def _attention_views(bufs: list[Tensor], batch: int) -> tuple[Tensor, ...]:
     """The native buffers as :meth:`DynamicEfficientSelfAttention.plan` returns its plan."""
-    w_q, b_q, w_kv, b_kv, w_proj_t = outs
+    w_q, b_q, w_kv, b_kv, w_proj_t = (b.flatten(0, 1) for b in bufs)
     return w_q, b_q.view(-1), w_kv, b_kv.view(-1), w_proj_t.t()
 
 
@@ -596,7 +619,6 @@ class DynamicEfficientSelfAttention(EfficientSelfAttention):
         self.qk_gate = DynamicGate(dim, dim, sparsity, num_heads, rows=(None, (0, dim)), hidden_features=hidden)
         self.v_gate = DynamicGate(dim, dim, sparsity, num_heads, rows=((dim, 2 * dim),), hidden_features=hidden)
         self.joint_gate: FoldedGate | None = None
-        self.native_plans: dict[tuple[int, int], NativePlan] = {}
 
     @classmethod
     def from_dense(cls, attn: EfficientSelfAttention, sparsity: float = 0.0) -> DynamicEfficientSelfAttention:
@@ -615,7 +637,6 @@ class DynamicEfficientSelfAttention(EfficientSelfAttention):
         self.qk_gate.fold(self.q.weight, self.kv.weight)
         self.v_gate.fold(self.kv.weight, consumer=self.proj.weight)
         self.joint_gate = FoldedGate.stack([self.qk_gate.folded, self.v_gate.folded])
-        self.native_plans = {}
 
     def native_plan(self) -> NativePlan | None:
         """This site's plan as one native call (:mod:`.dgl_native`), for the current kept and padded widths; None
@@ -623,14 +644,14 @@ class DynamicEfficientSelfAttention(EfficientSelfAttention):
         qk, v = self.qk_gate, self.v_gate
         if self.joint_gate is None or qk.keep != v.keep or self.q.bias is None or not dgl_native.available():
             return None
-        plan = self.native_plans.get((qk.keep, qk.width))
-        if plan is None:
+        plan = qk.native_plans.get((qk.keep, qk.width))  # the joint plan lives on the Q/K gate
+        if plan is None:  # slots: [Q/K channels | V channels], per head; V's gate logits follow Q/K's (offset C)
             C, K = self.q.in_features, self.num_heads * qk.width
-            plan = NativePlan(self.joint_gate, 2 * self.num_heads, qk.keep, qk.width, [
-                Gather(self.q.weight, 0, K), Gather(self.q.bias[:, None], 0, K),
-                Gather(self.kv.weight, 0, 2 * K, scale="value"), Gather(self.kv.bias[:, None], 0, 2 * K, scale="value"),
-                Gather(v.consumer_t, K, K, offset=C)], _attention_views)
-            self.native_plans[(qk.keep, qk.width)] = plan
+            plan = NativePlan(self.joint_gate, [Selection(0, 2 * self.num_heads, self.head_dim, qk.keep, qk.width)], [
+                [Part(self.q.weight, 0, K)], [Part(self.q.bias, 0, K)],
+                [Part(self.kv.weight, 0, 2 * K, scale="value")], [Part(self.kv.bias, 0, 2 * K, scale="value")],
+                [Part(v.consumer_t, K, K, offset=C)]], _attention_views)
+            qk.native_plans[(qk.keep, qk.width)] = plan
         return plan
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -718,7 +739,6 @@ class DynamicMixFFN(MixFFN):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, sparsity: float = 0.0) -> None:
         super().__init__(dim, hidden_dim, drop)
         self.gate = DynamicGate(dim, hidden_dim, sparsity)
-        self.native_plans: dict[tuple[int, int], NativePlan] = {}
 
     @classmethod
     def from_dense(cls, mlp: MixFFN, sparsity: float = 0.0) -> DynamicMixFFN:
@@ -730,8 +750,8 @@ class DynamicMixFFN(MixFFN):
     def plan(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
         """Gate and gathers of the inference form (:func:`gather_hidden`), natively where it can
         (:func:`native_hidden_plan`)."""
-        native = native_hidden_plan(self.native_plans, self.gate, self.fc1, self.dwconv, self.fc2) \
-            if self.gate.native and dgl_native.usable(x) else None
+        native = native_hidden_plan(self.gate, self.fc1.weight, self.fc1.bias, self.dwconv.weight, self.dwconv.bias,
+                                    self.fc2.weight) if self.gate.native and dgl_native.usable(x) else None
         if native is not None:
             return native(x)[0]
         values, index = self.gate(avg_pool_tokens(x), self.fc1.weight)
@@ -741,7 +761,6 @@ class DynamicMixFFN(MixFFN):
     def fold_gates(self) -> None:
         """Freeze the gate for inference (:meth:`DynamicGate.fold`)."""
         self.gate.fold(self.fc1.weight, consumer=self.fc2.weight)
-        self.native_plans = {}
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         B, N, _ = x.shape

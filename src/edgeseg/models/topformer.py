@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dgl_native
+from .dgl_native import NativePlan, Part, Selection
 from .dynamic import (
     DynamicGate,
     FoldedGate,
@@ -41,6 +43,7 @@ from .dynamic import (
     gather_rows,
     gathered_hidden,
     gathered_linear,
+    native_hidden_plan,
     scatter_mask,
     top_r,
 )
@@ -283,9 +286,32 @@ class DynamicAttention(Attention):
         params = [_linear_params(m) for m in (self.to_q, self.to_k, self.to_v)]
         return torch.cat([w for w, _ in params]), torch.cat([b for _, b in params])
 
+    def native_plan(self) -> NativePlan | None:
+        """:meth:`plan` as one native call (:mod:`.dgl_native`), cached on the Q/K gate by the kept and padded
+        widths; None before :meth:`fold_gates` or without a built kernel."""
+        qk, v = self.qk_gate, self.v_gate
+        if self.joint_gate is None or not dgl_native.available():
+            return None
+        key = (qk.keep, qk.width, v.keep, v.width)
+        plan = qk.native_plans.get(key)
+        if plan is None:  # slots [Q/K | V]; gate logits [Q/K (nk) | V]; qkv rows [Q | K | V]
+            nk, heads = qk.gated_features, self.num_heads
+            sq, sv = heads * qk.width, heads * v.width
+            selections = [Selection(0, heads, self.key_dim, qk.keep, qk.width),
+                          Selection(nk, heads, self.value_dim, v.keep, v.width)]
+            stacked = [[Part(t, 0, sq), Part(t, 0, sq, offset=-nk, scale="value"),
+                        Part(t, sq, sv, offset=-nk, scale="value")] for t in (self.qkv_weight, self.qkv_bias)]
+            plan = qk.native_plans[key] = NativePlan(self.joint_gate, selections,
+                                                     [*stacked, [Part(v.consumer_t, sq, sv, offset=nk)]], _qkv_views)
+        return plan
+
     def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gates and gathers of the inference form: the kept rows of Q, K (scaled) and V (scaled) as one weight,
-        so the three projections run as one product, and the kept columns of ``proj``."""
+        so the three projections run as one product, and the kept columns of ``proj``; natively where it can
+        (:meth:`native_plan`)."""
+        native = self.native_plan() if self.qk_gate.native and dgl_native.usable(x) else None
+        if native is not None:
+            return native(x, (2, 3))[0]
         pooled = x.mean(dim=(2, 3))
         qk_gate, v_gate = self.qk_gate, self.v_gate
         nk = qk_gate.gated_features
@@ -328,6 +354,12 @@ class DynamicAttention(Attention):
         return self.proj(self.act(out))
 
 
+def _qkv_views(bufs: list[torch.Tensor], batch: int) -> tuple[torch.Tensor, ...]:
+    """The native buffers as :meth:`DynamicAttention.plan` returns its plan."""
+    w_qkv, b_qkv, w_proj_t = (b.flatten(0, 1) for b in bufs)
+    return w_qkv, b_qkv.view(-1), w_proj_t.t()
+
+
 class DynamicMLP(MLP):
     """TopFormer's MLP with a DGL on its hidden layer: ``fc2(ReLU6(DWConv(fc1(x) · M)) · supp(M))`` — the
     Mix-FFN scheme (:func:`~edgeseg.models.dynamic.gather_hidden`) on 1×1 conv + BN layers."""
@@ -348,9 +380,14 @@ class DynamicMLP(MLP):
         self.gate.fold(_gate_weight(self.fc1), consumer=_linear_params(self.fc2)[0])
 
     def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Gate and gathers of the inference form (:func:`~edgeseg.models.dynamic.gather_hidden`)."""
-        values, index = self.gate(x.mean(dim=(2, 3)), _gate_weight(self.fc1))
+        """Gate and gathers of the inference form (:func:`~edgeseg.models.dynamic.gather_hidden`), natively where
+        it can (:func:`~edgeseg.models.dynamic.native_hidden_plan`)."""
         (w1, b1), (w2, _) = _linear_params(self.fc1), _linear_params(self.fc2)
+        if self.gate.native and dgl_native.usable(x):
+            native = native_hidden_plan(self.gate, w1, b1, self.dwconv.weight, self.dwconv.bias, w2)
+            if native is not None:
+                return native(x, (2, 3))[0]
+        values, index = self.gate(x.mean(dim=(2, 3)), _gate_weight(self.fc1))
         return gather_hidden(self.gate, values, index, w1, b1, self.dwconv.weight, self.dwconv.bias, w2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
