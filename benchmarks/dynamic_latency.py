@@ -40,7 +40,7 @@ Gates: the students get random gate weights (a fresh gate outputs G ≡ 1, a tie
 channels as a trained gate would; latency does not depend on which channels are kept.
 
     .venv/bin/python benchmarks/dynamic_latency.py [--model segformer-b0] [--rounds 20] [--threads 2]
-        [--size 512 512] [--keep-freed-memory]
+        [--size 512 512] [--keep-freed-memory] [--pytorch-plans 0.3 0.5]
 """
 
 from __future__ import annotations
@@ -182,6 +182,8 @@ def main() -> None:
                         help="run with edgeseg.deploy.allocator.keep_freed_memory(), as the edgeseg commands do")
     parser.add_argument("--unpadded", nargs="*", type=float, default=[0.3],
                         help="sparsities to also time without zero-padding the gathered widths")
+    parser.add_argument("--pytorch-plans", nargs="*", type=float, default=[0.3, 0.5],
+                        help="sparsities to also time with every site planning in PyTorch instead of the C kernel")
     args = parser.parse_args()
 
     if args.keep_freed_memory and not keep_freed_memory():
@@ -195,16 +197,14 @@ def main() -> None:
     make_student = from_segformer if segformer else from_topformer
     models: dict[str, nn.Module] = {"published": dense, "fused": dense.fuse()}
     hf = transformers_eager(dense) if segformer else None
-    students = {s: random_gates_(make_student(dense, s)) for s in {*args.sparsities, *args.unpadded}}
+    students = {s: random_gates_(make_student(dense, s)) for s in {*args.sparsities, *args.unpadded, *args.pytorch_plans}}
     for s in args.sparsities:
         models[f"dyna {s:.0%}"] = students[s].fuse()
     for s in args.unpadded:
         models[f"dyna {s:.0%} unpadded"] = students[s].fuse(pad_multiple=1)
-    if dgl_native.available():
-        for s in args.sparsities:
-            if s > 0:
-                models[f"dyna {s:.0%}, PyTorch plans"] = torch_plans = students[s].fuse()
-                set_native(torch_plans, False)
+    for s in args.pytorch_plans if dgl_native.available() else ():
+        models[f"dyna {s:.0%}, PyTorch plans"] = torch_plans = students[s].fuse()
+        set_native(torch_plans, False)
     for s in args.floor:
         models[f"dyna {s:.0%}, plans precomputed"] = precomputed_plans(models[f"dyna {s:.0%}"], x)
     if segformer:
