@@ -30,6 +30,20 @@ def reference_input(reference_dir: Path) -> torch.Tensor:
     return torch.load(reference_dir / "inputs" / "input_1x3x512x512_seed0.pt", weights_only=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _kernel_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The DGL kernel builds into this session's temporary folder: the suite neither needs a writable home nor
+    leaves files in the user's cache."""
+    from edgeseg.models import dgl_native
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EDGESEG_CACHE_DIR", str(tmp_path_factory.mktemp("edgeseg-cache")))
+    dgl_native.library.cache_clear()
+    yield
+    mp.undo()
+    dgl_native.library.cache_clear()
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """The suite runs small models on a shared 2-core machine, where OpenMP threads spin-waiting for each other cost
