@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 
 import pytest
 import torch
@@ -116,6 +117,20 @@ def test_falls_back_to_pytorch_without_compiler(monkeypatch, tmp_path, fused_stu
         monkeypatch.delenv("CC")
         monkeypatch.setenv(dgl_native.ENV_SWITCH, "0")
         dgl_native.library.cache_clear()
+        assert not dgl_native.available()
+    finally:
+        dgl_native.library.cache_clear()
+
+
+def test_unloadable_cached_kernel_falls_back(monkeypatch, tmp_path):
+    """A cached file that does not load (say, built elsewhere) means PyTorch plans, not a crash."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("EDGESEG_CACHE_DIR", str(tmp_path))
+    dgl_native.kernel_path(compiler).write_bytes(b"not a shared library")
+    dgl_native.library.cache_clear()
+    try:
         assert not dgl_native.available()
     finally:
         dgl_native.library.cache_clear()

@@ -73,18 +73,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgeseg"
 
 
+def kernel_path(compiler: str) -> Path:
+    """The cached build of the kernel by ``compiler``: named by the source's and the compiler's hash and the CPU
+    architecture, so an edited source or another compiler builds anew."""
+    key = hashlib.sha256(SOURCE.read_bytes() + compiler.encode()).hexdigest()[:16]
+    return cache_dir() / f"dgl_native-{key}-{os.uname().machine}.so"
+
+
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, built on first call; None (once logged) where it cannot be built or is switched off."""
     if not _enabled() or not sys.platform.startswith("linux"):
         return None
-    source = SOURCE.read_bytes()
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         log.info("edgeseg: no C compiler found ($CC or cc); DGL plans run in PyTorch")
         return None
-    key = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
-    target = cache_dir() / f"dgl_native-{key}-{os.uname().machine}.so"
+    target = kernel_path(compiler)
     if not target.exists():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +102,11 @@ def library() -> ctypes.CDLL | None:
             detail = getattr(err, "stderr", "") or err
             log.warning("edgeseg: could not build the DGL kernel (%s); DGL plans run in PyTorch", detail)
             return None
-    lib = ctypes.CDLL(str(target))
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as err:  # e.g. a cache shared with another kind of machine
+        log.warning("edgeseg: could not load the DGL kernel %s (%s); DGL plans run in PyTorch", target, err)
+        return None
     lib.dgl_plan.argtypes = [ctypes.POINTER(_Site), _F32P, _I64, _I64]
     lib.dgl_plan.restype = ctypes.c_int
     return lib
@@ -213,4 +222,4 @@ def usable(x: Tensor) -> bool:
             and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export())
 
 
-__all__ = ["ENV_SWITCH", "NativePlan", "Part", "Selection", "available", "cache_dir", "library", "usable"]
+__all__ = ["ENV_SWITCH", "NativePlan", "Part", "Selection", "available", "cache_dir", "kernel_path", "library", "usable"]
