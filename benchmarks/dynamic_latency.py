@@ -197,7 +197,8 @@ def main() -> None:
     make_student = from_segformer if segformer else from_topformer
     models: dict[str, nn.Module] = {"published": dense, "fused": dense.fuse()}
     hf = transformers_eager(dense) if segformer else None
-    students = {s: random_gates_(make_student(dense, s)) for s in {*args.sparsities, *args.unpadded, *args.pytorch_plans}}
+    sparsities = {*args.sparsities, *args.unpadded, *args.pytorch_plans}
+    students = {s: random_gates_(make_student(dense, s)) for s in sparsities}
     for s in args.sparsities:
         models[f"dyna {s:.0%}"] = students[s].fuse()
     for s in args.unpadded:

@@ -222,4 +222,5 @@ def usable(x: Tensor) -> bool:
             and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export())
 
 
-__all__ = ["ENV_SWITCH", "NativePlan", "Part", "Selection", "available", "cache_dir", "kernel_path", "library", "usable"]
+__all__ = ["ENV_SWITCH", "NativePlan", "Part", "Selection", "available", "cache_dir", "kernel_path", "library",
+           "usable"]

@@ -35,10 +35,10 @@ Two execution forms with the same outputs (≤ 1e-5):
 
 ``fuse()`` prepares the inference form further (:func:`fold_gates`): each gate predictor becomes one frozen matrix
 product, and the gathered widths are padded with zero neurons to multiples of 8, which CPU kernels run faster than
-the exact pruned widths (the padding is exact: a padding slot's gate value is 0). A fused SegFormer site then plans
-(gate, top-r, gathers) in one call of a small C kernel where one can be built (:mod:`.dgl_native`; PyTorch
-otherwise, or with :func:`set_native`): about 15 small operators per site cost more than half of what 30 %
-sparsity saves on B0.
+the exact pruned widths (the padding is exact: a padding slot's gate value is 0). A fused site (SegFormer's,
+TopFormer's, a plain DGL) then plans (gate, top-r, gathers) in one call of a small C kernel where one can be built
+(:mod:`.dgl_native`; PyTorch otherwise, or with :func:`set_native`): in PyTorch, about 15 small operators per site
+cost more than half of what 30 % sparsity saves on B0.
 """
 
 from __future__ import annotations
