@@ -98,17 +98,22 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
     from .deploy.benchmark import benchmark
+    from .models import dgl_native
+    from .models.dynamic import dynamic_gates
 
     model = _build(args)
     res = benchmark(model, tuple(args.size), batch=args.batch, threads=args.threads, fuse=args.fuse,
                     min_seconds=args.seconds, name=args.model)
-    if args.sparsity is not None:
-        res.extra = {"sparsity": args.sparsity}
+    extra = {} if args.sparsity is None else {"sparsity": args.sparsity}
+    if args.fuse and any(True for _ in dynamic_gates(model)):  # which planner the fused DGL sites ran
+        extra["dgl_plans"] = "native" if dgl_native.available() else "pytorch"
+    res.extra = extra or None
     if args.json:
         print(json.dumps(res.as_dict(), indent=2))
     else:
+        plans = f"  DGL plans {extra['dgl_plans']}" if "dgl_plans" in extra else ""
         print(f"{res.model}  {res.input_size[0]}x{res.input_size[1]}  batch {res.batch}  threads {res.threads}  "
-              f"{'fused' if res.fused else 'eager'}")
+              f"{'fused' if res.fused else 'eager'}{plans}")
         print(f"  latency median {res.latency_ms_median:.2f} ms   p90 {res.latency_ms_p90:.2f} ms   "
               f"{res.images_per_s:.1f} images/s   {res.gmacs:.3f} GMACs/image   ({res.runs} runs)")
     return 0
