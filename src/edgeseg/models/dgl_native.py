@@ -6,7 +6,7 @@ times that inside a real forward pass, where every operator meets cold caches: m
 loop nest does the same arithmetic (the gate MLP is a few thousand MACs per image) and writes the gathered weights
 into buffers that are reused from one forward to the next, so a site costs one token sum and one call.
 
-The kernel is compiled on first use with the system C compiler (``$CC`` or ``cc``) into
+On Linux, the kernel is compiled on first use with the system C compiler (``$CC`` or ``cc``) into
 ``$EDGESEG_CACHE_DIR`` (default ``~/.cache/edgeseg``), keyed by the source's hash. Without a compiler, off CPU,
 for dtypes other than float32, under autograd, tracing or ONNX export, and with ``EDGESEG_NATIVE=0``, the PyTorch
 plan runs instead; both give the same outputs (≤ 1e-5; slot order within a head may differ, which only reorders
