@@ -259,7 +259,7 @@ class DynamicGate(nn.Module):
         self.pad_multiple = 1
         self.gather = True
         self.native = True
-        self.native_plans: dict[tuple, NativePlan] = {}  # by kept and padded widths; see native_site_plan
+        self.native_plans: dict[tuple, NativePlan] = {}  # by kept and padded widths; see native_plan
         self.last_gate: Tensor | None = None
         self.folded: FoldedGate | None = None
         self.register_buffer("consumer_t", None, persistent=False)
@@ -292,6 +292,16 @@ class DynamicGate(nn.Module):
         self.native_plans = {}
         if consumer is not None:
             self.consumer_t = consumer.detach().t().contiguous()
+
+    def native_plan(self, key: tuple, build: Callable[[], NativePlan]) -> NativePlan | None:
+        """The site's native plan (:mod:`.dgl_native`) for ``key`` (its kept and padded widths), built by ``build``
+        on first use and cached here; None before :meth:`fold` or where no kernel can be built."""
+        if self.folded is None or not dgl_native.available():
+            return None
+        plan = self.native_plans.get(key)
+        if plan is None:
+            plan = self.native_plans[key] = build()
+        return plan
 
     def consumer_weight(self, weight: Tensor) -> Tensor:
         """``W2`` (C', n) to gather columns from: the transposed copy ``fold`` kept, as a view, else ``weight``."""
@@ -350,8 +360,8 @@ class DynamicGatedLinear(nn.Module):
 
     def plan(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         """Gate and gathers of the inference form: the kept rows of ``fc1`` (scaled) and columns of ``fc2``."""
-        native = native_site_plan(self.gate, [[(self.fc1.weight, "value")], [(self.fc1.bias, "value")],
-                                              [(self.gate.consumer_t, "support")]], _linear_views) \
+        native = native_site_plan(self.gate, lambda: [[(self.fc1.weight, "value")], [(self.fc1.bias, "value")],
+                                                      [(self.gate.consumer_t, "support")]], lambda: _linear_views) \
             if self.gate.native and self.fc1.bias is not None and dgl_native.usable(x) else None
         if native is not None:
             return native(x)[0]
@@ -458,21 +468,18 @@ def gathered_hidden(x: Tensor, hw: tuple[int, int], plan: Sequence[Tensor | None
     return consume_gathered(act(y.reshape(B, k, N).transpose(1, 2)), w2, bias2)
 
 
-def native_site_plan(gate: DynamicGate, parts: Sequence[Sequence[tuple[Tensor, str]]],
-                     views: Callable[[list[Tensor], int], tuple[Tensor, ...]]) -> NativePlan | None:
-    """The plan of a site with one gate over all its slots as one native call (:mod:`.dgl_native`), cached on the
-    gate by kept and padded width; None where it does not apply (gate not folded, no kernel built). ``parts``:
-    per gathered tensor, its (source, scale) parts."""
-    if gate.folded is None or not dgl_native.available():
-        return None
-    plan = gate.native_plans.get((gate.keep, gate.width))
-    if plan is None:
+def native_site_plan(gate: DynamicGate, parts: Callable[[], Sequence[Sequence[tuple[Tensor, str]]]],
+                     views: Callable[[], Callable[[list[Tensor], int], tuple[Tensor, ...]]]) -> NativePlan | None:
+    """The plan of a site with one gate over all its slots as one native call (:meth:`DynamicGate.native_plan`);
+    ``parts()``: per gathered tensor, its (source, scale) parts; ``views()``: the buffers' shaping. Both are called
+    only when the plan is built, so a forward with the plan cached does no more than a dict lookup."""
+    def build() -> NativePlan:
         k = gate.groups * gate.width
         selection = Selection(0, gate.groups, gate.gated_features // gate.groups, gate.keep, gate.width)
-        plan = NativePlan(gate.folded, [selection], [[Part(src, 0, k, scale=scale) for src, scale in out]
-                                                     for out in parts], views)
-        gate.native_plans[(gate.keep, gate.width)] = plan
-    return plan
+        return NativePlan(gate.folded, [selection], [[Part(src, 0, k, scale=scale) for src, scale in out]
+                                                     for out in parts()], views())
+
+    return gate.native_plan((gate.keep, gate.width), build)
 
 
 def native_hidden_plan(gate: DynamicGate, w1: Tensor, b1: Tensor | None, dw_weight: Tensor, dw_bias: Tensor | None,
@@ -481,9 +488,10 @@ def native_hidden_plan(gate: DynamicGate, w1: Tensor, b1: Tensor | None, dw_weig
     against the transposed copy the folded gate keeps. None where a layer has no bias."""
     if b1 is None or dw_bias is None or gate.consumer_t is None or gate.consumer_t.shape != w2.t().shape:
         return None
-    return native_site_plan(gate, [[(w1, "none")], [(b1, "none")], [(dw_weight, "value")], [(dw_bias, "support")],
-                                   [(gate.consumer_t, "none")]],
-                            functools.partial(_hidden_views, kernel=tuple(dw_weight.shape[-2:])))
+    return native_site_plan(
+        gate, lambda: [[(w1, "none")], [(b1, "none")], [(dw_weight, "value")], [(dw_bias, "support")],
+                       [(gate.consumer_t, "none")]],
+        lambda: functools.partial(_hidden_views, kernel=tuple(dw_weight.shape[-2:])))
 
 
 def _linear_views(bufs: list[Tensor], batch: int) -> tuple[Tensor, ...]:
@@ -642,17 +650,17 @@ class DynamicEfficientSelfAttention(EfficientSelfAttention):
         """This site's plan as one native call (:mod:`.dgl_native`), for the current kept and padded widths; None
         where it does not apply (gates not folded, unequal Q/K and V sparsities, no bias, no kernel built)."""
         qk, v = self.qk_gate, self.v_gate
-        if self.joint_gate is None or qk.keep != v.keep or self.q.bias is None or not dgl_native.available():
+        if self.joint_gate is None or qk.keep != v.keep or self.q.bias is None:
             return None
-        plan = qk.native_plans.get((qk.keep, qk.width))  # the joint plan lives on the Q/K gate
-        if plan is None:  # slots: [Q/K channels | V channels], per head; V's gate logits follow Q/K's (offset C)
+
+        def build() -> NativePlan:  # slots: [Q/K channels | V channels], per head; V's gate logits follow Q/K's
             C, K = self.q.in_features, self.num_heads * qk.width
-            plan = NativePlan(self.joint_gate, [Selection(0, 2 * self.num_heads, self.head_dim, qk.keep, qk.width)], [
+            return NativePlan(self.joint_gate, [Selection(0, 2 * self.num_heads, self.head_dim, qk.keep, qk.width)], [
                 [Part(self.q.weight, 0, K)], [Part(self.q.bias, 0, K)],
                 [Part(self.kv.weight, 0, 2 * K, scale="value")], [Part(self.kv.bias, 0, 2 * K, scale="value")],
                 [Part(v.consumer_t, K, K, offset=C)]], _attention_views)
-            qk.native_plans[(qk.keep, qk.width)] = plan
-        return plan
+
+        return qk.native_plan((qk.keep, qk.width), build)  # the joint plan lives on the Q/K gate
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if self.use_sdpa:

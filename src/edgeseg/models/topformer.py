@@ -290,20 +290,20 @@ class DynamicAttention(Attention):
         """:meth:`plan` as one native call (:mod:`.dgl_native`), cached on the Q/K gate by the kept and padded
         widths; None before :meth:`fold_gates` or without a built kernel."""
         qk, v = self.qk_gate, self.v_gate
-        if self.joint_gate is None or not dgl_native.available():
+        if self.joint_gate is None:
             return None
-        key = (qk.keep, qk.width, v.keep, v.width)
-        plan = qk.native_plans.get(key)
-        if plan is None:  # slots [Q/K | V]; gate logits [Q/K (nk) | V]; qkv rows [Q | K | V]
+
+        def build() -> NativePlan:  # slots [Q/K | V]; gate logits [Q/K (nk) | V]; qkv rows [Q | K | V]
             nk, heads = qk.gated_features, self.num_heads
             sq, sv = heads * qk.width, heads * v.width
             selections = [Selection(0, heads, self.key_dim, qk.keep, qk.width),
                           Selection(nk, heads, self.value_dim, v.keep, v.width)]
             stacked = [[Part(t, 0, sq), Part(t, 0, sq, offset=-nk, scale="value"),
                         Part(t, sq, sv, offset=-nk, scale="value")] for t in (self.qkv_weight, self.qkv_bias)]
-            plan = qk.native_plans[key] = NativePlan(self.joint_gate, selections,
-                                                     [*stacked, [Part(v.consumer_t, sq, sv, offset=nk)]], _qkv_views)
-        return plan
+            return NativePlan(self.joint_gate, selections, [*stacked, [Part(v.consumer_t, sq, sv, offset=nk)]],
+                              _qkv_views)
+
+        return qk.native_plan((qk.keep, qk.width, v.keep, v.width), build)
 
     def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gates and gathers of the inference form: the kept rows of Q, K (scaled) and V (scaled) as one weight,
