@@ -147,6 +147,20 @@ def test_native_plan_only_without_autograd(native_kernel, fused_student):
     assert all(_planned(model))
 
 
+def test_no_native_plan_on_traced_tensors(native_kernel):
+    # torch.export (the path of the dynamo ONNX exporter, ExecuTorch, AOTInductor) runs the forward on fake tensors
+    # with autograd off and no TorchScript tracing: the plan must be PyTorch operators the graph can record.
+    torch.manual_seed(0)
+    dgl = random_gates_(DynamicGatedLinear(24, 80, sparsity=0.3)).eval()
+    fold_gates(dgl)
+    x = torch.randn(2, 10, 24)
+    with torch.no_grad():
+        program = torch.export.export(dgl, (x,))
+        assert not dgl.gate.native_plans
+        assert (program.module()(x) - dgl(x)).abs().max() <= 1e-5
+    assert dgl.gate.native_plans  # the eager forward after it did plan natively
+
+
 def test_native_plans_equal_pytorch_plans_topformer(native_kernel):
     """TopFormer's sites: Q/K and V select over heads of different widths (two selections), maps are pooled.
 
