@@ -338,8 +338,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError, ImportError) as err:  # user errors: one line, no traceback
-        print(f"edgeseg {args.command}: error: {err}", file=sys.stderr)
+        print(f"edgeseg {args.command}: error: {_explain(err, args)}", file=sys.stderr)
         return 2
+
+
+def _explain(err: Exception, args: argparse.Namespace) -> str:
+    """The one-line message of a user error; errors PyTorch raises from deep inside whose fix is in the recipe get
+    that fix."""
+    message = str(err)
+    if message.startswith("Expected more than 1 value per channel when training"):
+        # TopFormer's extractor runs BatchNorm on a grid of ⌈H/64⌉ × ⌈W/64⌉ tokens: one image of ≤ 64×64 is one value.
+        shape = message.rpartition("input size ")[2]
+        return (f"{getattr(args, 'config', 'the recipe')}: a BatchNorm layer saw one value per channel while training "
+                f"(its input {shape}): give each process more pixels per step — raise data.batch_size or "
+                "data.crop_size")
+    return message
 
 
 if __name__ == "__main__":

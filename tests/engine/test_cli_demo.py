@@ -49,6 +49,12 @@ def test_train_then_eval_cli(tmp_path, capsys):
     assert main(["train", str(cfg), "--set", "optim.lrr=1"]) == 2
     assert "did you mean 'optim.lr'" in capsys.readouterr().err
     assert main(["eval", str(cfg), "--checkpoint", str(tmp_path / "none.pth")]) == 2
+    capsys.readouterr()
+    # one 64×64 image per step leaves TopFormer's extractor a 1×1 token grid: BatchNorm's error, with the fix
+    assert main(["train", str(cfg), "--work-dir", str(tmp_path / "one"), "--no-progress",
+                 "--set", "data.batch_size=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(cfg) in err and "raise data.batch_size or data.crop_size" in err
 
 
 def test_demo_config_matches_yaml():
