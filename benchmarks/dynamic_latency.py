@@ -292,8 +292,8 @@ def main() -> None:
                 # The same, but the attention kernel's share scales as measured, not with its MACs.
                 rest = (left - kernel.gmacs(s)) / (gated - kernel.gmacs())
                 kept = sum(a * k for a, k in zip(share, kernel.scaling[s]))
-                print(f"bound at {s:.0%} with the attention kernel as measured (the rest of the gated time ∝ its MACs, "
-                      f"{rest:.2f} left): {untouched + kept + (1 - untouched - sum(share)) * rest:.2f}× fused")
+                print(f"bound at {s:.0%} with the attention kernel as measured (the rest of the gated time ∝ its "
+                      f"MACs, {rest:.2f} left): {untouched + kept + (1 - untouched - sum(share)) * rest:.2f}× fused")
     for s in args.sparsities:
         if s > 0:
             share = ratio(f"gates+gathers {s:.0%}", f"dyna {s:.0%}")

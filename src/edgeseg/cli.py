@@ -153,12 +153,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .data import save_label_png
-    from .deploy.predict import Segmenter
+    from .deploy.predict import Segmenter, is_video, segment_video
 
     segmenter = Segmenter(_build(args), scale=args.scale, size_divisor=args.size_divisor)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for image in args.images:
+        if is_video(image):
+            video, labels_dir, frames = segment_video(segmenter, image, out)
+            print(f"{image} -> {video} ({frames} frames; label maps in {labels_dir})")
+            continue
         labels = segmenter(image)
         stem = Path(image).stem
         save_label_png(labels, out / f"{stem}.png", segmenter.palette)
@@ -315,9 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("predict", help="segment images: palette label PNGs and overlays")
+    p = sub.add_parser("predict", help="segment images and videos: palette label PNGs and overlays")
     p.add_argument("model", help="checkpoint path (any supported layout) or model name")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files, or videos (.mp4, .mov, .avi, .mkv, .webm...; the [video] "
+                                             "extra): label PNGs per frame and an overlay .mp4")
     p.add_argument("--out", default="predictions", help="output folder")
     p.add_argument("--scale", nargs=2, type=int, default=[2048, 512], metavar=("LONG", "SHORT"),
                    help="keep-ratio test resize bound (default: the ADE20K recipe's 2048 512)")
@@ -347,7 +352,7 @@ def _explain(err: Exception, args: argparse.Namespace) -> str:
     that fix."""
     message = str(err)
     if message.startswith("Expected more than 1 value per channel when training"):
-        # TopFormer's extractor runs BatchNorm on a grid of ⌈H/64⌉ × ⌈W/64⌉ tokens: one image of ≤ 64×64 is one value.
+        # TopFormer's extractor runs BatchNorm on ⌈H/64⌉ × ⌈W/64⌉ tokens: one image of ≤ 64×64 is one value.
         shape = message.rpartition("input size ")[2]
         return (f"{getattr(args, 'config', 'the recipe')}: a BatchNorm layer saw one value per channel while training "
                 f"(its input {shape}): give each process more pixels per step — raise data.batch_size or "

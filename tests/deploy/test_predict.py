@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -48,3 +52,61 @@ def test_missing_image_is_one_line(tmp_path, capsys):
     ckpt = edgeseg.save_checkpoint(tmp_path / "m.pth", model)
     assert main(["predict", str(ckpt), str(tmp_path / "nope.jpg"), "--out", str(tmp_path / "out")]) == 2
     assert "nope.jpg" in capsys.readouterr().err
+
+
+@pytest.fixture
+def video_io():
+    """imageio with its ffmpeg binary (the [video] extra, part of [dev]): missing it fails in CI, skips elsewhere."""
+    try:
+        import imageio
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the [video] extra is not installed in CI")
+        pytest.skip("the [video] extra (imageio, imageio-ffmpeg) is not installed")
+    return imageio
+
+
+def test_predict_video_writes_label_pngs_and_overlay_video(tmp_path, video_io):
+    # Smooth frames with a moving block (4:2:0 H.264 keeps those close); odd sides: the output is padded, not resized
+    yy, xx = np.mgrid[:47, :65]
+    frames = np.stack([np.stack([xx * 3, yy * 5, np.full_like(xx, 60 * t)], -1) for t in range(3)]).astype(np.uint8)
+    for t in range(3):
+        frames[t, 10:30, 8 + 10 * t:30 + 10 * t] = (230, 40, 40)
+    video = tmp_path / "clip.avi"
+    with video_io.get_writer(video, "ffmpeg", fps=5, codec="png", pixelformat="rgb24", macro_block_size=1) as w:
+        for frame in frames:  # lossless: the frames decoded are these
+            w.append_data(frame)
+    model = edgeseg.create_model("topformer-tiny", num_classes=4)
+    ckpt = edgeseg.save_checkpoint(tmp_path / "m.pth", model)
+    out = tmp_path / "out"
+    assert main(["predict", str(ckpt), str(video), "--out", str(out), "--scale", "128", "64"]) == 0
+    segmenter = Segmenter(edgeseg.load_model(ckpt), scale=(128, 64))
+    labels = sorted((out / "clip").glob("*.png"))
+    assert [p.name for p in labels] == ["000000.png", "000001.png", "000002.png"]
+    for path, frame in zip(labels, frames):
+        assert (np.array(Image.open(path)) == segmenter(frame)).all()
+    reader = video_io.get_reader(out / "clip_overlay.mp4", "ffmpeg")
+    shown = [f for f in reader]
+    assert reader.get_meta_data()["fps"] == 5 and len(shown) == 3 and shown[0].shape == (48, 66, 3)
+    # H.264 is lossy: the overlay matches on average, and its padding row and column repeat the last ones
+    want = segmenter.overlay(frames[0], segmenter(frames[0]))
+    assert np.abs(shown[0][:47, :65].astype(int) - want).mean() < 8  # ~1.6 here; the raw frame is ~48 away
+    assert np.abs(shown[0][47].astype(int) - shown[0][46]).mean() < 8
+    assert np.abs(shown[0][:, 65].astype(int) - shown[0][:, 64]).mean() < 8
+    assert sorted(p.name for p in out.iterdir()) == ["clip", "clip_overlay.mp4"]  # no partial file left
+
+
+def test_video_errors_are_one_line(tmp_path, capsys, monkeypatch, video_io):
+    model = edgeseg.create_model("topformer-tiny", num_classes=4)
+    ckpt = edgeseg.save_checkpoint(tmp_path / "m.pth", model)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video" * 100)
+    assert main(["predict", str(ckpt), str(broken), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "broken.mp4" in err
+    assert not list((tmp_path / "out").glob("*.mp4"))
+    monkeypatch.setitem(sys.modules, "imageio", None)  # as without the extra
+    assert main(["predict", str(ckpt), str(broken), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'edgeseg[video]'" in err

@@ -2,7 +2,7 @@
 
 ``Segmenter`` applies the papers' test pipeline (keep-ratio resize, normalisation), runs the model, brings the
 logits back to the original image size the way mmseg does, and returns class indices. ``colorize``/``overlay`` make
-results visible.
+results visible. ``segment_video`` runs it over every frame of a video (the ``[video]`` extra: imageio + ffmpeg).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..data import CLASSES, PALETTES, TestTransform, read_image
+from ..data import CLASSES, PALETTES, TestTransform, read_image, save_label_png
 from ..data.classes import default_palette
 from ..engine.inference import predict_probs
 
@@ -86,3 +86,62 @@ class Segmenter:
         """The image with the colour map blended on top."""
         rgb = _as_rgb_array(image).astype(np.float32)
         return (rgb * (1 - alpha) + self.colorize(labels).astype(np.float32) * alpha).round().astype(np.uint8)
+
+
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv"})
+
+
+def is_video(path: str | os.PathLike) -> bool:
+    """Whether ``edgeseg predict`` treats ``path`` as a video (by its suffix; GIFs are read as images)."""
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def _video_io():
+    try:
+        import imageio
+        import imageio_ffmpeg  # noqa: F401  (the ffmpeg binary imageio's FFMPEG plugin runs)
+    except ImportError as err:
+        raise ImportError(f"reading and writing video needs the video extra ({err.name} is missing): "
+                          "pip install 'edgeseg[video]'") from None
+    return imageio
+
+
+def segment_video(segmenter: Segmenter, video: str | os.PathLike, out_dir: str | os.PathLike,
+                  alpha: float = 0.5) -> tuple[Path, Path, int]:
+    """Segment every frame of ``video``: palette label PNGs ``out_dir/<stem>/000000.png …`` and an overlay video
+    ``out_dir/<stem>_overlay.mp4`` (H.264, the source's frame rate). Returns (overlay video, label folder, frames).
+
+    Frames stream through one at a time, so a long video never sits in memory. The overlay video appears only when
+    complete (written under a temporary name, then renamed). H.264 in yuv420p needs even sides: a frame with an odd
+    side gets its last row or column repeated — never resampled.
+    """
+    imageio = _video_io()
+    video = Path(video)
+    if not video.is_file():
+        raise FileNotFoundError(f"video '{video}' does not exist")
+    out_dir = Path(out_dir)
+    labels_dir = out_dir / video.stem
+    labels_dir.mkdir(parents=True, exist_ok=True)
+    target, partial = out_dir / f"{video.stem}_overlay.mp4", out_dir / f".{video.stem}_overlay.partial.mp4"
+    try:
+        reader = imageio.get_reader(video, "ffmpeg")
+    except Exception as err:  # ffmpeg's own message: unknown container, missing codec, not a video...
+        raise ValueError(f"video '{video}' could not be opened by ffmpeg: {str(err).splitlines()[0]}") from None
+    frames = 0
+    try:
+        with reader, imageio.get_writer(partial, "ffmpeg", fps=reader.get_meta_data().get("fps") or 25,
+                                        codec="libx264", quality=8, macro_block_size=1) as writer:
+            for frame in reader:
+                rgb = np.ascontiguousarray(frame[..., :3])
+                labels = segmenter(rgb)
+                save_label_png(labels, labels_dir / f"{frames:06d}.png", segmenter.palette)
+                shown = segmenter.overlay(rgb, labels, alpha)
+                writer.append_data(np.pad(shown, ((0, shown.shape[0] % 2), (0, shown.shape[1] % 2), (0, 0)),
+                                          mode="edge"))
+                frames += 1
+        if frames == 0:
+            raise ValueError(f"video '{video}' has no frames")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target, labels_dir, frames
