@@ -139,8 +139,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .deploy.export import export_onnx
 
     model = _build(args)
-    res = export_onnx(model, args.out, tuple(args.size), batch=args.batch, opset=args.opset,
-                      fuse=not args.no_fuse, check=not args.no_check)
+    opset = args.opset or (18 if args.exporter == "dynamo" else 17)
+    res = export_onnx(model, args.out, tuple(args.size), batch=args.batch, opset=opset,
+                      fuse=not args.no_fuse, check=not args.no_check, exporter=args.exporter)
     shapes = f"{'x'.join(map(str, res.input_shape))} -> {'x'.join(map(str, res.output_shape))}"
     check = "" if res.max_abs_diff is None else (f"; onnxruntime vs PyTorch: max |diff| {res.max_abs_diff:.1e}, "
                                                  f"same class at {res.argmax_agreement:.2%} of positions")
@@ -314,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int)
     p.add_argument("--sparsity", type=float, help="dynamic models: fraction of gated neurons pruned")
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help=ARG_HELP)
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, help="ONNX opset (default: 17; 18 with --exporter dynamo)")
+    p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
+                   help="torch.onnx's TorchScript tracer (default) or its torch.export-based exporter (needs onnxscript)")
     p.add_argument("--no-fuse", action="store_true", help="export the eager model instead of fuse()'s form")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     p.set_defaults(func=cmd_export)

@@ -46,6 +46,26 @@ def test_dynamic_models_export_their_gathered_path(tmp_path):
         assert res.max_abs_diff <= 1e-4, model.model_name
 
 
+def test_dynamo_exporter(reference_dir, tmp_path, capfd):
+    """torch.export-based export (torch's default exporter since 2.9): the official TopFormer-Tiny weights and a
+    dynamic model's gathered path compute in onnxruntime what they compute in PyTorch."""
+    pytest.importorskip("onnxscript")
+    model = load_model(reference_dir / "topformer-tiny_ade20k-150_1x3x512x512_seed0" / "checkpoint.pth")
+    res = export_onnx(model, tmp_path / "t.onnx", input_size=(128, 192), batch=2, opset=18, exporter="dynamo")
+    assert res.output_shape == (2, 150, 16, 24) and res.max_abs_diff <= 1e-4 and res.argmax_agreement == 1.0
+    torch.manual_seed(0)
+    student = dynamic.random_gates_(create_model("dynasegformer-b0", num_classes=5, sparsity=0.3,
+                                                 depths=[1, 1, 1, 1])).eval()
+    res = export_onnx(student, tmp_path / "d.onnx", input_size=(128, 128), opset=18, exporter="dynamo")
+    assert {"TopK", "Gather"} <= set(res.ops) and res.max_abs_diff <= 1e-4
+    assert capfd.readouterr().err == ""  # torch's registry chatter and FutureWarnings stay quiet
+    with pytest.raises(ValueError, match="opset 18 or newer, not 17"):
+        export_onnx(model, tmp_path / "x.onnx", input_size=(64, 64), exporter="dynamo")
+    assert main(["export", "segformer-b0", str(tmp_path / "s.onnx"), "--size", "64", "64", "--exporter", "dynamo",
+                 "--no-check"]) == 0
+    assert "opset 18" in capfd.readouterr().out
+
+
 def test_cli_export_and_errors(tmp_path, capsys, monkeypatch):
     out = tmp_path / "s.onnx"
     code = main(["export", "segformer-b0", str(out), "--size", "64", "64", "--num-classes", "7", "--no-check"])

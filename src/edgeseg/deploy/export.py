@@ -5,6 +5,10 @@ SegFormer decoder folded, DGL gates folded, gathered widths padded), writing the
 leaves half of one, and proving the graph computes what PyTorch computes. ``export_onnx`` does all three and reports
 the largest difference onnxruntime shows on a random input.
 
+Two exporters: ``"torchscript"`` (the default; traces the forward, torch's ``dynamo=False``) and ``"dynamo"``
+(``torch.export``, PyTorch's default since 2.9 and what remains once the TorchScript exporter is removed; needs
+onnxscript, in the ``[onnx]`` extra, and opset ≥ 18). Both write the same inputs and outputs.
+
 Shapes are fixed at export: TopFormer pools its token pyramid to a grid derived from the input size (and ONNX's
 pooling needs whole factors, so TopFormer sizes are multiples of 64), and a dynamic model's batch-of-one fast path
 is chosen by shape, so one file serves one (batch, H, W). Dynamic models export
@@ -14,6 +18,7 @@ their gathered inference path (TopK + Gather), so the per-image pruning is kept 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import tempfile
 import warnings
@@ -40,8 +45,11 @@ class ExportResult:
     argmax_agreement: float | None = None  # fraction of logit positions where both pick the same class
 
 
+EXPORTERS = ("torchscript", "dynamo")
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int] = (512, 512), batch: int = 1,
-                opset: int = 17, fuse: bool = True, check: bool = True) -> ExportResult:
+                opset: int = 17, fuse: bool = True, check: bool = True, exporter: str = "torchscript") -> ExportResult:
     """Write ``model`` (or its ``fuse()`` form) as an ONNX graph with input ``image`` (batch, 3, H, W) and output
     ``logits``, and check it with onnxruntime.
 
@@ -51,10 +59,19 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
     TopFormer's unscaled attention is so sharp that float32 PyTorch itself moves by ~1 against float64, and fresh
     DGL gates tie, so either runtime may keep either of two channels. Check with trained weights.)
     """
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, not {exporter!r}")
     try:
         import onnx
     except ImportError as err:
         raise ImportError(f"ONNX export needs the onnx package: {ONNX_EXTRA}") from err
+    if exporter == "dynamo":
+        try:
+            import onnxscript  # noqa: F401
+        except ImportError as err:
+            raise ImportError(f"the dynamo exporter needs onnxscript: {ONNX_EXTRA}") from err
+        if opset < 18:
+            raise ValueError(f"the dynamo exporter writes opset 18 or newer, not {opset}: e.g. --opset 18")
     pool_stride = getattr(model, "pool_stride", None)  # TopFormer: its token pooling is adaptive
     if pool_stride is not None:
         multiple = 32 * pool_stride
@@ -76,8 +93,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
         with warnings.catch_warnings():  # shape-dependent Python branches are fixed at export: shapes are fixed
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(model, (x,), tmp, dynamo=False, opset_version=opset, input_names=["image"],
-                              output_names=["logits"])
+            if exporter == "dynamo":
+                _export_dynamo(model, x, tmp, opset)
+            else:
+                torch.onnx.export(model, (x,), tmp, dynamo=False, opset_version=opset, input_names=["image"],
+                                  output_names=["logits"])
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -97,8 +117,24 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
     return result
 
 
+def _export_dynamo(model: nn.Module, x: torch.Tensor, path: str, opset: int) -> None:
+    # Quiet torch's own chatter, which is not the user's concern: its op registry logs "torchvision is not installed.
+    # Skipping torchvision::nms" and its pytree internals raise FutureWarnings.
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry.level
+    registry.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, input_names=["image"],
+                                        output_names=["logits"], verbose=False)
+    finally:
+        registry.setLevel(level)
+    program.save(path)
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-__all__ = ["ExportResult", "export_onnx"]
+__all__ = ["EXPORTERS", "ExportResult", "export_onnx"]

@@ -455,8 +455,9 @@ class AdditiveMLPDecoder(nn.Module):
         self.linear_pred = nn.Conv2d(embed_dim, num_classes, 1)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        # Traced (ONNX export), shapes are tensors and one whole pass is the smaller graph: no bands.
-        if not self.training and not torch.jit.is_tracing() and _bands_are_exact(features, self.row_band):
+        # Traced or captured (ONNX export, torch.export, torch.compile), one whole pass is the smaller graph: no bands.
+        if (not self.training and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+                and _bands_are_exact(features, self.row_band)):
             return self._forward_in_bands(features)
         size = features[0].shape[2:]
         # Everything stays channels-last (the projections' natural layout): the upsampling and the sums then
