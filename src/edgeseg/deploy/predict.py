@@ -119,14 +119,15 @@ def segment_video(segmenter: Segmenter, video: str | os.PathLike, out_dir: str |
     video = Path(video)
     if not video.is_file():
         raise FileNotFoundError(f"video '{video}' does not exist")
+    try:
+        reader = imageio.get_reader(video, "ffmpeg")
+    except Exception as err:  # ffmpeg's own message: unknown container, missing codec, not a video...
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"video '{video}' could not be opened by ffmpeg: {reason}") from None
     out_dir = Path(out_dir)
     labels_dir = out_dir / video.stem
     labels_dir.mkdir(parents=True, exist_ok=True)
     target, partial = out_dir / f"{video.stem}_overlay.mp4", out_dir / f".{video.stem}_overlay.partial.mp4"
-    try:
-        reader = imageio.get_reader(video, "ffmpeg")
-    except Exception as err:  # ffmpeg's own message: unknown container, missing codec, not a video...
-        raise ValueError(f"video '{video}' could not be opened by ffmpeg: {str(err).splitlines()[0]}") from None
     frames = 0
     try:
         with reader, imageio.get_writer(partial, "ffmpeg", fps=reader.get_meta_data().get("fps") or 25,
