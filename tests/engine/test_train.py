@@ -130,6 +130,20 @@ def test_ddp_two_processes_stay_identical(tmp_path):
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
 
 
+@pytest.mark.parametrize("name, kwargs", [("segformer-b0", {}), ("segformer-b0", {"decoder": "mmseg"}),
+                                          ("dynasegformer-b0", {"sparsity": 0.3}), ("topformer-tiny", {})])
+def test_gradients_arrive_in_their_parameters_layout(name, kwargs):
+    # DDP's gradient buckets take each parameter's strides: a gradient arriving with other strides (depthwise and
+    # 1×1 kernels on channels-last maps) is copied every step, with a warning
+    from edgeseg import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=5, depths=[1, 1, 1, 1], **kwargs) if "segformer" in name \
+        else create_model(name, num_classes=5)
+    model.train()(torch.randn(2, 3, 64, 64)).mean().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()] == []
+
+
 def test_pretrained_backbone_is_loaded_and_reported(tmp_path):
     from edgeseg.checkpoint import save_checkpoint
     from edgeseg.engine.train import build_model

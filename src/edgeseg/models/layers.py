@@ -18,6 +18,20 @@ def folded_bn_params(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor,
     return conv.weight * scale.reshape(-1, 1, 1, 1), (bias - bn.running_mean) * scale + bn.bias
 
 
+def channels_last_kernel_(conv: nn.Conv2d) -> nn.Conv2d:
+    """Give ``conv.weight`` channels-last strides, in place, for a conv that runs on channels-last maps.
+
+    For a depthwise or 1×1 kernel both layouts are the same bytes, but autograd returns the weight's gradient with
+    the input's (channels-last) strides, and DDP, whose gradient buckets take each parameter's strides, would then
+    copy that gradient every step and warn "Grad strides do not match bucket view strides".
+    """
+    weight = conv.weight
+    with torch.no_grad():
+        restrided = torch.empty_like(weight, memory_format=torch.channels_last).copy_(weight)
+    conv.weight = nn.Parameter(restrided, requires_grad=weight.requires_grad)
+    return conv
+
+
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """Return a conv computing ``bn(conv(x))`` in eval mode (:func:`folded_bn_params`)."""
     fused = nn.Conv2d(

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ConvBN, DropPath, folded_bn_params, fuse_modules, pad_output_channels, resize
+from .layers import ConvBN, DropPath, channels_last_kernel_, folded_bn_params, fuse_modules, pad_output_channels, resize
 
 # LayerNorm eps of the official code: ``partial(nn.LayerNorm, eps=1e-6)`` for the block norms (norm1/norm2) and
 # the stage norms (norm1..4); PyTorch's default 1e-5 in the patch embeddings and the sequence-reduction norm.
@@ -138,7 +138,7 @@ class MixFFN(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, 1, 1, groups=hidden_dim, bias=True)
+        self.dwconv = channels_last_kernel_(nn.Conv2d(hidden_dim, hidden_dim, 3, 1, 1, groups=hidden_dim, bias=True))
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
@@ -303,6 +303,8 @@ class MLPDecoder(nn.Module):
         self.dropout = nn.Dropout2d(dropout)  # mmseg's BaseDecodeHead uses Dropout2d
         self.linear_pred = nn.Conv2d(embed_dim, num_classes, 1)
         nn.init.kaiming_normal_(self.linear_fuse.conv.weight, mode="fan_out", nonlinearity="relu")  # mmcv ConvModule
+        for conv in (self.linear_fuse.conv, self.linear_pred):  # they run on channels-last maps
+            channels_last_kernel_(conv)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         size = features[0].shape[2:]
@@ -356,6 +358,8 @@ class MMSegMLPDecoder(nn.Module):
         self.linear_pred = nn.Conv2d(embed_dim, num_classes, 1)
         for branch in (*self.linear_c, self.linear_fuse):  # mmcv ConvModule's init
             nn.init.kaiming_normal_(branch.conv.weight, mode="fan_out", nonlinearity="relu")
+        for conv in (*(branch.conv for branch in self.linear_c), self.linear_fuse.conv, self.linear_pred):
+            channels_last_kernel_(conv)  # they run on channels-last maps
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         size = features[0].shape[2:]
