@@ -19,7 +19,7 @@ Rows (timed alternately by ``compare_latency``, medians, so machine noise hits a
   neurons per image and runs the narrower products (at s = 0 it gathers everything: gating cost, no saving);
   its ``fuse()`` folds the gates and pads the gathered widths with zero neurons to multiples of 8 (exact: e.g. a
   90-channel hidden layer runs as 96, faster on this CPU); ``unpadded`` rows are ``fuse(pad_multiple=1)``; each
-  site plans (gate, top-r, gathers) in one native call where the kernel builds (``edgeseg.models.dgl_native``),
+  site plans (gate, top-r, gathers) in one native call where the kernel builds (``edgeseg.models.native``),
   and the ``PyTorch plans`` rows are the same models planning with PyTorch operators (``set_native(model, False)``);
 - ``gates + gathers @ s`` — only the per-image overhead of the dynamic model: for every DGL site the token pooling,
   gate MLP, top-r and weight gathers (``plan()``, the code the forward runs), on the inputs of a real forward;
@@ -69,7 +69,7 @@ from edgeseg.models.dynamic import (
     random_gates_,
     set_native,
 )
-from edgeseg.models import dgl_native
+from edgeseg.models import native
 from edgeseg.models.hf_segformer import save_hf_folder
 from edgeseg.models.topformer import DynamicAttention, DynamicMLP, from_topformer
 
@@ -220,7 +220,7 @@ def main() -> None:
         models[f"dyna {s:.0%}"] = students[s].fuse()
     for s in args.unpadded:
         models[f"dyna {s:.0%} unpadded"] = students[s].fuse(pad_multiple=1)
-    for s in args.pytorch_plans if dgl_native.available() else ():
+    for s in args.pytorch_plans if native.available() else ():
         models[f"dyna {s:.0%}, PyTorch plans"] = torch_plans = students[s].fuse()
         set_native(torch_plans, False)
     for s in args.floor:

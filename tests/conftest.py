@@ -32,16 +32,16 @@ def reference_input(reference_dir: Path) -> torch.Tensor:
 
 @pytest.fixture(scope="session", autouse=True)
 def _kernel_cache(tmp_path_factory: pytest.TempPathFactory):
-    """The DGL kernel builds into this session's temporary folder: the suite neither needs a writable home nor
+    """The native kernels build into this session's temporary folder: the suite neither needs a writable home nor
     leaves files in the user's cache."""
-    from edgeseg.models import dgl_native
+    from edgeseg.models import native
 
     mp = pytest.MonkeyPatch()
     mp.setenv("EDGESEG_CACHE_DIR", str(tmp_path_factory.mktemp("edgeseg-cache")))
-    dgl_native.library.cache_clear()
+    native.library.cache_clear()
     yield
     mp.undo()
-    dgl_native.library.cache_clear()
+    native.library.cache_clear()
 
 
 @pytest.fixture(autouse=True)

@@ -82,13 +82,13 @@ def test_bench_json(capsys):
 
 
 def test_bench_fused_dynamic_model_says_which_planner_ran(capsys):
-    from edgeseg.models import dgl_native
+    from edgeseg.models import native
 
     args = ["bench", "dynasegformer-b0", "--sparsity", "0.3", "--size", "64", "64", "--seconds", "0.1",
             "--threads", "1"]
     assert main([*args, "--fuse", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["extra"] == {"sparsity": 0.3, "dgl_plans": "native" if dgl_native.available() else "pytorch"}
+    assert out["extra"] == {"sparsity": 0.3, "dgl_plans": "native" if native.available() else "pytorch"}
     assert main(args) == 0  # eager: the gathered path without folded gates plans in PyTorch, nothing to report
     assert "DGL plans" not in capsys.readouterr().out
 

@@ -98,7 +98,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
     from .deploy.benchmark import benchmark
-    from .models import dgl_native
+    from .models import native
     from .models.dynamic import dynamic_gates
 
     model = _build(args)
@@ -106,7 +106,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     min_seconds=args.seconds, name=args.model)
     extra = {} if args.sparsity is None else {"sparsity": args.sparsity}
     if args.fuse and any(True for _ in dynamic_gates(model)):  # which planner the fused DGL sites ran
-        extra["dgl_plans"] = "native" if dgl_native.available() else "pytorch"
+        extra["dgl_plans"] = "native" if native.available() else "pytorch"
     res.extra = extra or None
     if args.json:
         print(json.dumps(res.as_dict(), indent=2))

@@ -37,7 +37,7 @@ Two execution forms with the same outputs (≤ 1e-5):
 product, and the gathered widths are padded with zero neurons to multiples of 8, which CPU kernels run faster than
 the exact pruned widths (the padding is exact: a padding slot's gate value is 0). A fused site (SegFormer's,
 TopFormer's, a plain DGL) then plans (gate, top-r, gathers) in one call of a small C kernel where one can be built
-(:mod:`.dgl_native`; PyTorch otherwise, or with :func:`set_native`): in PyTorch, about 15 small operators per site
+(:mod:`.native`; PyTorch otherwise, or with :func:`set_native`): in PyTorch, about 15 small operators per site
 cost more than half of what 30 % sparsity saves on B0.
 """
 
@@ -52,8 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import dgl_native
-from .dgl_native import NativePlan, Part, Selection
+from . import native
+from .native import NativePlan, Part, Selection
 from .layers import fuse_modules
 from .segformer import (
     EMBED_LN_EPS,
@@ -294,9 +294,9 @@ class DynamicGate(nn.Module):
             self.consumer_t = consumer.detach().t().contiguous()
 
     def native_plan(self, key: tuple, build: Callable[[], NativePlan]) -> NativePlan | None:
-        """The site's native plan (:mod:`.dgl_native`) for ``key`` (its kept and padded widths), built by ``build``
+        """The site's native plan (:mod:`.native`) for ``key`` (its kept and padded widths), built by ``build``
         on first use and cached here; None before :meth:`fold` or where no kernel can be built."""
-        if self.folded is None or not dgl_native.available():
+        if self.folded is None or not native.available():
             return None
         plan = self.native_plans.get(key)
         if plan is None:
@@ -360,11 +360,11 @@ class DynamicGatedLinear(nn.Module):
 
     def plan(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         """Gate and gathers of the inference form: the kept rows of ``fc1`` (scaled) and columns of ``fc2``."""
-        native = native_site_plan(self.gate, lambda: [[(self.fc1.weight, "value")], [(self.fc1.bias, "value")],
+        planned = native_site_plan(self.gate, lambda: [[(self.fc1.weight, "value")], [(self.fc1.bias, "value")],
                                                       [(self.gate.consumer_t, "support")]], lambda: _linear_views) \
-            if self.gate.native and self.fc1.bias is not None and dgl_native.usable(x) else None
-        if native is not None:
-            return native(x)[0]
+            if self.gate.native and self.fc1.bias is not None and native.usable(x) else None
+        if planned is not None:
+            return planned(x)[0]
         values, index = self.gate(avg_pool_tokens(x), self.fc1.weight)
         w1, b1 = gather_rows(self.fc1.weight, self.fc1.bias, index, values)
         w2 = gather_columns(self.gate.consumer_weight(self.fc2.weight), index)
@@ -580,7 +580,7 @@ def set_gather(model: nn.Module, gather: bool) -> None:
 
 
 def set_native(model: nn.Module, native: bool) -> None:
-    """Let fused DGL sites plan natively (default, where the kernel builds: :mod:`.dgl_native`) or in PyTorch."""
+    """Let fused DGL sites plan natively (default, where the kernel builds: :mod:`.native`) or in PyTorch."""
     for gate in dynamic_gates(model):
         gate.native = native
 
@@ -647,7 +647,7 @@ class DynamicEfficientSelfAttention(EfficientSelfAttention):
         self.joint_gate = FoldedGate.stack([self.qk_gate.folded, self.v_gate.folded])
 
     def native_plan(self) -> NativePlan | None:
-        """This site's plan as one native call (:mod:`.dgl_native`), for the current kept and padded widths; None
+        """This site's plan as one native call (:mod:`.native`), for the current kept and padded widths; None
         where it does not apply (gates not folded, unequal Q/K and V sparsities, no bias, no kernel built)."""
         qk, v = self.qk_gate, self.v_gate
         if self.joint_gate is None or qk.keep != v.keep or self.q.bias is None:
@@ -677,9 +677,9 @@ class DynamicEfficientSelfAttention(EfficientSelfAttention):
         masked form scales Q and V). The plan runs per image at every site, where each small op is a visible
         share of the narrowed products, so it is kept to as few ops as possible.
         """
-        native = self.native_plan() if self.qk_gate.native and dgl_native.usable(x) else None
-        if native is not None:
-            return native(x)[0]
+        planned = self.native_plan() if self.qk_gate.native and native.usable(x) else None
+        if planned is not None:
+            return planned(x)[0]
         C = x.shape[-1]
         pooled = avg_pool_tokens(x)
         qk_gate, v_gate = self.qk_gate, self.v_gate
@@ -758,10 +758,10 @@ class DynamicMixFFN(MixFFN):
     def plan(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
         """Gate and gathers of the inference form (:func:`gather_hidden`), natively where it can
         (:func:`native_hidden_plan`)."""
-        native = native_hidden_plan(self.gate, self.fc1.weight, self.fc1.bias, self.dwconv.weight, self.dwconv.bias,
-                                    self.fc2.weight) if self.gate.native and dgl_native.usable(x) else None
-        if native is not None:
-            return native(x)[0]
+        planned = native_hidden_plan(self.gate, self.fc1.weight, self.fc1.bias, self.dwconv.weight, self.dwconv.bias,
+                                     self.fc2.weight) if self.gate.native and native.usable(x) else None
+        if planned is not None:
+            return planned(x)[0]
         values, index = self.gate(avg_pool_tokens(x), self.fc1.weight)
         return gather_hidden(self.gate, values, index, self.fc1.weight, self.fc1.bias, self.dwconv.weight,
                              self.dwconv.bias, self.fc2.weight)

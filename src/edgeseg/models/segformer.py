@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .layers import ConvBN, DropPath, channels_last_kernel_, folded_bn_params, fuse_modules, pad_output_channels, resize
 
 # LayerNorm eps of the official code: ``partial(nn.LayerNorm, eps=1e-6)`` for the block norms (norm1/norm2) and
@@ -467,8 +468,10 @@ class AdditiveMLPDecoder(nn.Module):
         # Everything stays channels-last (the projections' natural layout): the upsampling and the sums then
         # run over contiguous channel vectors, with no layout copies of the full-resolution maps.
         x = _project(self.linear_c[0], features[0])  # a fresh tensor: safe to accumulate into in place
-        for linear, f in zip(self.linear_c[1:], features[1:]):
-            x.add_(resize(_project(linear, f), size))
+        small = [_project(linear, f) for linear, f in zip(self.linear_c[1:], features[1:])]
+        if not native.resize_add_(x, small, 0, size[0]):  # inference: one pass over the map (edgeseg.models.native)
+            for y in small:
+                x.add_(resize(y, size))
         return self._classify(self.dropout(self.act(self.bn(x)))).permute(0, 3, 1, 2)
 
     def _classify(self, x: torch.Tensor) -> torch.Tensor:
@@ -484,7 +487,8 @@ class AdditiveMLPDecoder(nn.Module):
         Whole, the decoder writes and re-reads upsampled E-channel maps at 1/4 resolution (16 MB each for B0 at
         512², 128 MB at 1024×2048) before the classifier reads their sum; in bands of 16 rows they never exist whole,
         which cuts the memory a fused B0 forward adds by about 40 % (benchmarks/decoder_bands.py), what limits
-        small devices. The resizes are bit-identical to the whole pass (:func:`_resize_rows`).
+        small devices. The resizes are bit-identical to the whole pass (:func:`_resize_rows`); where the native
+        kernels are built, each band instead gets all its resized maps added in one pass (:func:`.native.resize_add_`).
         """
         c1, *rest = features
         B, _, H, W = c1.shape
@@ -493,8 +497,9 @@ class AdditiveMLPDecoder(nn.Module):
         for r0 in range(0, H, self.row_band):
             r1 = min(H, r0 + self.row_band)
             x = _project(self.linear_c[0], c1[:, :, r0:r1])
-            for y in small:
-                x.add_(_resize_rows(y, H, W, r0, r1))
+            if not native.resize_add_(x, small, r0, H):  # one pass over the band (edgeseg.models.native)
+                for y in small:
+                    x.add_(_resize_rows(y, H, W, r0, r1))
             logits[:, r0:r1] = self._classify(self.act(self.bn(x)))
         return logits.permute(0, 3, 1, 2)
 

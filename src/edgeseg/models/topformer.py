@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dgl_native
-from .dgl_native import NativePlan, Part, Selection
+from . import native
+from .native import NativePlan, Part, Selection
 from .dynamic import (
     DynamicGate,
     FoldedGate,
@@ -287,7 +287,7 @@ class DynamicAttention(Attention):
         return torch.cat([w for w, _ in params]), torch.cat([b for _, b in params])
 
     def native_plan(self) -> NativePlan | None:
-        """:meth:`plan` as one native call (:mod:`.dgl_native`), cached on the Q/K gate by the kept and padded
+        """:meth:`plan` as one native call (:mod:`.native`), cached on the Q/K gate by the kept and padded
         widths; None before :meth:`fold_gates` or without a built kernel."""
         qk, v = self.qk_gate, self.v_gate
         if self.joint_gate is None:
@@ -309,9 +309,9 @@ class DynamicAttention(Attention):
         """Gates and gathers of the inference form: the kept rows of Q, K (scaled) and V (scaled) as one weight,
         so the three projections run as one product, and the kept columns of ``proj``; natively where it can
         (:meth:`native_plan`)."""
-        native = self.native_plan() if self.qk_gate.native and dgl_native.usable(x) else None
-        if native is not None:
-            return native(x, (2, 3))[0]
+        planned = self.native_plan() if self.qk_gate.native and native.usable(x) else None
+        if planned is not None:
+            return planned(x, (2, 3))[0]
         pooled = x.mean(dim=(2, 3))
         qk_gate, v_gate = self.qk_gate, self.v_gate
         nk = qk_gate.gated_features
@@ -383,10 +383,10 @@ class DynamicMLP(MLP):
         """Gate and gathers of the inference form (:func:`~edgeseg.models.dynamic.gather_hidden`), natively where
         it can (:func:`~edgeseg.models.dynamic.native_hidden_plan`)."""
         (w1, b1), (w2, _) = _linear_params(self.fc1), _linear_params(self.fc2)
-        if self.gate.native and dgl_native.usable(x):
-            native = native_hidden_plan(self.gate, w1, b1, self.dwconv.weight, self.dwconv.bias, w2)
-            if native is not None:
-                return native(x, (2, 3))[0]
+        if self.gate.native and native.usable(x):
+            planned = native_hidden_plan(self.gate, w1, b1, self.dwconv.weight, self.dwconv.bias, w2)
+            if planned is not None:
+                return planned(x, (2, 3))[0]
         values, index = self.gate(x.mean(dim=(2, 3)), _gate_weight(self.fc1))
         return gather_hidden(self.gate, values, index, w1, b1, self.dwconv.weight, self.dwconv.bias, w2)
 

@@ -1,4 +1,5 @@
-"""The native DGL plan (one C call per site) against the PyTorch plan it replaces, and its fallbacks."""
+"""The native kernels against the PyTorch operators they replace — DGL plans (one C call per site) and the
+SegFormer decoder's resize-and-add — and their fallbacks."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 from edgeseg import create_model
-from edgeseg.models import dgl_native
-from edgeseg.models.dgl_native import NativePlan, Part, Selection
+from edgeseg.deploy.benchmark import random_weights_
+from edgeseg.models import native
+from edgeseg.models.native import NativePlan, Part, Selection
 from edgeseg.models.dynamic import (
     DynamicGatedLinear,
     FoldedGate,
@@ -28,11 +30,11 @@ from edgeseg.models.topformer import from_topformer
 @pytest.fixture
 def native_kernel():
     """The compiled kernel; missing it is a failure in CI (the machine has a C compiler), a skip elsewhere."""
-    if not dgl_native.available():
+    if not native.available():
         if os.environ.get("CI") == "true":
-            pytest.fail("the DGL kernel did not build in CI")
-        pytest.skip("no C compiler: the native DGL plan is not available here")
-    return dgl_native.library()
+            pytest.fail("the native kernels did not build in CI")
+        pytest.skip("no C compiler: the native kernels are not available here")
+    return native.library()
 
 
 def _planned(model: torch.nn.Module) -> list[bool]:
@@ -107,19 +109,19 @@ def test_kernel_top_r_matches_torch(native_kernel):
 def test_falls_back_to_pytorch_without_compiler(monkeypatch, tmp_path, fused_student):
     monkeypatch.setenv("EDGESEG_CACHE_DIR", str(tmp_path))  # nothing built there yet
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    dgl_native.library.cache_clear()
+    native.library.cache_clear()
     try:
-        assert not dgl_native.available()
+        assert not native.available()
         model = _fresh_copy(fused_student[0.5])
         with torch.inference_mode():
             model(torch.randn(1, 3, 64, 64))
         assert not any(_planned(model))
         monkeypatch.delenv("CC")
-        monkeypatch.setenv(dgl_native.ENV_SWITCH, "0")
-        dgl_native.library.cache_clear()
-        assert not dgl_native.available()
+        monkeypatch.setenv(native.ENV_SWITCH, "0")
+        native.library.cache_clear()
+        assert not native.available()
     finally:
-        dgl_native.library.cache_clear()
+        native.library.cache_clear()
 
 
 def test_unloadable_cached_kernel_falls_back(monkeypatch, tmp_path):
@@ -128,12 +130,12 @@ def test_unloadable_cached_kernel_falls_back(monkeypatch, tmp_path):
     if compiler is None:
         pytest.skip("no C compiler")
     monkeypatch.setenv("EDGESEG_CACHE_DIR", str(tmp_path))
-    dgl_native.kernel_path(compiler).write_bytes(b"not a shared library")
-    dgl_native.library.cache_clear()
+    native.kernel_path(compiler).write_bytes(b"not a shared library")
+    native.library.cache_clear()
     try:
-        assert not dgl_native.available()
+        assert not native.available()
     finally:
-        dgl_native.library.cache_clear()
+        native.library.cache_clear()
 
 
 def test_native_plan_only_without_autograd(native_kernel, fused_student):
@@ -216,3 +218,58 @@ def test_native_plan_generic_dgl(native_kernel):
         set_native(dgl, False)
         want = dgl(x)
     assert dgl.gate.native_plans and (got - want).abs().max() <= 1e-5
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """(B, h, w, C) contiguous, seen as (B, C, h, w): the layout SegFormer's decoder keeps its maps in."""
+    return t.permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("channels", [16, 12])  # eight at a time, and a remainder
+def test_resize_add_matches_interpolate(native_kernel, channels):
+    g = torch.Generator().manual_seed(0)
+    H, W = 50, 70
+    maps = [_channels_last(torch.randn(2, h, w, channels, generator=g)) for h, w in ((25, 35), (13, 17), (7, 9))]
+    acc = torch.randn(2, 50, 70, channels, generator=g)
+    want = _channels_last(acc.clone())
+    for m in maps:
+        want += torch.nn.functional.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        band = _channels_last(acc[:, 11:29].clone())  # rows 11..28 of the 50: offsets, clamping inside the band
+        assert native.resize_add_(band, maps, 11, H)
+        whole = _channels_last(acc.clone())
+        assert native.resize_add_(whole, maps, 0, H)
+    assert (band - want[:, :, 11:29]).abs().max() <= 1e-5
+    assert (whole - want).abs().max() <= 1e-5
+
+
+def test_resize_add_declines_what_it_cannot_run(native_kernel):
+    acc = _channels_last(torch.zeros(1, 8, 8, 16))
+    small = _channels_last(torch.ones(1, 4, 4, 16))
+    with torch.enable_grad():
+        assert not native.resize_add_(acc, [small.requires_grad_()], 0, 8)  # autograd: PyTorch records the graph
+    with torch.no_grad():
+        assert not native.resize_add_(acc.double(), [small.double()], 0, 8)
+        assert not native.resize_add_(acc, [small.contiguous()], 0, 8)  # NCHW strides
+        assert not native.resize_add_(acc, [_channels_last(torch.ones(1, 4, 4, 8))], 0, 8)  # channel counts differ
+    assert acc.abs().max() == 0  # declined: untouched
+
+
+@pytest.mark.parametrize("size", [(128, 128), (65, 97)])  # in row bands, and one whole pass (bands not exact)
+def test_segformer_decoder_native_equals_pytorch(native_kernel, monkeypatch, size):
+    torch.manual_seed(0)
+    model = random_weights_(create_model("segformer-b0", num_classes=8)).eval().fuse()
+    x = torch.randn(2, 3, *size)
+    ran, kernel = [], native.resize_add_
+
+    def spy(*args):
+        ran.append(kernel(*args))
+        return ran[-1]
+
+    with torch.no_grad():
+        monkeypatch.setattr(native, "resize_add_", spy)
+        got = model(x)
+        monkeypatch.setattr(native, "resize_add_", lambda *args: False)
+        want = model(x)
+    assert ran and all(ran)  # every band (or the whole map) ran natively
+    assert (got - want).abs().max() <= 1e-5

@@ -3,7 +3,7 @@
  * Why C: in PyTorch each site's plan is ~15 small operators (layer norm, two tiny GEMVs, top-k, offsets, five
  * gathers, scalings), each a few microseconds of dispatch that, inside a real forward pass, runs with cold caches:
  * the 16 sites of SegFormer-B0 cost 4-7 ms, more than half of what 30 % sparsity saves. Here the same arithmetic
- * runs in one loop nest. Built on first use by edgeseg/models/dgl_native.py; without a C compiler PyTorch plans.
+ * runs in one loop nest. Built on first use by edgeseg/models/native.py; without a C compiler PyTorch plans.
  *
  * Semantics (must match dynamic.py's FoldedGate and top_r):
  *   x_hat = LN(pooled_sum / tokens)  (no affine, biased variance, eps)

@@ -1,19 +1,23 @@
-"""A native plan for fused DGL sites: gate, Top-r and gathers in one C call (``dgl_native.c``).
+"""The C kernels of fused inference, compiled on first use: two places where eager PyTorch loses to memory traffic
+and operator overhead rather than arithmetic.
 
-Why: in eager PyTorch a site's plan is ~15 small operators. Each costs a few microseconds alone, and about three
-times that inside a real forward pass, where every operator meets cold caches: measured on SegFormer-B0 at 512², the
-16 plans take 4–7 ms of a 60–80 ms DynaSegFormer forward — more than half of what 30 % sparsity saves. The C
-loop nest does the same arithmetic (the gate MLP is a few thousand MACs per image) and writes the gathered weights
-into buffers that are reused from one forward to the next, so a site costs one token sum and one call.
+- **DGL plans** (``native_dgl.c``, :class:`NativePlan`): a fused DGL site's gate, Top-r and gathers in one call. In
+  eager PyTorch a site's plan is ~15 small operators. Each costs a few microseconds alone, and about three times
+  that inside a real forward pass, where every operator meets cold caches: measured on SegFormer-B0 at 512², the
+  16 plans take 4–7 ms of a 60–80 ms DynaSegFormer forward — more than half of what 30 % sparsity saves. The C
+  loop nest does the same arithmetic (the gate MLP is a few thousand MACs per image) and writes the gathered
+  weights into buffers that are reused from one forward to the next, so a site costs one token sum and one call.
+  Buffers are per site, batch size and thread: a returned plan is valid until the same thread runs the same site
+  with the same batch size again — within one forward pass, which is how the sites use it.
+- **Resize-and-add** (``native_resize.c``, :func:`resize_add_`): SegFormer's additive decoder adds three maps,
+  bilinearly upsampled to the 1/4 grid, into the first; done here in one pass over the output instead of writing and
+  re-reading a full-resolution map per resize.
 
-On Linux, the kernel is compiled on first use with the system C compiler (``$CC`` or ``cc``) into
-``$EDGESEG_CACHE_DIR`` (default ``~/.cache/edgeseg``), keyed by the source's hash. Without a compiler, off CPU,
+On Linux, the kernels are compiled on first use with the system C compiler (``$CC`` or ``cc``) into
+``$EDGESEG_CACHE_DIR`` (default ``~/.cache/edgeseg``), keyed by the sources' hash. Without a compiler, off CPU,
 for dtypes other than float32, under autograd, tracing, ``torch.export`` or ONNX export, and with
-``EDGESEG_NATIVE=0``, the PyTorch plan runs instead; both give the same outputs (≤ 1e-5; slot order within a head
-may differ, which only reorders sums).
-
-Buffers are per site, batch size and thread: a returned plan is valid until the same thread runs the same site
-with the same batch size again — within one forward pass, which is how the sites use it.
+``EDGESEG_NATIVE=0``, PyTorch operators run instead; both give the same outputs (≤ 1e-5: DGL slot order within a
+head may differ, and the interpolation sums in another order).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 ENV_SWITCH = "EDGESEG_NATIVE"
-SOURCE = Path(__file__).with_name("dgl_native.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("native_dgl.c", "native_resize.c"))
 
 _I64, _F32P, _I64P = ctypes.c_int64, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
 
@@ -53,6 +57,10 @@ class _Part(ctypes.Structure):
 
 class _Output(ctypes.Structure):
     _fields_ = [("dst", _F32P), ("row", _I64), ("rows", _I64), ("parts", ctypes.POINTER(_Part)), ("n_parts", _I64)]
+
+
+class _ResizeSource(ctypes.Structure):
+    _fields_ = [("src", _F32P), ("h", _I64), ("w", _I64)]
 
 
 class _Site(ctypes.Structure):
@@ -74,20 +82,21 @@ def cache_dir() -> Path:
 
 
 def kernel_path(compiler: str) -> Path:
-    """The cached build of the kernel by ``compiler``: named by the source's and the compiler's hash and the CPU
+    """The cached build of the kernels by ``compiler``: named by the sources' and the compiler's hash and the CPU
     architecture, so an edited source or another compiler builds anew."""
-    key = hashlib.sha256(SOURCE.read_bytes() + compiler.encode()).hexdigest()[:16]
-    return cache_dir() / f"dgl_native-{key}-{os.uname().machine}.so"
+    key = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES) + compiler.encode()).hexdigest()[:16]
+    return cache_dir() / f"edgeseg_native-{key}-{os.uname().machine}.so"
 
 
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel, built on first call; None (once logged) where it cannot be built or is switched off."""
+    """The compiled kernels, built on first call; None (once logged) where they cannot be built or are switched
+    off."""
     if not _enabled() or not sys.platform.startswith("linux"):
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
-        log.info("edgeseg: no C compiler found ($CC or cc); DGL plans run in PyTorch")
+        log.info("edgeseg: no C compiler found ($CC or cc); fused inference runs in PyTorch only")
         return None
     target = kernel_path(compiler)
     if not target.exists():
@@ -95,25 +104,29 @@ def library() -> ctypes.CDLL | None:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                subprocess.run([compiler, "-O3", "-std=c99", "-shared", "-fPIC", "-o", str(built), str(SOURCE), "-lm"],
-                               check=True, capture_output=True, text=True)
+                subprocess.run([compiler, "-O3", "-std=c99", "-shared", "-fPIC", "-o", str(built),
+                                *map(str, SOURCES), "-lm"], check=True, capture_output=True, text=True)
                 os.replace(built, target)  # atomic: a concurrent process sees no half-written library
         except (OSError, subprocess.CalledProcessError) as err:
             detail = getattr(err, "stderr", "") or err
-            log.warning("edgeseg: could not build the DGL kernel (%s); DGL plans run in PyTorch", detail)
+            log.warning("edgeseg: could not build the native kernels (%s); fused inference runs in PyTorch only",
+                        detail)
             return None
     try:
         lib = ctypes.CDLL(str(target))
     except OSError as err:  # e.g. a cache shared with another kind of machine
-        log.warning("edgeseg: could not load the DGL kernel %s (%s); DGL plans run in PyTorch", target, err)
+        log.warning("edgeseg: could not load the native kernels %s (%s); fused inference runs in PyTorch only",
+                    target, err)
         return None
     lib.dgl_plan.argtypes = [ctypes.POINTER(_Site), _F32P, _I64, _I64]
     lib.dgl_plan.restype = ctypes.c_int
+    lib.resize_add.argtypes = [_F32P, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.POINTER(_ResizeSource), _I64]
+    lib.resize_add.restype = None
     return lib
 
 
 def available() -> bool:
-    """Whether fused DGL sites can use the native plan here."""
+    """Whether the native kernels are built and loaded here."""
     return library() is not None
 
 
@@ -228,5 +241,27 @@ def usable(x: Tensor) -> bool:
             and not torch.jit.is_tracing())
 
 
+def resize_add_(acc: Tensor, maps: Sequence[Tensor], row0: int, height: int) -> bool:
+    """``acc += Σ resize(map, (height, W))[:, :, row0 : row0 + rows]`` in one native pass, for the maps' bilinear
+    resize (``align_corners=False``) to a ``height`` × W grid; returns False, touching nothing, where the kernel does
+    not apply (then the caller resizes in PyTorch).
+
+    ``acc`` (B, C, rows, W) and every map (B, C, h, w) are channels-last views of contiguous (B, ·, ·, C) tensors —
+    the layout SegFormer's decoder keeps its maps in.
+    """
+    lib = library()
+    if lib is None or not usable(acc) or not all(usable(m) for m in maps):
+        return False
+    tokens = [t.permute(0, 2, 3, 1) for t in (acc, *maps)]
+    if not all(t.is_contiguous() for t in tokens) or len({t.shape[3] for t in tokens}) != 1 \
+            or len({t.shape[0] for t in tokens}) != 1:
+        return False
+    out, *sources = tokens
+    batch, rows, width, channels = out.shape
+    table = (_ResizeSource * len(sources))(*[_ResizeSource(_ptr(t), t.shape[1], t.shape[2]) for t in sources])
+    lib.resize_add(_ptr(out), batch, rows, row0, height, width, channels, table, len(sources))
+    return True
+
+
 __all__ = ["ENV_SWITCH", "NativePlan", "Part", "Selection", "available", "cache_dir", "kernel_path", "library",
-           "usable"]
+           "resize_add_", "usable"]
