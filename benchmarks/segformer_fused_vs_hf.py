@@ -5,7 +5,8 @@ function (transformers' LayerNorm eps convention, 1e-5 everywhere); the script p
 the times. The models are timed alternately in the same run (warm-up, then A, B, C, A, B, C, ...) and the medians
 compared, because on a shared machine only same-run ratios are stable. transformers is timed with both of its
 attention implementations ("eager" = explicit softmax(QKᵀ)V, "sdpa" = its default); the fused model also with its
-decoder's row bands turned off (``row_band = 0``).
+decoder's row bands turned off (``row_band = 0``) and with its resizes in PyTorch instead of the native
+resize-and-add kernel (``decode_head.native = False``).
 
     PYTHONPATH=src .venv/bin/python benchmarks/segformer_fused_vs_hf.py [--model segformer-b0] [--size 512 512]
         [--threads 2] [--rounds 15]
@@ -48,6 +49,8 @@ def main() -> None:
     fused = ours.fuse()
     whole = copy.deepcopy(fused)
     whole.decode_head.row_band = 0  # the decoder's whole-map pass, to show what the row bands buy
+    resized_in_torch = copy.deepcopy(fused)
+    resized_in_torch.decode_head.native = False  # to show what the native resize-and-add buys
     x = torch.randn(args.batch, 3, *args.size, generator=torch.Generator().manual_seed(1))
 
     fns = {
@@ -56,6 +59,7 @@ def main() -> None:
         "edgeseg unfused": lambda: ours(x),
         "edgeseg fused": lambda: fused(x),
         "edgeseg fused, decoder in one pass (no row bands)": lambda: whole(x),
+        "edgeseg fused, decoder resizes in PyTorch": lambda: resized_in_torch(x),
     }
     with torch.inference_mode():
         reference = fns["transformers (attn eager)"]()

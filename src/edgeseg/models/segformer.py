@@ -443,6 +443,7 @@ class AdditiveMLPDecoder(nn.Module):
     """
 
     row_band = 16  # rows of the 1/4 map per band in eval mode (see ``_forward_in_bands``); 0 turns banding off
+    native = True  # inference adds the resized maps in one C pass where the kernels build; False: PyTorch resizes
 
     def __init__(self, in_channels: Sequence[int], embed_dim: int, num_classes: int, batch_norm: bool = True,
                  dropout: float = 0.1, stage_relu: bool = False) -> None:
@@ -469,7 +470,7 @@ class AdditiveMLPDecoder(nn.Module):
         # run over contiguous channel vectors, with no layout copies of the full-resolution maps.
         x = _project(self.linear_c[0], features[0])  # a fresh tensor: safe to accumulate into in place
         small = [_project(linear, f) for linear, f in zip(self.linear_c[1:], features[1:])]
-        if not native.resize_add_(x, small, 0, size[0]):  # inference: one pass over the map (edgeseg.models.native)
+        if not (self.native and native.resize_add_(x, small, 0, size[0])):  # inference: one pass (models.native)
             for y in small:
                 x.add_(resize(y, size))
         return self._classify(self.dropout(self.act(self.bn(x)))).permute(0, 3, 1, 2)
@@ -497,7 +498,7 @@ class AdditiveMLPDecoder(nn.Module):
         for r0 in range(0, H, self.row_band):
             r1 = min(H, r0 + self.row_band)
             x = _project(self.linear_c[0], c1[:, :, r0:r1])
-            if not native.resize_add_(x, small, r0, H):  # one pass over the band (edgeseg.models.native)
+            if not (self.native and native.resize_add_(x, small, r0, H)):  # one pass over the band (models.native)
                 for y in small:
                     x.add_(_resize_rows(y, H, W, r0, r1))
             logits[:, r0:r1] = self._classify(self.act(self.bn(x)))
