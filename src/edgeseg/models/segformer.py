@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native
-from .layers import ConvBN, DropPath, channels_last_kernel_, folded_bn_params, fuse_modules, pad_output_channels, resize
+from .layers import (ConvBN, DropPath, InplaceGELU, channels_last_kernel_, folded_bn_params, fuse_modules,
+                     pad_output_channels, resize)
 
 # LayerNorm eps of the official code: ``partial(nn.LayerNorm, eps=1e-6)`` for the block norms (norm1/norm2) and
 # the stage norms (norm1..4); PyTorch's default 1e-5 in the patch embeddings and the sequence-reduction norm.
@@ -140,7 +141,7 @@ class MixFFN(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.dwconv = channels_last_kernel_(nn.Conv2d(hidden_dim, hidden_dim, 3, 1, 1, groups=hidden_dim, bias=True))
-        self.act = nn.GELU()
+        self.act = InplaceGELU()  # its input is the conv's fresh output
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
