@@ -154,12 +154,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .data import save_label_png
-    from .deploy.predict import Segmenter, is_video, segment_video
+    from .deploy.predict import Segmenter, expand_inputs, is_video, segment_video
 
     segmenter = Segmenter(_build(args), scale=args.scale, size_divisor=args.size_divisor)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for image in args.images:
+    for image in expand_inputs(args.images):
         if is_video(image):
             video, labels_dir, frames = segment_video(segmenter, image, out)
             print(f"{image} -> {video} ({frames} frames; label maps in {labels_dir})")
@@ -317,15 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help=ARG_HELP)
     p.add_argument("--opset", type=int, help="ONNX opset (default: 17; 18 with --exporter dynamo)")
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
-                   help="torch.onnx's TorchScript tracer (default) or its torch.export-based exporter (needs onnxscript)")
+                   help="torch.onnx's TorchScript tracer (default) or its torch.export-based one (needs onnxscript)")
     p.add_argument("--no-fuse", action="store_true", help="export the eager model instead of fuse()'s form")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="segment images and videos: palette label PNGs and overlays")
     p.add_argument("model", help="checkpoint path (any supported layout) or model name")
-    p.add_argument("images", nargs="+", help="image files, or videos (.mp4, .mov, .avi, .mkv, .webm...; the [video] "
-                                             "extra): label PNGs per frame and an overlay .mp4")
+    p.add_argument("images", nargs="+", help="image files or folders of them, or videos (.mp4, .mov, .avi, .mkv, "
+                                             ".webm...; the [video] extra): label PNGs per frame and an overlay .mp4")
     p.add_argument("--out", default="predictions", help="output folder")
     p.add_argument("--scale", nargs=2, type=int, default=[2048, 512], metavar=("LONG", "SHORT"),
                    help="keep-ratio test resize bound (default: the ADE20K recipe's 2048 512)")

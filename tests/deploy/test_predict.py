@@ -47,6 +47,23 @@ def test_predict_cli_writes_palette_pngs(tmp_path):
     assert (tmp_path / "out" / "a_overlay.jpg").is_file()
 
 
+def test_predict_cli_takes_a_folder(tmp_path, capsys):
+    model = edgeseg.create_model("topformer-tiny", num_classes=4)
+    ckpt = edgeseg.save_checkpoint(tmp_path / "m.pth", model)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("b.png", "a.JPG"):
+        Image.fromarray((np.random.default_rng(1).random((64, 80, 3)) * 255).astype(np.uint8)).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    assert main(["predict", str(ckpt), str(folder), "--out", str(tmp_path / "out"), "--scale", "128", "64"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "a_overlay.jpg", "b.png", "b_overlay.jpg"]
+    assert capsys.readouterr().out.splitlines()[0].startswith(str(folder / "a.JPG"))  # sorted by name
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(ckpt), str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no images" in err and str(tmp_path / "empty") in err
+
+
 def test_missing_image_is_one_line(tmp_path, capsys):
     model = edgeseg.create_model("topformer-tiny", num_classes=4)
     ckpt = edgeseg.save_checkpoint(tmp_path / "m.pth", model)

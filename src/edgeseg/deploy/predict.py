@@ -89,6 +89,24 @@ class Segmenter:
 
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
+
+
+def expand_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """``edgeseg predict``'s inputs: files as given, a folder as the images and videos directly inside it (sorted by
+    name, not recursive). A folder with neither is an error; a missing file is left for the reader to report."""
+    files = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            files.append(path)
+            continue
+        readable = IMAGE_SUFFIXES | VIDEO_SUFFIXES
+        inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in readable)
+        if not inside:
+            raise ValueError(f"folder '{path}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) or videos "
+                             f"({', '.join(sorted(VIDEO_SUFFIXES))}): pass the files, or the folder that holds them")
+        files.extend(inside)
+    return files
 
 
 def is_video(path: str | os.PathLike) -> bool:
