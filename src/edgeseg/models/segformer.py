@@ -470,11 +470,18 @@ class AdditiveMLPDecoder(nn.Module):
         # Everything stays channels-last (the projections' natural layout): the upsampling and the sums then
         # run over contiguous channel vectors, with no layout copies of the full-resolution maps.
         x = _project(self.linear_c[0], features[0])  # a fresh tensor: safe to accumulate into in place
-        small = [_project(linear, f) for linear, f in zip(self.linear_c[1:], features[1:])]
-        if not (self.native and native.resize_add_(x, small, 0, size[0])):  # inference: one pass (models.native)
-            for y in small:
-                x.add_(resize(y, size))
+        self._add_resized_(x, [_project(linear, f) for linear, f in zip(self.linear_c[1:], features[1:])], 0, size)
         return self._classify(self.dropout(self.act(self.bn(x)))).permute(0, 3, 1, 2)
+
+    def _add_resized_(self, x: torch.Tensor, maps: Sequence[torch.Tensor], r0: int, size: Sequence[int]) -> None:
+        """``x`` (rows ``r0 …`` of the ``size`` map, or all of them) += the same rows of every map resized to
+        ``size``: in one native pass over ``x`` where it runs (:func:`.native.resize_add_`: inference, CPU float32),
+        else by PyTorch resizes (a band's rows from :func:`_resize_rows`, bit-identical to the whole pass)."""
+        if self.native and native.resize_add_(x, maps, r0, size[0]):
+            return
+        rows = x.shape[2]
+        for y in maps:
+            x.add_(resize(y, size) if rows == size[0] else _resize_rows(y, *size, r0, r0 + rows))
 
     def _classify(self, x: torch.Tensor) -> torch.Tensor:
         """The 1×1 classifier as one GEMM over the (B, h, w, E) view of a channels-last map: no im2col, no layout
@@ -499,9 +506,7 @@ class AdditiveMLPDecoder(nn.Module):
         for r0 in range(0, H, self.row_band):
             r1 = min(H, r0 + self.row_band)
             x = _project(self.linear_c[0], c1[:, :, r0:r1])
-            if not (self.native and native.resize_add_(x, small, r0, H)):  # one pass over the band (models.native)
-                for y in small:
-                    x.add_(_resize_rows(y, H, W, r0, r1))
+            self._add_resized_(x, small, r0, (H, W))
             logits[:, r0:r1] = self._classify(self.act(self.bn(x)))
         return logits.permute(0, 3, 1, 2)
 
