@@ -106,6 +106,36 @@ def test_kernel_top_r_matches_torch(native_kernel):
     assert torch.equal(supported.reshape(3, -1), (index.float() + 1) * support)
 
 
+@pytest.mark.parametrize("layout", ["tokens", "long tokens", "nchw", "channels_last", "strided", "cropped", "column"])
+def test_kernel_pools_every_layout(native_kernel, layout):
+    """The kernel pools its input itself, read in place: token sequences, maps in either memory format, every
+    other column of a map (its tokens one stride apart); maps whose tokens are not (cropped) are copied first. 20000
+    tokens near 10 keep float32 precision: the gate values match the logits of the float64 mean to 1e-5 (one
+    float32 sum of all the tokens would miss by 7e-4)."""
+    gen = torch.Generator().manual_seed(5)
+    C, hidden, n, keep = 16, 8, 32, 20
+    gate = FoldedGate(torch.randn(hidden, C, generator=gen), torch.randn(hidden, generator=gen),
+                      torch.randn(n, hidden, generator=gen), torch.randn(n, generator=gen), 1e-5)
+    plan = NativePlan(gate, [Selection(0, 1, n, keep, keep)], [[Part(torch.randn(n, 3, generator=gen), 0, keep)]],
+                      lambda bufs, batch: tuple(bufs))
+    if layout in ("tokens", "long tokens"):
+        tokens = 20000 if layout == "long tokens" else 5
+        x, dims = torch.randn(2, tokens, C, generator=gen) * 0.1 + torch.randn(C, generator=gen) + 10, (1,)
+    else:
+        x, dims = torch.randn(2, C, 9, 1 if layout == "column" else 8, generator=gen), (2, 3)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif layout == "strided":
+            x = x[:, :, :, ::2]
+        elif layout == "cropped":
+            x = x[:, :, :, 1:5]
+    with torch.inference_mode():
+        _, values, index = plan(x, dims)
+        logits = gate(x.double().mean(dim=dims).float())
+    assert torch.allclose(values, logits.gather(1, index), atol=1e-5)
+    assert torch.equal(index.sort(1).values, logits.topk(keep, dim=1).indices.sort(1).values)
+
+
 def test_falls_back_to_pytorch_without_compiler(monkeypatch, tmp_path, fused_student):
     monkeypatch.setenv("EDGESEG_CACHE_DIR", str(tmp_path))  # nothing built there yet
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))

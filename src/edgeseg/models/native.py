@@ -6,9 +6,9 @@ and operator overhead rather than arithmetic.
   that inside a real forward pass, where every operator meets cold caches: measured on SegFormer-B0 at 512², the
   16 plans take 4–7 ms of a 60–80 ms DynaSegFormer forward — more than half of what 30 % sparsity saves. The C
   loop nest does the same arithmetic (the gate MLP is a few thousand MACs per image) and writes the gathered
-  weights into buffers that are reused from one forward to the next, so a site costs one token sum and one call.
-  Buffers are per site, batch size and thread: a returned plan is valid until the same thread runs the same site
-  with the same batch size again — within one forward pass, which is how the sites use it.
+  weights into buffers that are reused from one forward to the next, so a site costs one call, which also pools
+  its tokens. Buffers are per site, batch size and thread: a returned plan is valid until the same thread runs the
+  same site with the same batch size again — within one forward pass, which is how the sites use it.
 - **Resize-and-add** (``native_resize.c``, :func:`resize_add_`): SegFormer's additive decoder adds three maps,
   bilinearly upsampled to the 1/4 grid, into the first; done here in one pass over the output instead of writing and
   re-reading a full-resolution map per resize.
@@ -43,6 +43,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 ENV_SWITCH = "EDGESEG_NATIVE"
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("native_dgl.c", "native_resize.c"))
+HEADERS = (Path(__file__).with_name("native_dispatch.h"),)  # part of the build's cache key
 
 _I64, _F32P, _I64P = ctypes.c_int64, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
 
@@ -84,7 +85,8 @@ def cache_dir() -> Path:
 def kernel_path(compiler: str) -> Path:
     """The cached build of the kernels by ``compiler``: named by the sources' and the compiler's hash and the CPU
     architecture, so an edited source or another compiler builds anew."""
-    key = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES) + compiler.encode()).hexdigest()[:16]
+    sources = b"".join(src.read_bytes() for src in (*SOURCES, *HEADERS))
+    key = hashlib.sha256(sources + compiler.encode()).hexdigest()[:16]
     return cache_dir() / f"edgeseg_native-{key}-{os.uname().machine}.so"
 
 
@@ -118,7 +120,7 @@ def library() -> ctypes.CDLL | None:
         log.warning("edgeseg: could not load the native kernels %s (%s); fused inference runs in PyTorch only",
                     target, err)
         return None
-    lib.dgl_plan.argtypes = [ctypes.POINTER(_Site), _F32P, _I64, _I64]
+    lib.dgl_plan.argtypes = [ctypes.POINTER(_Site), ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64]
     lib.dgl_plan.restype = ctypes.c_int
     lib.resize_add.argtypes = [_F32P, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.POINTER(_ResizeSource), _I64]
     lib.resize_add.restype = None
@@ -199,7 +201,6 @@ class NativePlan:
             with torch.inference_mode(False):  # normal tensors: written under inference mode and under no_grad
                 values = torch.empty(batch, self.slots)
                 index = torch.empty(batch, self.slots, dtype=torch.int64)
-                pooled = torch.empty(batch, self.w1.shape[1])
                 buffers = [torch.empty(batch, sum(p.count for p in parts), parts[0].source.shape[1])
                            for parts in self.outputs]
             selections = (_Selection * len(self.selections))(
@@ -212,19 +213,28 @@ class NativePlan:
                          self.w1.shape[0], self.w2.shape[0], self.eps, selections, len(selections), self.slots,
                          _ptr(values), _ptr(index, _I64P), outputs, len(outputs))
             # the ctypes objects stay referenced here: the kernel reads them through raw pointers
-            state = (ctypes.byref(site), pooled, _ptr(pooled), values, index, self.views(buffers, batch),
-                     (site, selections, parts, outputs))
+            state = (ctypes.byref(site), values, index, self.views(buffers, batch), (site, selections, parts, outputs))
             self._buffers[key] = state
         return state
 
     def __call__(self, x: Tensor, dims: tuple[int, ...] = (1,)) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
         """The plan for ``x``, pooled over ``dims`` (tokens (B, N, C): ``(1,)``; maps (B, C, H, W): ``(2, 3)``).
+        The kernel pools ``x`` itself, in place.
 
         Returns (``views`` of the gathered tensors, gate values, index), values and index (B, slots)."""
+        if dims not in ((1,), (2, 3)) or x.dim() != 1 + len(dims) + 1:
+            raise ValueError(f"NativePlan pools tokens (B, N, C) over (1,) or maps (B, C, H, W) over (2, 3); got "
+                             f"{tuple(x.shape)} over {dims}")
         B = x.shape[0]
-        site_ref, pooled, pooled_ptr, values, index, views, _ = self._state(B)
-        torch.sum(x, dim=dims, out=pooled)
-        if library().dgl_plan(site_ref, pooled_ptr, B, math.prod(x.shape[d] for d in dims)):
+        site_ref, values, index, views, _ = self._state(B)
+        if dims == (2, 3):  # maps (B, C, H, W): their H·W tokens at one stride (NCHW and channels-last both)
+            H, W = x.shape[2:]
+            if W > 1 and H > 1 and x.stride(2) != W * x.stride(3):
+                x = x.contiguous()
+            tokens, token_stride, channel_stride = H * W, x.stride(3) if W > 1 else x.stride(2), x.stride(1)
+        else:  # tokens (B, N, C)
+            tokens, token_stride, channel_stride = x.shape[1], x.stride(1), x.stride(2)
+        if library().dgl_plan(site_ref, x.data_ptr(), B, tokens, x.stride(0), token_stride, channel_stride):
             raise MemoryError("DGL native plan: out of memory")
         return views, values, index
 

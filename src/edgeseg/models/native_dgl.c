@@ -6,7 +6,7 @@
  * runs in one loop nest. Built on first use by edgeseg/models/native.py; without a C compiler PyTorch plans.
  *
  * Semantics (must match dynamic.py's FoldedGate and top_r):
- *   x_hat = LN(pooled_sum / tokens)  (no affine, biased variance, eps)
+ *   x_hat = LN(mean of the input's tokens)  (no affine, biased variance, eps; pooled here, not by the caller)
  *   G     = W2 relu(W1 x_hat + b1) + b2                          (n gate logits per image)
  *   each selection takes `groups` slices of `per_group` logits from G[start:]; per slice the `keep` largest with
  *   their values, then the next `width - keep` with value 0 (padding slots). Slots are numbered selection by
@@ -20,6 +20,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
+
+#include "native_dispatch.h"
 
 typedef struct {
     int64_t start, groups, per_group, keep, width;
@@ -82,7 +85,34 @@ static void select_top(const float *v, int32_t *idx, int64_t lo, int64_t hi, int
     }
 }
 
-static void gate_logits(const dgl_site *s, const float *pooled_sum, int64_t tokens, float *x, float *h, float *g) {
+/* Per-channel sums of one image's tokens, element (n, c) at x[n * sn + c * sc]. Float partial sums over runs of
+ * TOKEN_RUN tokens (vectorised over channels when they are contiguous) are added in double: the sum of 16384 tokens
+ * keeps float32's precision, as torch.sum's cascade does. */
+#define TOKEN_RUN 32
+DISPATCHED
+static void token_sums(const float *x, int64_t tokens, int64_t sn, int64_t sc, int64_t C, double *sum, float *run) {
+    for (int64_t c = 0; c < C; c++) sum[c] = 0.0;
+    for (int64_t n0 = 0; n0 < tokens; n0 += TOKEN_RUN) {
+        const int64_t n1 = n0 + TOKEN_RUN < tokens ? n0 + TOKEN_RUN : tokens;
+        if (sc == 1) {
+            for (int64_t c = 0; c < C; c++) run[c] = 0.0f;
+            for (int64_t n = n0; n < n1; n++) {
+                const float *row = x + n * sn;
+                for (int64_t c = 0; c < C; c++) run[c] += row[c];
+            }
+            for (int64_t c = 0; c < C; c++) sum[c] += run[c];
+        } else {
+            for (int64_t c = 0; c < C; c++) {
+                const float *col = x + c * sc;
+                float acc = 0.0f;
+                for (int64_t n = n0; n < n1; n++) acc += col[n * sn];
+                sum[c] += acc;
+            }
+        }
+    }
+}
+
+static void gate_logits(const dgl_site *s, const double *pooled_sum, int64_t tokens, float *x, float *h, float *g) {
     const int64_t C = s->channels, H = s->hidden;
     double mean = 0.0, var = 0.0;
     for (int64_t c = 0; c < C; c++) mean += pooled_sum[c];
@@ -107,19 +137,24 @@ static void gate_logits(const dgl_site *s, const float *pooled_sum, int64_t toke
     }
 }
 
-int dgl_plan(const dgl_site *s, const float *pooled_sum, int64_t batch, int64_t tokens) {
-    float *buf = malloc(sizeof(float) * (size_t)(s->channels + s->hidden + s->n + s->slots));
+/* The site's plan for a batch of inputs: image b's token (n) channel (c) at x[b * sb + n * sn + c * sc]. */
+int dgl_plan(const dgl_site *s, const float *input, int64_t batch, int64_t tokens, int64_t sb, int64_t sn,
+             int64_t sc) {
+    double *pooled_sum = malloc(sizeof(double) * (size_t)s->channels);
+    float *buf = malloc(sizeof(float) * (size_t)(2 * s->channels + s->hidden + s->n + s->slots));
     int32_t *order = malloc(sizeof(int32_t) * (size_t)s->n);
     unsigned char *mark = malloc((size_t)s->n);
-    if (!buf || !order || !mark) {
+    if (!pooled_sum || !buf || !order || !mark) {
+        free(pooled_sum);
         free(buf);
         free(order);
         free(mark);
         return 1;
     }
-    float *x = buf, *h = x + s->channels, *g = h + s->hidden, *support = g + s->n;
+    float *x = buf, *h = x + s->channels, *g = h + s->hidden, *support = g + s->n, *run = support + s->slots;
     for (int64_t b = 0; b < batch; b++) {
-        gate_logits(s, pooled_sum + b * s->channels, tokens, x, h, g);
+        token_sums(input + b * sb, tokens, sn, sc, s->channels, pooled_sum, run);
+        gate_logits(s, pooled_sum, tokens, x, h, g);
         float *values = s->values + b * s->slots;
         int64_t *index = s->index + b * s->slots;
         int64_t slot = 0;
@@ -155,7 +190,7 @@ int dgl_plan(const dgl_site *s, const float *pooled_sum, int64_t batch, int64_t 
                 for (int64_t j = part->first; j < part->first + part->count; j++, dst += row) {
                     const float *src = part->src + (index[j] - part->offset) * row;
                     if (part->scale == 0) {
-                        for (int64_t c = 0; c < row; c++) dst[c] = src[c];
+                        memcpy(dst, src, sizeof(float) * (size_t)row);
                     } else {
                         const float m = part->scale == 1 ? values[j] : support[j];
                         for (int64_t c = 0; c < row; c++) dst[c] = src[c] * m;
@@ -164,6 +199,7 @@ int dgl_plan(const dgl_site *s, const float *pooled_sum, int64_t batch, int64_t 
             }
         }
     }
+    free(pooled_sum);
     free(buf);
     free(order);
     free(mark);

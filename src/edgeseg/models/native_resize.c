@@ -12,6 +12,8 @@
  */
 #include <stdint.h>
 
+#include "native_dispatch.h"
+
 typedef float v8f __attribute__((vector_size(32)));
 
 typedef struct {
@@ -29,13 +31,8 @@ static void taps(int64_t dst, int64_t in, int64_t out, int64_t *i0, int64_t *i1,
     *w0 = 1.0f - *w1;
 }
 
-/* One output pixel: o[0..C) += w00 a + w01 b + w10 c + w11 d, eight channels at a time, then the rest. Built twice
- * where the toolchain can dispatch at load time (x86-64, glibc's ifunc): the CPU then runs the AVX2 build if it has
- * AVX2, the baseline one otherwise. */
-#if defined(__x86_64__) && defined(__GLIBC__) && \
-    (defined(__clang__) ? __clang_major__ >= 14 : defined(__GNUC__) && __GNUC__ >= 6)
-__attribute__((target_clones("avx2", "default")))
-#endif
+/* One output pixel: o[0..C) += w00 a + w01 b + w10 c + w11 d, eight channels at a time, then the rest. */
+DISPATCHED
 static void blend(float *o, const float *a, const float *b, const float *c, const float *d, int64_t C,
                   float w00, float w01, float w10, float w11) {
     int64_t k = 0;
