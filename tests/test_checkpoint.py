@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import edgeseg
-from edgeseg.checkpoint import read_checkpoint, unwrap_state_dict
+from edgeseg.checkpoint import read_checkpoint, set_labels, unwrap_state_dict
 
 TOPFORMER = "topformer-tiny_ade20k-150_1x3x512x512_seed0"
 SEGFORMER = "segformer-b0_nvlabs_ade20k-150_1x3x512x512_seed0"
@@ -69,6 +69,24 @@ def test_edgeseg_checkpoint_round_trip(tmp_path: Path, name: str):
     x = torch.randn(1, 3, 64, 96)
     with torch.inference_mode():
         assert torch.equal(model(x), again(x))
+
+
+def test_class_names_and_palette_travel_with_the_model(tmp_path: Path):
+    model = set_labels(edgeseg.create_model("topformer-tiny", num_classes=3), ["sky", "road", "car"],
+                       [[0, 0, 255], (128, 64, 128), [0, 0, 142]])
+    again = edgeseg.load_model(edgeseg.save_checkpoint(tmp_path / "m.pth", model))
+    assert again.class_names == ["sky", "road", "car"]
+    assert again.palette == [(0, 0, 255), (128, 64, 128), (0, 0, 142)]
+    # mmseg 0.x (official releases: meta.CLASSES / meta.PALETTE) and 1.x (meta.dataset_meta) files
+    weights = model.state_dict()
+    for meta in ({"CLASSES": ("a", "b", "c"), "PALETTE": [[1, 2, 3], [4, 5, 6], [7, 8, 9]]},
+                 {"dataset_meta": {"classes": ("a", "b", "c"), "palette": [[1, 2, 3], [4, 5, 6], [7, 8, 9]]}}):
+        torch.save({"meta": meta, "state_dict": weights}, tmp_path / "mmseg.pth")
+        loaded = edgeseg.load_model(tmp_path / "mmseg.pth")
+        assert loaded.class_names == ["a", "b", "c"] and loaded.palette == [(1, 2, 3), (4, 5, 6), (7, 8, 9)]
+    # labels that do not fit the class count are not attached
+    torch.save({"meta": {"CLASSES": ("a", "b")}, "state_dict": weights}, tmp_path / "wrong.pth")
+    assert getattr(edgeseg.load_model(tmp_path / "wrong.pth"), "class_names", None) is None
 
 
 def test_imagenet_backbone_into_segmentation_model(tmp_path: Path):

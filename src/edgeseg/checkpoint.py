@@ -171,11 +171,34 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
     return report
 
 
+def set_labels(model: nn.Module, class_names: Any = None, palette: Any = None) -> nn.Module:
+    """Attach class names and an RGB palette to ``model`` (``model.class_names``, ``model.palette``), each only if
+    it has one entry per output class: they travel with it into checkpoints, Hugging Face folders and predictions, so
+    a model trained on a custom dataset labels and colours its outputs as that dataset does."""
+    k = getattr(model, "num_classes", None)
+    if class_names is not None and len(class_names) == k:
+        model.class_names = [str(c) for c in class_names]
+    if palette is not None and len(palette) == k and all(len(c) == 3 for c in palette):
+        model.palette = [tuple(int(v) for v in c) for c in palette]
+    return model
+
+
+def checkpoint_labels(ckpt: dict[str, Any]) -> tuple[Any, Any]:
+    """The class names and palette a checkpoint carries, or None: edgeseg's ``class_names``/``palette``, mmseg 0.x's
+    ``meta.CLASSES``/``meta.PALETTE`` (official releases), mmseg 1.x's ``meta.dataset_meta``."""
+    meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
+    dataset_meta = meta.get("dataset_meta") if isinstance(meta.get("dataset_meta"), dict) else {}
+    names = ckpt.get("class_names") or meta.get("CLASSES") or dataset_meta.get("classes")
+    palette = ckpt.get("palette") or meta.get("PALETTE") or dataset_meta.get("palette")
+    return names, palette
+
+
 def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     """Build the right model for any supported checkpoint and load it strictly.
 
     edgeseg checkpoints name their architecture; for official and Hugging Face files the variant and class count are
-    read off the tensor shapes, so a user holding only an official ``.pth`` never guesses the architecture.
+    read off the tensor shapes, so a user holding only an official ``.pth`` never guesses the architecture. Class
+    names and palette come along where the file has them (:func:`checkpoint_labels`).
     """
     path = Path(path)
     if _is_hf_folder(path):
@@ -196,7 +219,7 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     args.update(overrides)
     model = create_model(name, **args)
     load_checkpoint(model, path, strict=True)
-    return model.eval()
+    return set_labels(model, *checkpoint_labels(ckpt)).eval()
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -223,7 +246,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, extra: dict[str, 
         "model_args": dict(model.model_args),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    if getattr(model, "class_names", None):
-        obj["class_names"] = list(model.class_names)
+    for key in ("class_names", "palette"):
+        if getattr(model, key, None):
+            obj[key] = [list(c) if isinstance(c, tuple) else c for c in getattr(model, key)]
     obj.update(extra or {})
     return atomic_save(obj, path)

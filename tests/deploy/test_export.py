@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import json
 from pathlib import Path
 
 import pytest
@@ -10,13 +11,14 @@ import torch
 from torch import nn
 
 from edgeseg import create_model, load_model
+from edgeseg.checkpoint import set_labels
 from edgeseg.cli import main
 from edgeseg.deploy import export as export_module
 from edgeseg.deploy.export import export_onnx
 from edgeseg.models import dynamic
 
 pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+onnxruntime = pytest.importorskip("onnxruntime")
 
 
 def test_official_topformer_exports_fused_and_matches(reference_dir, tmp_path):
@@ -41,9 +43,15 @@ def test_dynamic_models_export_their_gathered_path(tmp_path):
         # trained gates do not tie; fresh ones (G ≡ 1) would leave the choice to the runtime
         dynamic.random_gates_(model)
         # 128²: SegFormer decoders run in row bands there in eager mode, the export traces one whole pass
+        set_labels(model, list("abcde"), [(i, 2 * i, 3 * i) for i in range(5)])
         res = export_onnx(model.eval(), tmp_path / f"{model.model_name}.onnx", input_size=(128, 128))
         assert {"TopK", "Gather"} <= set(res.ops), model.model_name
         assert res.max_abs_diff <= 1e-4, model.model_name
+        # what a runtime needs beside the graph travels in it (the fused form kept the model's labels)
+        meta = onnxruntime.InferenceSession(str(res.path)).get_modelmeta().custom_metadata_map
+        assert json.loads(meta["class_names"]) == list("abcde") and json.loads(meta["palette"])[4] == [4, 8, 12]
+        assert meta["edgeseg_model"] == model.model_name and json.loads(meta["input_std_rgb"])[0] == 58.395
+        assert int(meta["logits_stride"]) == (4 if "segformer" in model.model_name else 8)
 
 
 def test_dynamo_exporter(reference_dir, tmp_path, capfd):

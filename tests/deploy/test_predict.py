@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import edgeseg
+from edgeseg.checkpoint import set_labels
 from edgeseg.cli import main
 from edgeseg.deploy.predict import Segmenter
 from edgeseg.engine.inference import whole_inference
@@ -34,6 +35,24 @@ def test_segmenter_matches_resize_then_model_then_resize_back(tmp_path):
 def test_ade20k_sized_model_gets_ade20k_names():
     seg = Segmenter(edgeseg.create_model("topformer-tiny"))
     assert seg.class_names[0] == "wall" and len(seg.palette) == 150
+
+
+def test_the_models_own_labels_win_over_a_dataset_guess():
+    names = [f"part_{i}" for i in range(150)]  # 150 classes, but not ADE20K's
+    model = set_labels(edgeseg.create_model("topformer-tiny"), names, [(i, i, i) for i in range(150)])
+    seg = Segmenter(model)
+    assert seg.class_names == names and seg.palette == [(i, i, i) for i in range(150)]
+    del model.palette  # its own names without a palette: not ADE20K's colours either
+    assert Segmenter(model).palette != Segmenter(edgeseg.create_model("topformer-tiny")).palette
+
+
+def test_predict_cli_colours_with_the_checkpoints_palette(tmp_path):
+    model = set_labels(edgeseg.create_model("topformer-tiny", num_classes=2), ["a", "b"], [(9, 8, 7), (6, 5, 4)])
+    ckpt = edgeseg.save_checkpoint(tmp_path / "m.pth", model)
+    img = tmp_path / "a.jpg"
+    Image.fromarray((np.random.default_rng(1).random((64, 80, 3)) * 255).astype(np.uint8)).save(img)
+    assert main(["predict", str(ckpt), str(img), "--out", str(tmp_path / "out"), "--scale", "128", "64"]) == 0
+    assert Image.open(tmp_path / "out" / "a.png").getpalette()[:6] == [9, 8, 7, 6, 5, 4]
 
 
 def test_predict_cli_writes_palette_pngs(tmp_path):

@@ -19,6 +19,7 @@ import yaml
 from edgeseg import create_model, save_checkpoint
 from edgeseg.cli import main
 from edgeseg.config import DistillCfg, load_config
+from edgeseg.data.classes import SCENES_CLASSES
 from edgeseg.engine.distill import (
     StudentFeatures,
     distill,
@@ -164,6 +165,7 @@ def test_tiny_distill_run_on_scenes(tmp_path, capsys, tiny_distill_recipe):
     assert saved["distill"]["lambda_gate"] == 1e-3 and saved["distill"]["teacher"] == str(tmp_path / "teacher.pth")
     ckpt = torch.load(work / "final.pth", map_location="cpu", weights_only=True)
     assert ckpt["model_name"] == "dynasegformer-b0" and ckpt["model_args"]["sparsity"] == 0.5
+    assert ckpt["class_names"] == list(SCENES_CLASSES)  # the training set's labels, for predict and HF export
     student = create_model(ckpt["model_name"], **ckpt["model_args"])
     student.load_state_dict(ckpt["state_dict"])  # strict: the student is a complete DynaSegFormer
     changed = [k for k, v in teacher.encoder.state_dict().items()

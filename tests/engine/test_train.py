@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from edgeseg.checkpoint import load_model
 from edgeseg.config import load_config
+from edgeseg.data.classes import SCENES_CLASSES, SCENES_PALETTE
 from edgeseg.engine.train import InfiniteBatchSampler, train
 
 
@@ -48,6 +49,7 @@ def test_train_writes_artefacts_and_resumes_exactly(tmp_path):
     assert load_config(first / "config.yaml") == cfg
     rebuilt = load_model(first / "latest.pth")
     assert rebuilt.num_classes == 8
+    assert rebuilt.class_names == list(SCENES_CLASSES) and rebuilt.palette == list(SCENES_PALETTE)
     final = torch.load(first / "latest.pth", map_location="cpu", weights_only=True)["state_dict"]
 
     # "crash" after iteration 2: a fresh work dir holding only that checkpoint as latest.pth, resume=auto

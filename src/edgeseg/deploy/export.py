@@ -18,6 +18,7 @@ their gathered inference path (TopK + Gather), so the per-image pruning is kept 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import tempfile
@@ -98,6 +99,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
             else:
                 torch.onnx.export(model, (x,), tmp, dynamo=False, opset_version=opset, input_names=["image"],
                                   output_names=["logits"])
+        stride = -(-input_size[0] // reference.shape[2])
+        _write_metadata(onnx, tmp, {**model_metadata(model), "logits_stride": str(stride)})
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -115,6 +118,31 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
         result.max_abs_diff = float(abs(out - reference.numpy()).max())
         result.argmax_agreement = float((out.argmax(1) == reference.numpy().argmax(1)).mean())
     return result
+
+
+def model_metadata(model: nn.Module) -> dict[str, str]:
+    """What a runtime needs beside the graph, as ONNX ``metadata_props`` (onnxruntime:
+    ``session.get_modelmeta().custom_metadata_map``): the model's name, the input normalisation the graph expects
+    (RGB, 0–255, ``(x − mean) / std``), what the logits are, and the class names and palette when the model has
+    them (``export_onnx`` adds ``logits_stride``)."""
+    from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    meta = {"edgeseg_model": str(getattr(model, "model_name", type(model).__name__)),
+            "input_mean_rgb": json.dumps(list(IMAGENET_MEAN)), "input_std_rgb": json.dumps(list(IMAGENET_STD)),
+            "logits": "(batch, classes, ceil(H/logits_stride), ceil(W/logits_stride)): upsample bilinearly "
+                      "(align_corners=False) to (H, W), then argmax over classes"}
+    if getattr(model, "class_names", None):
+        meta["class_names"] = json.dumps(list(model.class_names))
+    if getattr(model, "palette", None):
+        meta["palette"] = json.dumps([list(c) for c in model.palette])
+    return meta
+
+
+def _write_metadata(onnx, path: str, meta: dict[str, str]) -> None:
+    graph = onnx.load(path)
+    for key, value in meta.items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.save(graph, path)
 
 
 def _export_dynamo(model: nn.Module, x: torch.Tensor, path: str, opset: int) -> None:
@@ -137,4 +165,4 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-__all__ = ["EXPORTERS", "ExportResult", "export_onnx"]
+__all__ = ["EXPORTERS", "ExportResult", "export_onnx", "model_metadata"]

@@ -49,7 +49,8 @@ class Segmenter:
         model: any edgeseg segmentation model (eval mode is set here).
         scale: ``(long, short)`` keep-ratio bound of the test resize (ADE20K recipes: ``(2048, 512)``).
         size_divisor: round the resized image up to a multiple of this (SegFormer's ADE20K pipeline: 32).
-        class_names, palette: for reports and colour maps; default to the dataset with the model's class count.
+        class_names, palette: for reports and colour maps; default to the model's own (``model.class_names``,
+            ``model.palette``: from its checkpoint or training set), else to the dataset with its class count.
     """
 
     def __init__(self, model: nn.Module, scale: Sequence[int] = (2048, 512), size_divisor: int | None = None,
@@ -58,11 +59,14 @@ class Segmenter:
         self.model = model.eval()
         self.transform = TestTransform(tuple(scale), size_divisor)
         num_classes = model.num_classes
+        names = class_names or getattr(model, "class_names", None)
         dataset = _dataset_for(num_classes)
-        names = class_names or getattr(model, "class_names", None) or (CLASSES[dataset] if dataset else None)
+        if dataset is not None and names is not None and list(names) != list(CLASSES[dataset]):
+            dataset = None  # the model's own classes: another dataset's colours would mislead
+        names = names or (CLASSES[dataset] if dataset else None)
         self.class_names = list(names) if names else [f"class_{i}" for i in range(num_classes)]
-        self.palette = [tuple(c) for c in (palette or (PALETTES[dataset] if dataset else
-                                                       default_palette(num_classes)))]
+        palette = palette or getattr(model, "palette", None) or (PALETTES[dataset] if dataset else None)
+        self.palette = [tuple(c) for c in (palette or default_palette(num_classes))]
 
     @torch.inference_mode()
     def probabilities(self, image: ImageLike) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, set_labels
 from ..config import Config
 from ..data import SegDataset, TrainTransform, build_dataset, collate
 from ..models import create_model
@@ -369,7 +369,7 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
     # Identical initial weights on every rank (DDP also broadcasts rank 0's); then per-rank streams for dropout.
     seed_everything(cfg.train.seed)
     train_set = build_train_set(cfg)
-    model = build_model(cfg, train_set.num_classes, log)
+    model = set_labels(build_model(cfg, train_set.num_classes, log), train_set.classes, train_set.palette)
     ignore_index = train_set.ignore_index
     model = sync_batchnorm(model, cfg, info).to(info.device)
     optimizer = build_optimizer(model, cfg.optim)
