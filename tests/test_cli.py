@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from edgeseg import create_model, save_checkpoint
 from edgeseg.cli import main
 
 
@@ -39,6 +40,16 @@ def test_info_sparsity_compares_only_figures_published_for_it(capsys):
     assert main(["info", "topformer-tiny", "--sparsity", "0.3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)  # a dynamic extractor: TopFormer's figures are the dense model's
     assert out["paper"] is None and out["params"] > 1_389_654 and out["gmacs"] < 0.58
+
+
+def test_info_reads_the_architecture_of_a_checkpoint(tmp_path, capsys):
+    path = save_checkpoint(tmp_path / "m.pth", create_model("dynasegformer-b0", num_classes=3, sparsity=0.5))
+    assert main(["info", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "dynasegformer-b0" and out["num_classes"] == 3 and out["sparsity"] == 0.5
+    assert main(["info", "dynasegformer-b0", "--num-classes", "3", "--sparsity", "0.5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["gmacs"] == out["gmacs"]
+    assert main(["info", str(tmp_path / "missing.pth")]) == 2 and "missing.pth" in capsys.readouterr().err
 
 
 def test_info_builder_arguments_change_the_architecture_and_drop_the_paper(capsys):

@@ -25,11 +25,15 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+def _is_checkpoint(arg: str) -> bool:
+    return arg.endswith((".pth", ".pt", ".bin", ".safetensors")) or Path(arg).is_dir()
+
+
 def _build(args: argparse.Namespace):
     from .checkpoint import load_model
     from .models import create_model
 
-    if args.model.endswith((".pth", ".pt", ".bin", ".safetensors")) or Path(args.model).is_dir():
+    if _is_checkpoint(args.model):
         return load_model(args.model, **_model_kwargs(args))
     return create_model(args.model, **_model_kwargs(args))
 
@@ -73,11 +77,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .models import PAPER, list_models
 
     size = tuple(args.size) if args.size else None
-    names = [args.model] if args.model else list_models()
+    kwargs = _model_kwargs(args)
+    if args.model and _is_checkpoint(args.model):  # the architecture the file holds (its weights are not needed)
+        model = _build(args)
+        names, kwargs = [model.model_name], {**model.model_args, **kwargs}
+    else:
+        names = [args.model] if args.model else list_models()
     rows = []
     for name in names:
         paper_size = tuple(PAPER.get(name, {}).get("input_size") or (512, 512))
-        rows.append(_info_row(name, size or paper_size, _model_kwargs(args)))
+        rows.append(_info_row(name, size or paper_size, kwargs))
     if args.json:
         out = rows[0] if args.model else rows
         if args.model:
@@ -279,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="params, GMACs and the paper's figures of one or all models")
-    p.add_argument("model", nargs="?", help="model name (omit for the table of all models)")
+    p.add_argument("model", nargs="?", help="model name or checkpoint path (omit for the table of all models)")
     p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), help="input size (default: the paper's)")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--sparsity", type=float, help="dynamic models: fraction of gated neurons pruned")
