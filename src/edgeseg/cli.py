@@ -363,6 +363,9 @@ def _explain(err: Exception, args: argparse.Namespace) -> str:
     """The one-line message of a user error; errors PyTorch raises from deep inside whose fix is in the recipe get
     that fix."""
     message = str(err)
+    if message.startswith("Caught ") and "\nOriginal Traceback" in message:
+        # raised in a DataLoader worker: PyTorch re-raises it with the worker's traceback; the error is its last line
+        message = message.rstrip().splitlines()[-1].partition(": ")[2] or message.splitlines()[0]
     if message.startswith("Expected more than 1 value per channel when training"):
         # TopFormer's extractor runs BatchNorm on ⌈H/64⌉ × ⌈W/64⌉ tokens: one image of ≤ 64×64 is one value.
         shape = message.rpartition("input size ")[2]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,11 @@ from edgeseg.data import (
     SegDataset,
     build_dataset,
     collate,
+    read_image,
     read_label,
     reduce_zero_label,
 )
+from edgeseg.cli import _explain
 
 from data_fakes import EXPECTED, H, W, label_values
 
@@ -124,6 +127,33 @@ def test_rgb_label_is_rejected_with_the_path(tmp_path):
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(path)
     with pytest.raises(ValueError, match="colour.png"):
         read_label(path)
+
+
+@pytest.mark.parametrize("damage", ["not an image", "truncated"])
+def test_damaged_files_are_one_line_errors_naming_them(tmp_path, damage):
+    good = tmp_path / "good.png"
+    Image.fromarray(label_values(40, 40)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"hello" if damage == "not an image" else good.read_bytes()[:200])
+    for read in (read_image, read_label):
+        with pytest.raises(ValueError) as err:
+            read(bad)
+        assert str(bad) in str(err.value) and "\n" not in str(err.value) and "replace or remove" in str(err.value)
+    with pytest.raises(FileNotFoundError):  # a missing file stays a FileNotFoundError
+        read_image(tmp_path / "missing.png")
+
+
+def test_a_worker_error_reaches_the_command_line_as_its_one_line(tmp_path):
+    """PyTorch re-raises a DataLoader worker's error with the worker's traceback in its message; the CLI prints
+    the error's own line."""
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"hello")
+    loader = torch.utils.data.DataLoader([bad], num_workers=1, collate_fn=lambda paths: read_image(paths[0]))
+    with pytest.raises(ValueError) as err:
+        next(iter(loader))
+    assert "Original Traceback" in str(err.value)  # what torch raises
+    line = _explain(err.value, argparse.Namespace())
+    assert line.startswith(f"image {bad} could not be read") and "\n" not in line
 
 
 @pytest.mark.parametrize("name", ["ade20k", "cityscapes", "pascal_context", "coco_stuff164k", "folder"])

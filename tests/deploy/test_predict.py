@@ -83,11 +83,15 @@ def test_predict_cli_takes_a_folder(tmp_path, capsys):
     assert err.count("\n") == 1 and "holds no images" in err and str(tmp_path / "empty") in err
 
 
-def test_missing_image_is_one_line(tmp_path, capsys):
+def test_missing_or_damaged_image_is_one_line(tmp_path, capsys):
     model = edgeseg.create_model("topformer-tiny", num_classes=4)
     ckpt = edgeseg.save_checkpoint(tmp_path / "m.pth", model)
     assert main(["predict", str(ckpt), str(tmp_path / "nope.jpg"), "--out", str(tmp_path / "out")]) == 2
     assert "nope.jpg" in capsys.readouterr().err
+    (tmp_path / "text.jpg").write_text("not an image")
+    assert main(["predict", str(ckpt), str(tmp_path / "text.jpg"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "text.jpg could not be read" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.fixture

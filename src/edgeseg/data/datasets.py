@@ -16,7 +16,8 @@ maps 0 → 255 and every other value v → v − 1 (255 stays 255).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +33,32 @@ Transform = Callable[..., Any]
 
 
 # ------------------------------------------------------------------------------------------------ file reading
+@contextmanager
+def _opened(path: str | Path, what: str) -> Iterator[Image.Image]:
+    """``Image.open`` whose failures on a damaged or non-image file (Pillow's ``UnidentifiedImageError``, a
+    truncated file) are one-line ``ValueError``s naming the file: in a DataLoader worker, thousands of files deep
+    into a run, the traceback alone would not say which file to replace."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            yield im
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        reason = str(err).replace(f" '{path}'", "").strip() or type(err).__name__
+        raise ValueError(f"{what} {path} could not be read ({reason}): replace or remove the file") from err
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """``H×W×3`` uint8 RGB (grey, CMYK and palette images are converted; EXIF orientation is not applied, so the
     pixels stay aligned with label maps, which carry none)."""
-    with Image.open(path) as im:
+    with _opened(path, "image") as im:
         return np.array(im if im.mode == "RGB" else im.convert("RGB"))
 
 
 def read_label(path: str | Path) -> np.ndarray:
     """``H×W`` class indices: uint8 for 8-bit ("L"/"P") PNGs, int64 for 16/32-bit ones. Never converts to RGB."""
-    with Image.open(path) as im:
+    with _opened(path, "label") as im:
         if im.mode in ("L", "P"):
             return np.array(im, dtype=np.uint8)
         if im.mode == "1":
