@@ -21,7 +21,7 @@ def test_segmenter_matches_resize_then_model_then_resize_back(tmp_path):
     torch.manual_seed(0)
     model = edgeseg.create_model("topformer-tiny", num_classes=5).eval()
     rgb = (np.random.default_rng(0).random((70, 100, 3)) * 255).astype(np.uint8)
-    seg = Segmenter(model, scale=(200, 96))
+    seg = Segmenter(model, scale=(200, 96), fuse=False)
     labels = seg(rgb)
     assert labels.shape == (70, 100) and labels.dtype == np.uint8 and labels.max() < 5
     img, _, _ = seg.transform(rgb)
@@ -30,6 +30,17 @@ def test_segmenter_matches_resize_then_model_then_resize_back(tmp_path):
         expected = whole_inference(model, img[None], (70, 100)).argmax(1)[0].numpy()
     assert np.array_equal(labels, expected)
     assert seg.overlay(rgb, labels).shape == rgb.shape
+
+
+@pytest.mark.parametrize("name", ["topformer-tiny", "segformer-b0"])
+def test_segmenter_runs_the_fused_form_and_leaves_the_model_alone(name):
+    torch.manual_seed(0)
+    model = edgeseg.create_model(name, num_classes=5).eval()
+    rgb = (np.random.default_rng(0).random((70, 100, 3)) * 255).astype(np.uint8)
+    fused, eager = Segmenter(model, scale=(200, 96)), Segmenter(model, scale=(200, 96), fuse=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.model.modules())  # BN folded
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) and eager.model is model
+    assert torch.allclose(fused.probabilities(rgb), eager.probabilities(rgb), atol=1e-4)
 
 
 def test_ade20k_sized_model_gets_ade20k_names():

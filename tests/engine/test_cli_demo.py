@@ -41,6 +41,9 @@ def test_train_then_eval_cli(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"mIoU", "mAcc", "aAcc", "per_class", "num_images"} and out["num_images"] == 2
     assert set(out["per_class"]["disc"]) == {"IoU", "Acc"}
+    assert main(["eval", str(cfg), "--checkpoint", str(work / "latest.pth"), "--json", "--fuse"]) == 0
+    fused = json.loads(capsys.readouterr().out)  # the inference form: the same logits to ~1e-5, the same metrics
+    assert abs(fused["mIoU"] - out["mIoU"]) < 0.5 and fused["num_images"] == 2
     assert main(["eval", str(cfg), "--checkpoint", str(work / "latest.pth"), "--tta", "--set",
                  "eval.tta_ratios=[1.0]"]) == 0
     table = capsys.readouterr().out

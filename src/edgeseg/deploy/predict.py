@@ -51,12 +51,14 @@ class Segmenter:
         size_divisor: round the resized image up to a multiple of this (SegFormer's ADE20K pipeline: 32).
         class_names, palette: for reports and colour maps; default to the model's own (``model.class_names``,
             ``model.palette``: from its checkpoint or training set), else to the dataset with its class count.
+        fuse: run the model's inference form (``model.fuse()``: BN and SegFormer's decoder folded, DGL gates
+            folded; a copy, ``model`` itself is left as it is) — the same logits to ~1e-5, about twice as fast.
     """
 
     def __init__(self, model: nn.Module, scale: Sequence[int] = (2048, 512), size_divisor: int | None = None,
                  class_names: Sequence[str] | None = None,
-                 palette: Sequence[Sequence[int]] | None = None) -> None:
-        self.model = model.eval()
+                 palette: Sequence[Sequence[int]] | None = None, fuse: bool = True) -> None:
+        self.model = model.fuse().eval() if fuse and callable(getattr(model, "fuse", None)) else model.eval()
         self.transform = TestTransform(tuple(scale), size_divisor)
         num_classes = model.num_classes
         names = class_names or getattr(model, "class_names", None)
