@@ -9,7 +9,14 @@ from torch import nn
 from edgeseg.config import EvalCfg
 from edgeseg.data import ScenesDataset, TestTransform
 from edgeseg.engine.evaluate import evaluate, metrics_table
-from edgeseg.engine.inference import predict_probs, slide_inference, slide_windows, tta_probs, whole_inference
+from edgeseg.engine.inference import (
+    channel_softmax,
+    predict_probs,
+    slide_inference,
+    slide_windows,
+    tta_probs,
+    whole_inference,
+)
 from edgeseg.models import create_model
 
 
@@ -54,6 +61,16 @@ def test_slide_equals_whole_when_crop_covers_image():
         slide = slide_inference(model, img, (64, 96), (48, 48), (70, 100))
     assert whole.shape == (1, 4, 70, 100)
     torch.testing.assert_close(slide, whole, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_channel_softmax_is_softmax_over_classes_in_either_layout(layout):
+    logits = torch.randn(2, 7, 5, 6) * 4
+    if layout == "channels_last":
+        logits = logits.contiguous(memory_format=torch.channels_last)
+    probs = channel_softmax(logits)
+    assert probs.shape == logits.shape and probs.stride() == logits.stride()
+    assert torch.allclose(probs, torch.softmax(logits.contiguous(), dim=1), atol=1e-7)
 
 
 def test_tta_probabilities():

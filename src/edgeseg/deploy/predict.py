@@ -18,7 +18,7 @@ from torch import nn
 
 from ..data import CLASSES, PALETTES, TestTransform, read_image, save_label_png
 from ..data.classes import default_palette
-from ..engine.inference import predict_probs
+from ..engine.inference import predict_probs, whole_inference
 
 ImageLike = str | os.PathLike | np.ndarray | Image.Image
 
@@ -77,9 +77,17 @@ class Segmenter:
         img, _, _ = self.transform(rgb)
         return predict_probs(self.model, img[None], out_size=rgb.shape[:2])[0]
 
+    @torch.inference_mode()
+    def logits(self, image: ImageLike) -> torch.Tensor:
+        """Class logits (K, H, W) at the original image size (upsampled as mmseg does, :func:`whole_inference`)."""
+        rgb = _as_rgb_array(image)
+        img, _, _ = self.transform(rgb)
+        return whole_inference(self.model, img[None], out_size=rgb.shape[:2])[0]
+
     def __call__(self, image: ImageLike) -> np.ndarray:
-        """Class indices (H, W) as uint8 (int32 beyond 256 classes)."""
-        labels = self.probabilities(image).argmax(0).numpy()
+        """Class indices (H, W) as uint8 (int32 beyond 256 classes): the argmax of the logits (the softmax would not
+        change it, and costs more than the upsampling at 150 classes)."""
+        labels = self.logits(image).argmax(0).numpy()
         return labels.astype(np.uint8 if len(self.class_names) <= 256 else np.int32)
 
     def colorize(self, labels: np.ndarray) -> np.ndarray:
