@@ -214,7 +214,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          f"{cfg.data.dataset} has {dataset.num_classes}: pass the config of the checkpoint's dataset")
     if args.fuse:
         model = model.fuse()
-    result = evaluate(model, dataset, cfg.eval, workers=cfg.data.workers, progress=not args.json)
+    save = None
+    if args.out:
+        from .data import save_label_png
+
+        out, palette = Path(args.out), getattr(model, "palette", None) or dataset.palette
+        out.mkdir(parents=True, exist_ok=True)
+
+        def save(name: str, pred: Any, gt: Any) -> None:
+            save_label_png(pred.numpy(), out / f"{name}.png", palette)
+
+    result = evaluate(model, dataset, cfg.eval, workers=cfg.data.workers, progress=not args.json, callback=save)
     print(json.dumps(result, indent=2) if args.json else metrics_table(result))
     return 0
 
@@ -241,6 +251,7 @@ def _engine_parsers(sub: Any) -> None:
     p.add_argument("--mode", choices=["whole", "slide"], help="override eval.mode")
     p.add_argument("--tta", action="store_true", help="multi-scale (eval.tta_ratios) + flip test-time augmentation")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set data.root=/data/ade")
+    p.add_argument("--out", metavar="DIR", help="also write every prediction as a palette PNG of class indices")
     p.add_argument("--fuse", action="store_true", help="evaluate fuse()'s inference form (the same logits to ~1e-5, "
                                                         "faster) instead of the published computation")
     p.add_argument("--json", action="store_true", help="one JSON object: mIoU, mAcc, aAcc (%%), per_class, num_images")

@@ -10,6 +10,7 @@ from PIL import Image
 
 from edgeseg.cli import main
 from edgeseg.config import load_config
+from edgeseg.data.classes import SCENES_PALETTE
 from edgeseg.engine.demo import demo_config, run_demo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,9 +42,13 @@ def test_train_then_eval_cli(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"mIoU", "mAcc", "aAcc", "per_class", "num_images"} and out["num_images"] == 2
     assert set(out["per_class"]["disc"]) == {"IoU", "Acc"}
-    assert main(["eval", str(cfg), "--checkpoint", str(work / "latest.pth"), "--json", "--fuse"]) == 0
+    assert main(["eval", str(cfg), "--checkpoint", str(work / "latest.pth"), "--json", "--fuse", "--out",
+                 str(tmp_path / "preds")]) == 0
     fused = json.loads(capsys.readouterr().out)  # the inference form: the same logits to ~1e-5, the same metrics
     assert abs(fused["mIoU"] - out["mIoU"]) < 0.5 and fused["num_images"] == 2
+    written = sorted((tmp_path / "preds").glob("*.png"))  # --out: every prediction as a palette PNG
+    assert len(written) == 2 and Image.open(written[0]).mode == "P" and Image.open(written[0]).size == (64, 64)
+    assert Image.open(written[0]).getpalette()[:3] == list(SCENES_PALETTE[0])
     assert main(["eval", str(cfg), "--checkpoint", str(work / "latest.pth"), "--tta", "--set",
                  "eval.tta_ratios=[1.0]"]) == 0
     table = capsys.readouterr().out
