@@ -37,6 +37,11 @@ def _as_rgb_array(image: ImageLike) -> np.ndarray:
     return arr
 
 
+def _normalised(names: Sequence[str]) -> list[str]:
+    """Class names compared loosely: label files differ in case and stray spaces (mmseg's ADE20K has "bed ")."""
+    return [str(n).strip().lower() for n in names]
+
+
 def _dataset_for(num_classes: int) -> str | None:
     matches = [name for name, names in CLASSES.items() if len(names) == num_classes]
     return matches[0] if matches else None
@@ -63,7 +68,7 @@ class Segmenter:
         num_classes = model.num_classes
         names = class_names or getattr(model, "class_names", None)
         dataset = _dataset_for(num_classes)
-        if dataset is not None and names is not None and list(names) != list(CLASSES[dataset]):
+        if dataset is not None and names is not None and _normalised(names) != _normalised(CLASSES[dataset]):
             dataset = None  # the model's own classes: another dataset's colours would mislead
         names = names or (CLASSES[dataset] if dataset else None)
         self.class_names = list(names) if names else [f"class_{i}" for i in range(num_classes)]
