@@ -97,9 +97,9 @@ def channel_softmax(logits: Tensor) -> Tensor:
     """``logits.softmax(dim=1)``, computed along memory where the class axis is the innermost one.
 
     SegFormer (eager and fused) and fused TopFormer return channels-last logits, and the bilinear upsampling keeps
-    that layout; PyTorch's softmax over
-    dim 1 of such a map takes a strided path ~4.7× slower than the same softmax over the last axis of its
-    (B, H, W, K) view (540 vs 117 ms for 150 classes at 512×683 on 2 threads) — at every evaluated image.
+    that layout; PyTorch's softmax over dim 1 of such a map takes a strided path ~4.7× slower than the same softmax
+    over the last axis of its (B, H, W, K) view (540 vs 117 ms for 150 classes at 512×683 on 2 threads,
+    benchmarks/predict_pipeline.py) — at every evaluated image.
     """
     if logits.dim() == 4 and logits.stride(1) == 1 and logits.shape[1] > 1:
         return logits.permute(0, 2, 3, 1).softmax(dim=-1).permute(0, 3, 1, 2)
