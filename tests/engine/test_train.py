@@ -34,6 +34,23 @@ def _losses(work_dir: Path) -> dict[int, float]:
     return {r["iter"]: r["loss"] for r in rows if r["mode"] == "train"}
 
 
+def _assert_tensorboard_scalars_match(work_dir: Path, rows: list[dict]) -> None:
+    """With the [tensorboard] extra (in [dev], so in CI), the run's scalars are in ``tb/`` as in ``log.jsonl``."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the [tensorboard] extra is not installed in CI")
+        return
+    events = EventAccumulator(str(work_dir / "tb"))
+    events.Reload()
+    for mode, field in (("train", "loss"), ("val", "mIoU")):
+        logged = [(r["iter"], r[field]) for r in rows if r["mode"] == mode]
+        scalars = [(e.step, e.value) for e in events.Scalars(f"{mode}/{field}")]
+        assert [s for s, _ in scalars] == [i for i, _ in logged]
+        assert all(abs(v - w) <= 1e-5 * max(1.0, abs(w)) for (_, v), (_, w) in zip(scalars, logged))
+
+
 def test_train_writes_artefacts_and_resumes_exactly(tmp_path):
     cfg = tiny_cfg()
     first = tmp_path / "uninterrupted"
@@ -44,6 +61,7 @@ def test_train_writes_artefacts_and_resumes_exactly(tmp_path):
     assert [r["iter"] for r in rows if r["mode"] == "train"] == [1, 2, 3, 4]
     assert [r["iter"] for r in rows if r["mode"] == "val"] == [2, 4]
     assert out["best_mIoU"] == max(r["mIoU"] for r in rows if r["mode"] == "val")
+    _assert_tensorboard_scalars_match(first, rows)
     ckpt = torch.load(first / "iter_2.pth", map_location="cpu", weights_only=True)
     assert ckpt["format"] == "edgeseg" and ckpt["iteration"] == 2 and "optimizer" in ckpt and len(ckpt["rng"]) == 1
     assert load_config(first / "config.yaml") == cfg
