@@ -43,6 +43,18 @@ def test_segmenter_runs_the_fused_form_and_leaves_the_model_alone(name):
     assert torch.allclose(fused.probabilities(rgb), eager.probabilities(rgb), atol=1e-4)
 
 
+def test_photos_are_segmented_upright_as_viewers_show_them(tmp_path):
+    """A camera JPEG stored landscape with EXIF orientation 6 (rotate 90°) is shown portrait: its labels and overlay
+    are portrait too."""
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray((np.random.default_rng(2).random((40, 64, 3)) * 255).astype(np.uint8)).save(path, exif=exif)
+    seg = Segmenter(edgeseg.create_model("topformer-tiny", num_classes=3), scale=(128, 64))
+    labels = seg(path)
+    assert labels.shape == (64, 40) and seg.overlay(path, labels).shape == (64, 40, 3)
+
+
 def test_ade20k_sized_model_gets_ade20k_names():
     seg = Segmenter(edgeseg.create_model("topformer-tiny"))
     assert seg.class_names[0] == "wall" and len(seg.palette) == 150

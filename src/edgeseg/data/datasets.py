@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from .classes import CLASSES, PALETTES, default_palette
@@ -49,10 +49,13 @@ def _opened(path: str | Path, what: str) -> Iterator[Image.Image]:
         raise ValueError(f"{what} {path} could not be read ({reason}): replace or remove the file") from err
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """``H×W×3`` uint8 RGB (grey, CMYK and palette images are converted; EXIF orientation is not applied, so the
-    pixels stay aligned with label maps, which carry none)."""
+def read_image(path: str | Path, exif_orientation: bool = False) -> np.ndarray:
+    """``H×W×3`` uint8 RGB (grey, CMYK and palette images are converted). A dataset reads its images as stored, so
+    the pixels stay aligned with the label maps, which carry no EXIF; ``exif_orientation=True`` (prediction on
+    photos) turns them upright as viewers show them, as mmseg's OpenCV-based loading does."""
     with _opened(path, "image") as im:
+        if exif_orientation:
+            im = ImageOps.exif_transpose(im)
         return np.array(im if im.mode == "RGB" else im.convert("RGB"))
 
 

@@ -28,7 +28,7 @@ def _as_rgb_array(image: ImageLike) -> np.ndarray:
         path = Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"image '{path}' does not exist")
-        return read_image(path)
+        return read_image(path, exif_orientation=True)
     if isinstance(image, Image.Image):
         return np.array(image.convert("RGB"))
     arr = np.asarray(image)
