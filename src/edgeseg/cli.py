@@ -29,6 +29,21 @@ def _is_checkpoint(arg: str) -> bool:
     return arg.endswith((".pth", ".pt", ".bin", ".safetensors")) or Path(arg).is_dir()
 
 
+def _device(name: str):
+    """``--device``: ``auto`` is the GPU where there is one, else the CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r}: not a device (e.g. cpu, cuda, cuda:1)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
 def _build(args: argparse.Namespace):
     from .checkpoint import load_model
     from .models import create_model
@@ -38,6 +53,7 @@ def _build(args: argparse.Namespace):
     return create_model(args.model, **_model_kwargs(args))
 
 
+DEVICE_HELP = "where the model runs: auto (the GPU where there is one, else the CPU), cpu, cuda, cuda:N"
 ARG_HELP = "builder argument, repeatable (value read as YAML), e.g. --arg head_depthwise=false or --arg decoder=mmseg"
 
 
@@ -165,7 +181,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .data import save_label_png
     from .deploy.predict import Segmenter, expand_inputs, is_video, segment_video
 
-    segmenter = Segmenter(_build(args), scale=args.scale, size_divisor=args.size_divisor, fuse=not args.no_fuse)
+    segmenter = Segmenter(_build(args).to(_device(args.device)), scale=args.scale, size_divisor=args.size_divisor,
+                          fuse=not args.no_fuse)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for image in expand_inputs(args.images):
@@ -212,6 +229,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if model.num_classes != dataset.num_classes:
         raise ValueError(f"checkpoint '{args.checkpoint}' predicts {model.num_classes} classes but "
                          f"{cfg.data.dataset} has {dataset.num_classes}: pass the config of the checkpoint's dataset")
+    model = model.to(_device(args.device))
     if args.fuse:
         model = model.fuse()
     save = None
@@ -252,6 +270,7 @@ def _engine_parsers(sub: Any) -> None:
     p.add_argument("--tta", action="store_true", help="multi-scale (eval.tta_ratios) + flip test-time augmentation")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set data.root=/data/ade")
     p.add_argument("--out", metavar="DIR", help="also write every prediction as a palette PNG of class indices")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--fuse", action="store_true", help="evaluate fuse()'s inference form (the same logits to ~1e-5, "
                                                         "faster) instead of the published computation")
     p.add_argument("--json", action="store_true", help="one JSON object: mIoU, mAcc, aAcc (%%), per_class, num_images")
@@ -356,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size-divisor", type=int, help="round the resized image up to a multiple (SegFormer: 32)")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--no-fuse", action="store_true", help="run the eager model instead of fuse()'s inference form")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_predict, sparsity=None)
 
     _engine_parsers(sub)

@@ -82,6 +82,22 @@ def test_predict_cli_colours_with_the_checkpoints_palette(tmp_path):
     assert Image.open(tmp_path / "out" / "a.png").getpalette()[:6] == [9, 8, 7, 6, 5, 4]
 
 
+def test_predict_and_eval_take_a_device(tmp_path, capsys):
+    ckpt = edgeseg.save_checkpoint(tmp_path / "m.pth", edgeseg.create_model("topformer-tiny", num_classes=4))
+    img = tmp_path / "a.jpg"
+    Image.fromarray((np.random.default_rng(1).random((64, 80, 3)) * 255).astype(np.uint8)).save(img)
+    out = ["--out", str(tmp_path / "out"), "--scale", "128", "64"]
+    assert main(["predict", str(ckpt), str(img), *out, "--device", "cpu"]) == 0
+    assert (tmp_path / "out" / "a.png").is_file()
+    capsys.readouterr()
+    for device, message in (("banana", "not a device"), ("cuda:0", "CUDA is not available")):
+        if device.startswith("cuda") and torch.cuda.is_available():
+            continue
+        assert main(["predict", str(ckpt), str(img), *out, "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+
+
 def test_predict_cli_writes_palette_pngs(tmp_path):
     model = edgeseg.create_model("topformer-tiny", num_classes=4)
     ckpt = edgeseg.save_checkpoint(tmp_path / "m.pth", model)

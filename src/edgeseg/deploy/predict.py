@@ -75,24 +75,35 @@ class Segmenter:
         palette = palette or getattr(model, "palette", None) or (PALETTES[dataset] if dataset else None)
         self.palette = [tuple(c) for c in (palette or default_palette(num_classes))]
 
-    @torch.inference_mode()
-    def probabilities(self, image: ImageLike) -> torch.Tensor:
-        """Class probabilities (K, H, W) at the original image size."""
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs (move it with ``segmenter.model.to(...)``); images go there, results come back."""
+        return next(self.model.parameters()).device
+
+    def _network_input(self, image: ImageLike) -> tuple[torch.Tensor, tuple[int, int]]:
         rgb = _as_rgb_array(image)
         img, _, _ = self.transform(rgb)
-        return predict_probs(self.model, img[None], out_size=rgb.shape[:2])[0]
+        return img[None].to(self.device), rgb.shape[:2]
+
+    @torch.inference_mode()
+    def probabilities(self, image: ImageLike) -> torch.Tensor:
+        """Class probabilities (K, H, W) at the original image size, on the CPU."""
+        img, size = self._network_input(image)
+        return predict_probs(self.model, img, out_size=size)[0].cpu()
 
     @torch.inference_mode()
     def logits(self, image: ImageLike) -> torch.Tensor:
-        """Class logits (K, H, W) at the original image size (upsampled as mmseg does, :func:`whole_inference`)."""
-        rgb = _as_rgb_array(image)
-        img, _, _ = self.transform(rgb)
-        return whole_inference(self.model, img[None], out_size=rgb.shape[:2])[0]
+        """Class logits (K, H, W) at the original image size (upsampled as mmseg does, :func:`whole_inference`), on
+        the CPU."""
+        img, size = self._network_input(image)
+        return whole_inference(self.model, img, out_size=size)[0].cpu()
 
+    @torch.inference_mode()
     def __call__(self, image: ImageLike) -> np.ndarray:
         """Class indices (H, W) as uint8 (int32 beyond 256 classes): the argmax of the logits (the softmax would not
-        change it, and costs more than the upsampling at 150 classes)."""
-        labels = self.logits(image).argmax(0).numpy()
+        change it, and costs more than the upsampling at 150 classes), taken where the model runs."""
+        img, size = self._network_input(image)
+        labels = whole_inference(self.model, img, out_size=size)[0].argmax(0).cpu().numpy()
         return labels.astype(np.uint8 if len(self.class_names) <= 256 else np.int32)
 
     def colorize(self, labels: np.ndarray) -> np.ndarray:
