@@ -166,8 +166,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = _build(args)
     opset = args.opset or (18 if args.exporter == "dynamo" else 17)
     res = export_onnx(model, args.out, tuple(args.size), batch=args.batch, opset=opset,
-                      fuse=not args.no_fuse, check=not args.no_check, exporter=args.exporter)
+                      fuse=not args.no_fuse, check=not args.no_check, exporter=args.exporter, dynamic=args.dynamic)
     shapes = f"{'x'.join(map(str, res.input_shape))} -> {'x'.join(map(str, res.output_shape))}"
+    if res.dynamic:
+        shapes = f"batch, height and width free, traced at {shapes}"
     check = "" if res.max_abs_diff is None else (f"; onnxruntime vs PyTorch: max |diff| {res.max_abs_diff:.1e}, "
                                                  f"same class at {res.argmax_agreement:.2%} of positions")
     print(f"wrote {model.model_name} ({'fused' if res.fused else 'eager'}, {shapes}, opset {res.opset}) to {res.path}{check}")
@@ -353,8 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model name or checkpoint path (any supported layout)")
     p.add_argument("out", help="output .onnx file")
     p.add_argument("--size", nargs=2, type=int, default=[512, 512], metavar=("H", "W"),
-                   help="input size, fixed in the graph (default 512 512)")
-    p.add_argument("--batch", type=int, default=1, help="batch size, fixed in the graph")
+                   help="input size, fixed in the graph unless --dynamic (default 512 512)")
+    p.add_argument("--batch", type=int, default=1, help="batch size, fixed in the graph unless --dynamic")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--sparsity", type=float, help="dynamic models: fraction of gated neurons pruned")
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help=ARG_HELP)
@@ -362,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
                    help="torch.onnx's TorchScript tracer (default) or its torch.export-based one (needs onnxscript)")
     p.add_argument("--no-fuse", action="store_true", help="export the eager model instead of fuse()'s form")
+    p.add_argument("--dynamic", action="store_true",
+                   help="leave batch, height and width free in the graph (SegFormer and MiT; TorchScript exporter)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     p.set_defaults(func=cmd_export)
 

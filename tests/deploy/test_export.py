@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import edgeseg
 from edgeseg import create_model, load_model
 from edgeseg.checkpoint import set_labels
 from edgeseg.cli import main
@@ -52,6 +53,26 @@ def test_dynamic_models_export_their_gathered_path(tmp_path):
         assert json.loads(meta["class_names"]) == list("abcde") and json.loads(meta["palette"])[4] == [4, 8, 12]
         assert meta["edgeseg_model"] == model.model_name and json.loads(meta["input_std_rgb"])[0] == 58.395
         assert int(meta["logits_stride"]) == (4 if "segformer" in model.model_name else 8)
+
+
+def test_segformer_exports_with_free_batch_and_size(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = create_model("segformer-b0", num_classes=5, depths=[1, 1, 1, 1]).eval()
+    res = export_onnx(model, tmp_path / "free.onnx", input_size=(128, 96), dynamic=True)
+    assert res.dynamic and res.max_abs_diff <= 1e-4  # checked at (1, 3, 128, 96) and (2, 3, 160, 192)
+    session = onnxruntime.InferenceSession(str(res.path))
+    x = torch.randn(3, 3, 77, 301)  # any other batch and size, even odd ones
+    with torch.no_grad():
+        want = model.fuse()(x)
+    got = session.run(None, {"image": x.numpy()})[0]
+    assert got.shape == (3, 5, 20, 76) and abs(got - want.numpy()).max() <= 1e-4
+    # what cannot leave its sizes free says so in one line
+    for name, kwargs in (("topformer-tiny", {}), ("dynasegformer-b0", {"sparsity": 0.3})):
+        path = edgeseg.save_checkpoint(tmp_path / f"{name}.pth", create_model(name, num_classes=5, **kwargs))
+        assert main(["export", str(path), str(tmp_path / "x.onnx"), "--size", "128", "128", "--dynamic"]) == 2
+        err = capsys.readouterr().err
+        assert "cannot export with free sizes" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_dynamo_exporter(reference_dir, tmp_path, capfd):

@@ -9,9 +9,10 @@ Two exporters: ``"torchscript"`` (the default; traces the forward, torch's ``dyn
 (``torch.export``, PyTorch's default since 2.9 and what remains once the TorchScript exporter is removed; needs
 onnxscript, in the ``[onnx]`` extra, and opset ≥ 18). Both write the same inputs and outputs.
 
-Shapes are fixed at export: TopFormer pools its token pyramid to a grid derived from the input size (and ONNX's
-pooling needs whole factors, so TopFormer sizes are multiples of 64), and a dynamic model's batch-of-one fast path
-is chosen by shape, so one file serves one (batch, H, W). Dynamic models export
+Shapes are fixed at export by default: TopFormer pools its token pyramid to a grid derived from the input size (and
+ONNX's pooling needs whole factors, so TopFormer sizes are multiples of 64), and a dynamic model's batch-of-one fast
+path and gate shapes are traced at one shape, so one file serves one (batch, H, W). SegFormer and MiT have neither:
+``dynamic=True`` leaves their batch, height and width free (checked at a second shape). Dynamic models export
 their gathered inference path (TopK + Gather), so the per-image pruning is kept in the graph.
 """
 
@@ -44,19 +45,23 @@ class ExportResult:
     ops: list[str] = field(default_factory=list)
     max_abs_diff: float | None = None  # onnxruntime vs PyTorch on a random input; None when not checked
     argmax_agreement: float | None = None  # fraction of logit positions where both pick the same class
+    dynamic: bool = False  # batch, height and width are graph inputs (checked at a second shape too)
 
 
 EXPORTERS = ("torchscript", "dynamo")
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int] = (512, 512), batch: int = 1,
-                opset: int = 17, fuse: bool = True, check: bool = True, exporter: str = "torchscript") -> ExportResult:
+                opset: int = 17, fuse: bool = True, check: bool = True, exporter: str = "torchscript",
+                dynamic: bool = False) -> ExportResult:
     """Write ``model`` (or its ``fuse()`` form) as an ONNX graph with input ``image`` (batch, 3, H, W) and output
     ``logits``, and check it with onnxruntime.
 
     The file appears only when the export succeeded (written to a temporary name, then renamed). ``check`` runs the
     graph on a random normalised-image-like input and reports the largest absolute difference to PyTorch's logits
-    and how often both pick the same class. (An *untrained* model is a poor probe: with default BN statistics
+    and how often both pick the same class. ``dynamic`` leaves batch, height and width free in the graph (SegFormer
+    and MiT without DGL, TorchScript exporter; TopFormer's pooling and DGL's gates fix them) and checks a second,
+    larger shape too. (An *untrained* model is a poor probe: with default BN statistics
     TopFormer's unscaled attention is so sharp that float32 PyTorch itself moves by ~1 against float64, and fresh
     DGL gates tie, so either runtime may keep either of two channels. Check with trained weights.)
     """
@@ -74,6 +79,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
         if opset < 18:
             raise ValueError(f"the dynamo exporter writes opset 18 or newer, not {opset}: e.g. --opset 18")
     pool_stride = getattr(model, "pool_stride", None)  # TopFormer: its token pooling is adaptive
+    if dynamic:
+        _check_dynamic(model, pool_stride, exporter)
     if pool_stride is not None:
         multiple = 32 * pool_stride
         if input_size[0] % multiple or input_size[1] % multiple:
@@ -97,8 +104,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
             if exporter == "dynamo":
                 _export_dynamo(model, x, tmp, opset)
             else:
+                axes = {"image": {0: "batch", 2: "height", 3: "width"},
+                        "logits": {0: "batch", 2: "logits_height", 3: "logits_width"}} if dynamic else None
                 torch.onnx.export(model, (x,), tmp, dynamo=False, opset_version=opset, input_names=["image"],
-                                  output_names=["logits"])
+                                  output_names=["logits"], dynamic_axes=axes)
         stride = -(-input_size[0] // reference.shape[2])
         _write_metadata(onnx, tmp, {**model_metadata(model), "logits_stride": str(stride)})
         os.replace(tmp, path)
@@ -107,17 +116,42 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
         raise
 
     ops = sorted({node.op_type for node in onnx.load(str(path)).graph.node})
-    result = ExportResult(path, tuple(x.shape), tuple(reference.shape), opset, fused, ops)
+    result = ExportResult(path, tuple(x.shape), tuple(reference.shape), opset, fused, ops, dynamic=dynamic)
     if check:
         try:
             import onnxruntime as ort
         except ImportError as err:
             raise ImportError(f"checking the export needs onnxruntime: {ONNX_EXTRA} (or check=False)") from err
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        out = session.run(None, {"image": x.numpy()})[0]
-        result.max_abs_diff = float(abs(out - reference.numpy()).max())
-        result.argmax_agreement = float((out.argmax(1) == reference.numpy().argmax(1)).mean())
+        probes = [(x, reference)]
+        if dynamic:  # another batch and another size than the traced ones, with odd multiples of the strides
+            other = torch.randn(batch + 1, 3, input_size[0] + 32, input_size[1] + 96,
+                                generator=torch.Generator().manual_seed(1))
+            with torch.no_grad():
+                probes.append((other, model(other)))
+        diffs, agree = [], []
+        for inp, ref in probes:
+            out = session.run(None, {"image": inp.numpy()})[0]
+            if out.shape != tuple(ref.shape):
+                raise RuntimeError(f"the exported graph gives {out.shape} for input {tuple(inp.shape)}, PyTorch "
+                                   f"{tuple(ref.shape)}")
+            diffs.append(float(abs(out - ref.numpy()).max()))
+            agree.append(float((out.argmax(1) == ref.numpy().argmax(1)).mean()))
+        result.max_abs_diff, result.argmax_agreement = max(diffs), min(agree)
     return result
+
+
+def _check_dynamic(model: nn.Module, pool_stride: int | None, exporter: str) -> None:
+    name = getattr(model, "model_name", type(model).__name__)
+    if pool_stride is not None:
+        raise ValueError(f"{name} cannot export with free sizes: its token pooling to a size-dependent grid has no "
+                         "ONNX form; export at the size you deploy (--size H W)")
+    if any(hasattr(m, "native_plans") for m in model.modules()):  # DGL gates: a per-image plan fixed by the shapes
+        raise ValueError(f"{name} cannot export with free sizes: its DGL gates are traced at one shape; export at the "
+                         "size you deploy (--size H W)")
+    if exporter != "torchscript":
+        raise ValueError("--dynamic exports with the TorchScript exporter (torch.export cannot capture SegFormer with "
+                         "free sizes): drop --exporter dynamo")
 
 
 def model_metadata(model: nn.Module) -> dict[str, str]:
