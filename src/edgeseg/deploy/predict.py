@@ -91,19 +91,21 @@ class Segmenter:
         img, size = self._network_input(image)
         return predict_probs(self.model, img, out_size=size)[0].cpu()
 
+    def _logits(self, image: ImageLike) -> torch.Tensor:
+        img, size = self._network_input(image)
+        return whole_inference(self.model, img, out_size=size)[0]
+
     @torch.inference_mode()
     def logits(self, image: ImageLike) -> torch.Tensor:
         """Class logits (K, H, W) at the original image size (upsampled as mmseg does, :func:`whole_inference`), on
         the CPU."""
-        img, size = self._network_input(image)
-        return whole_inference(self.model, img, out_size=size)[0].cpu()
+        return self._logits(image).cpu()
 
     @torch.inference_mode()
     def __call__(self, image: ImageLike) -> np.ndarray:
         """Class indices (H, W) as uint8 (int32 beyond 256 classes): the argmax of the logits (the softmax would not
         change it, and costs more than the upsampling at 150 classes), taken where the model runs."""
-        img, size = self._network_input(image)
-        labels = whole_inference(self.model, img, out_size=size)[0].argmax(0).cpu().numpy()
+        labels = self._logits(image).argmax(0).cpu().numpy()
         return labels.astype(np.uint8 if len(self.class_names) <= 256 else np.int32)
 
     def colorize(self, labels: np.ndarray) -> np.ndarray:

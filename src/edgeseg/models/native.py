@@ -26,7 +26,6 @@ import ctypes
 import functools
 import hashlib
 import logging
-import math
 import os
 import shutil
 import subprocess
