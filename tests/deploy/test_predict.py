@@ -53,6 +53,7 @@ def test_photos_are_segmented_upright_as_viewers_show_them(tmp_path):
     seg = Segmenter(edgeseg.create_model("topformer-tiny", num_classes=3), scale=(128, 64))
     labels = seg(path)
     assert labels.shape == (64, 40) and seg.overlay(path, labels).shape == (64, 40, 3)
+    assert np.array_equal(seg(Image.open(path)), labels)  # the opened image as its path
 
 
 def test_ade20k_sized_model_gets_ade20k_names():

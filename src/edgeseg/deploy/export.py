@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..models.dynamic import dynamic_gates
+
 ONNX_EXTRA = "pip install 'edgeseg[onnx]'"
 
 
@@ -146,7 +148,7 @@ def _check_dynamic(model: nn.Module, pool_stride: int | None, exporter: str) -> 
     if pool_stride is not None:
         raise ValueError(f"{name} cannot export with free sizes: its token pooling to a size-dependent grid has no "
                          "ONNX form; export at the size you deploy (--size H W)")
-    if any(hasattr(m, "native_plans") for m in model.modules()):  # DGL gates: a per-image plan fixed by the shapes
+    if next(dynamic_gates(model), None) is not None:  # DGL gates: the per-image plan is traced at one shape
         raise ValueError(f"{name} cannot export with free sizes: its DGL gates are traced at one shape; export at the "
                          "size you deploy (--size H W)")
     if exporter != "torchscript":

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 
 from ..data import CLASSES, PALETTES, TestTransform, read_image, save_label_png
@@ -29,8 +29,8 @@ def _as_rgb_array(image: ImageLike) -> np.ndarray:
         if not path.is_file():
             raise FileNotFoundError(f"image '{path}' does not exist")
         return read_image(path, exif_orientation=True)
-    if isinstance(image, Image.Image):
-        return np.array(image.convert("RGB"))
+    if isinstance(image, Image.Image):  # upright, as its file path would be read
+        return np.array(ImageOps.exif_transpose(image).convert("RGB"))
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise ValueError(f"expected an H×W×3 uint8 RGB array, got {arr.dtype} {arr.shape}")
