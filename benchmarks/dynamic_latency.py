@@ -33,7 +33,7 @@ Rows (timed alternately by ``compare_latency``, medians, so machine noise hits a
   ``U + (1 − U) · w`` (``U`` its same-round ratio to the fused model, ``w`` the gated modules' MACs left at s).
   Optimistic twice over: it also skips the attention's sequence-reduction conv, which DGL keeps, and the softmax
   over N × N/R² scores, which does not shrink with the kept channels, is counted as if it did. A second bound
-  lifts the latter: the attention kernel (SDPA) keeps its measured share of the fused forward and scales as measured
+  lifts the latter: the attention kernel keeps its measured share of the fused forward and scales as measured
   at the kept head width (standalone, stage by stage), only the rest of the gated time falls with its MACs.
 
 Ratios are the median over rounds of the same-round ratio (each round times every row back to back), which resists
@@ -56,7 +56,6 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edgeseg import create_model
@@ -175,8 +174,9 @@ def transformers_eager(dense: nn.Module) -> nn.Module | None:
 
 
 class AttentionKernel:
-    """The attention kernel (``F.scaled_dot_product_attention``, what both fused models run) at each stage of a fused
-    SegFormer, timed standalone at the dense head width and at each student's kept width: same tokens, same heads.
+    """The attention kernel both fused models run (their ``attend()``: the native kernel where it is built, else
+    ``F.scaled_dot_product_attention``) at each stage of a fused SegFormer, timed standalone at the dense head
+    width and at each student's kept width: same tokens, same heads.
 
     Its MACs scale with the width; the softmax over the N × N/R² scores does not. ``scaling[s]`` is, per stage, the
     time at the student's width over the time at the dense width; ``share`` the dense kernel's time over the fused
@@ -200,8 +200,8 @@ class AttentionKernel:
         fns = {}
         for i, (n, m, heads, dim) in enumerate(shapes):
             for d in {dim, *(w[i] for w in self.widths.values())}:
-                q, k, v = (torch.randn(1, heads, t, d, generator=gen) for t in (n, m, m))
-                fns[(i, d)] = lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)
+                q, k, v = (torch.randn(1, t, heads, d, generator=gen).transpose(1, 2) for t in (n, m, m))
+                fns[(i, d)] = lambda q=q, k=k, v=v, attn=fused.encoder.stages[i].blocks[0].attn: attn.attend(q, k, v)
         self.times = compare_latency(fns, rounds=rounds)
         self.scaling = {s: [statistics.median(a / b for a, b in zip(self.times[(i, w[i])], self.times[(i, shape[3])]))
                             for i, shape in enumerate(shapes)] for s, w in self.widths.items()}

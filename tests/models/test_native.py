@@ -303,3 +303,79 @@ def test_segformer_decoder_native_equals_pytorch(native_kernel, monkeypatch, siz
         want = model(x)
     assert ran and all(ran) and len(ran) == (2 if size == (128, 128) else 1)  # each band (32 rows), or the map, once
     assert (got - want).abs().max() <= 1e-5
+
+
+def _attention_inputs(B: int, heads: int, N: int, M: int, dq: int, dv: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v (B, heads, tokens, d) as the attention layers hold them: views of token-major products, K and V
+    side by side in one."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, N, heads * dq, generator=g)
+    kv = torch.randn(B, M, heads * (dq + dv), generator=g)
+    k, v = kv.split([heads * dq, heads * dv], dim=-1)
+    return (x.view(B, N, heads, dq).transpose(1, 2), k.reshape(B, M, heads, dq).transpose(1, 2),
+            v.reshape(B, M, heads, dv).transpose(1, 2))
+
+
+@pytest.mark.parametrize("shape, scale", [
+    ((1, 1, 300, 40, 32, 32), 32**-0.5),  # many query blocks, keys in eights
+    ((3, 2, 17, 5, 7, 13), 0.35),  # a partial block, key and channel remainders, unequal widths
+    ((2, 5, 64, 64, 24, 24), 32**-0.5),  # DGL's kept widths, several heads
+    ((1, 2, 40, 30, 16, 16), 12.0),  # scores ~100 apart: exp's clamp far below the maximum
+])
+def test_attention_matches_sdpa(native_kernel, shape, scale):
+    B, heads, N, M, dq, dv = shape
+    q, k, v = _attention_inputs(*shape)
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale)
+    want = want.transpose(1, 2).reshape(B, N, heads * dv)
+    widest = native._attention_paths()[0]
+    with torch.no_grad():
+        for path in range(widest + 1):  # baseline, AVX2, AVX-512: each the CPU can run
+            got = native.attention(q, k, v, scale, path=path)
+            assert got.shape == (B, N, heads * dv)
+            assert (got.double() - want).abs().max() <= 1e-5, path
+        with pytest.raises(ValueError, match="not available"):
+            native.attention(q, k, v, scale, path=widest + 1)
+
+
+def test_attention_threads_split_the_same_work(native_kernel):
+    q, k, v = _attention_inputs(1, 3, 70, 20, 24, 24)  # 3 · 5 blocks of 16 (AVX-512), 3 · 9 of 8: uneven halves
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = native.attention(q, k, v, 0.2)
+            torch.set_num_threads(2)
+            two = native.attention(q, k, v, 0.2)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_attention_declines_what_it_cannot_run(native_kernel):
+    q, k, v = _attention_inputs(1, 2, 20, 8, 16, 16)
+    with torch.enable_grad():
+        assert native.attention(q.requires_grad_(), k, v, 0.1) is None  # autograd: PyTorch records the graph
+    with torch.no_grad():
+        assert native.attention(q.double(), k.double(), v.double(), 0.1) is None
+        assert native.attention(q.transpose(2, 3), k, v, 0.1) is None  # channels not contiguous
+        assert native.attention(q, k[:, :1], v, 0.1) is None  # heads differ
+
+
+def test_segformer_attention_native_equals_sdpa(native_kernel, monkeypatch):
+    torch.manual_seed(0)
+    model = random_weights_(create_model("segformer-b0", num_classes=8)).eval().fuse()
+    x = torch.randn(2, 3, 96, 64)
+    results, kernel = [], native.attention
+    use_kernel = True
+
+    def spy(q, k, v, scale):
+        results.append(kernel(q, k, v, scale) if use_kernel else None)
+        return results[-1]
+
+    monkeypatch.setattr(native, "attention", spy)
+    with torch.no_grad():
+        got = model(x)
+        use_kernel = False
+        want = model(x)  # scaled_dot_product_attention
+    assert len(results) == 16 and all(r is not None for r in results[:8])  # the kernel ran at all 8 blocks
+    assert (got - want).abs().max() <= 1e-5

@@ -662,12 +662,6 @@ class DynamicEfficientSelfAttention(EfficientSelfAttention):
 
         return qk.native_plan((qk.keep, qk.width), build)  # the joint plan lives on the Q/K gate
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if self.use_sdpa:
-            drop = self.attn_drop.p if self.training and isinstance(self.attn_drop, nn.Dropout) else 0.0
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
-        return self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)) @ v
-
     def plan(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor]:
         """Gates and gathers of the inference form: kept rows of ``q``, of ``kv`` (K rows with the same channels,
         then the V rows; both scaled by their gate values) and kept columns of ``proj``.
@@ -725,15 +719,13 @@ class DynamicEfficientSelfAttention(EfficientSelfAttention):
             k, v = gathered_linear(kv_in, w_kv, b_kv).split([heads * kq, heads * kv], dim=-1)
             k = k.reshape(B, -1, heads, kq).transpose(1, 2)
             v = v.reshape(B, -1, heads, kv).transpose(1, 2)
-            out = self._attend(q, k, v).transpose(1, 2).reshape(B, N, heads * kv)
-            return self.proj_drop(consume_gathered(out, w_proj, self.proj.bias))
+            return self.proj_drop(consume_gathered(self.attend(q, k, v), w_proj, self.proj.bias))
         m_qk, _ = scatter_mask(qk_values, qk_index, C)
         m_v, support_v = scatter_mask(v_values, v_index, C)
         q = (self.q(x) * m_qk.unsqueeze(1)).reshape(B, N, heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(kv_in).reshape(B, -1, 2, heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         v = v * m_v.reshape(B, heads, 1, self.head_dim)
-        out = self._attend(q, k, v).transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(out * support_v.unsqueeze(1)))
+        return self.proj_drop(self.proj(self.attend(q, k, v) * support_v.unsqueeze(1)))
 
 
 class DynamicMixFFN(MixFFN):

@@ -81,9 +81,10 @@ class EfficientSelfAttention(nn.Module):
     ``kv`` is one Linear whose first C outputs are K and last C are V (official layout; Hugging Face splits it into
     ``key``/``value``, the converter concatenates them). Scale ``head_dim^-0.5``. Tokens (B, N, C) with their map size (h, w) → (B, N, C).
 
-    ``use_sdpa`` (set by ``fuse()``) computes the same attention with ``F.scaled_dot_product_attention``, which
-    never materialises the (N × N/R) attention matrix; the default explicit ``softmax(q kᵀ · scale) v`` is the official
-    formulation and is what ``torch.utils.flop_counter`` sees as matrix products.
+    ``use_sdpa`` (set by ``fuse()``) computes the same attention without materialising the (N × N/R) attention
+    matrix: the native kernel where it runs (:func:`.native.attention`), else ``F.scaled_dot_product_attention``; the
+    default explicit ``softmax(q kᵀ · scale) v`` is the official formulation and is what ``torch.utils.flop_counter``
+    sees as matrix products.
     """
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True, attn_drop: float = 0.0,
@@ -112,14 +113,23 @@ class EfficientSelfAttention(nn.Module):
             x = self.sr(x.reshape(B, *hw, C).permute(0, 3, 1, 2))
             x = self.norm(x.flatten(2).transpose(1, 2))  # (B, N/R², C)
         k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj_drop(self.proj(self.attend(q, k, v)))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``softmax(q kᵀ · scale) v`` for q (B, heads, N, d), k (B, heads, M, d), v (B, heads, M, dv), in token
+        order (B, N, heads · dv). In the fused form (``use_sdpa``) without dropout, the native kernel where it runs
+        (:func:`.native.attention`: its time falls with the head width, which DynaSegFormer's gates narrow), else
+        ``scaled_dot_product_attention``."""
+        B, _, N, _ = q.shape
         if self.use_sdpa:
             drop = self.attn_drop.p if self.training and isinstance(self.attn_drop, nn.Dropout) else 0.0
+            out = native.attention(q, k, v, self.scale) if drop == 0.0 else None
+            if out is not None:
+                return out
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
         else:
-            attn = (q @ k.transpose(-2, -1)) * self.scale
-            x = self.attn_drop(attn.softmax(dim=-1)) @ v
-        x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
+            x = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)) @ v
+        return x.transpose(1, 2).reshape(B, N, -1)
 
     def fuse(self) -> EfficientSelfAttention:
         """Inference form: the same weights, attention by ``scaled_dot_product_attention``."""
