@@ -136,6 +136,34 @@ def test_kernel_pools_every_layout(native_kernel, layout):
     assert torch.equal(index.sort(1).values, logits.topk(keep, dim=1).indices.sort(1).values)
 
 
+def test_kernel_splits_pooling_and_gathers_over_threads(native_kernel):
+    """Large sites pool and gather on PyTorch's threads: the same plan as on one thread, rows where they belong."""
+    gen = torch.Generator().manual_seed(6)
+    C, hidden, n, keep = 16, 8, 4096, 3000
+    gate = FoldedGate(torch.randn(hidden, C, generator=gen), torch.randn(hidden, generator=gen),
+                      torch.randn(n, hidden, generator=gen), torch.randn(n, generator=gen), 1e-5)
+    first, second = torch.randn(n, 24, generator=gen), torch.randn(n, 24, generator=gen)
+    plan = NativePlan(gate, [Selection(0, 2, n // 2, keep // 2, keep // 2)],  # 2 × 72000 floats: split
+                      [[Part(first, 0, 1700), Part(second, 1700, keep - 1700, scale="value")]],
+                      lambda bufs, batch: tuple(bufs))
+    x = torch.randn(2, 20000, C, generator=gen) + 3  # 320000 floats per image: split
+    runs = {}
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                (gathered,), values, index = plan(x)
+                runs[t] = gathered.clone(), values.clone(), index.clone()
+    finally:
+        torch.set_num_threads(threads)
+    (gathered, values, index), other = runs[1], runs[2]
+    assert torch.equal(other[2], index) and torch.allclose(other[1], values, rtol=1e-6, atol=0)
+    assert torch.allclose(other[0], gathered, rtol=1e-6, atol=0)
+    want = torch.cat([first[index[:, :1700]], second[index[:, 1700:]] * values[:, 1700:, None]], dim=1)
+    assert torch.equal(other[0], want)
+
+
 def test_falls_back_to_pytorch_without_compiler(monkeypatch, tmp_path, fused_student):
     monkeypatch.setenv("EDGESEG_CACHE_DIR", str(tmp_path))  # nothing built there yet
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))

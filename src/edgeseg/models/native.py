@@ -139,7 +139,7 @@ def library() -> ctypes.CDLL | None:
         log.warning("edgeseg: could not load the native kernels %s (%s); fused inference runs in PyTorch only",
                     target, err)
         return None
-    lib.dgl_plan.argtypes = [ctypes.POINTER(_Site), ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64]
+    lib.dgl_plan.argtypes = [ctypes.POINTER(_Site), ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.dgl_plan.restype = ctypes.c_int
     lib.resize_add.argtypes = [_F32P, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.POINTER(_ResizeSource), _I64]
     lib.resize_add.restype = None
@@ -257,7 +257,8 @@ class NativePlan:
             tokens, token_stride, channel_stride = H * W, x.stride(3) if W > 1 else x.stride(2), x.stride(1)
         else:  # tokens (B, N, C)
             tokens, token_stride, channel_stride = x.shape[1], x.stride(1), x.stride(2)
-        if library().dgl_plan(site_ref, x.data_ptr(), B, tokens, x.stride(0), token_stride, channel_stride):
+        if library().dgl_plan(site_ref, x.data_ptr(), B, tokens, x.stride(0), token_stride, channel_stride,
+                              torch.get_num_threads()):
             raise MemoryError("DGL native plan: out of memory")
         return views, values, index
 

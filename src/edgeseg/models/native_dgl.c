@@ -22,6 +22,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "native_dispatch.h"
 
 typedef struct {
@@ -85,15 +89,16 @@ static void select_top(const float *v, int32_t *idx, int64_t lo, int64_t hi, int
     }
 }
 
-/* Per-channel sums of one image's tokens, element (n, c) at x[n * sn + c * sc]. Float partial sums over runs of
- * TOKEN_RUN tokens (vectorised over channels when they are contiguous) are added in double: the sum of 16384 tokens
- * keeps float32's precision, as torch.sum's cascade does. */
+/* Per-channel sums of tokens [n_begin, n_end) of one image, element (n, c) at x[n * sn + c * sc]. Float partial sums
+ * over runs of TOKEN_RUN tokens (vectorised over channels when they are contiguous) are added in double: the sum of
+ * 16384 tokens keeps float32's precision, as torch.sum's cascade does. */
 #define TOKEN_RUN 32
 DISPATCHED
-static void token_sums(const float *x, int64_t tokens, int64_t sn, int64_t sc, int64_t C, double *sum, float *run) {
+static void token_sums(const float *x, int64_t n_begin, int64_t n_end, int64_t sn, int64_t sc, int64_t C,
+                       double *sum, float *run) {
     for (int64_t c = 0; c < C; c++) sum[c] = 0.0;
-    for (int64_t n0 = 0; n0 < tokens; n0 += TOKEN_RUN) {
-        const int64_t n1 = n0 + TOKEN_RUN < tokens ? n0 + TOKEN_RUN : tokens;
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += TOKEN_RUN) {
+        const int64_t n1 = n0 + TOKEN_RUN < n_end ? n0 + TOKEN_RUN : n_end;
         if (sc == 1) {
             for (int64_t c = 0; c < C; c++) run[c] = 0.0f;
             for (int64_t n = n0; n < n1; n++) {
@@ -110,6 +115,35 @@ static void token_sums(const float *x, int64_t tokens, int64_t sn, int64_t sc, i
             }
         }
     }
+}
+
+/* Below this many floats, a site's pooling or gathers run on one thread: a parallel region costs microseconds. */
+#define PARALLEL_MIN 32768
+
+/* token_sums over all tokens, the runs split over `threads` threads (partial: threads * C doubles, run: threads * C
+ * floats), the threads' sums added in thread order. */
+static void pooled_sums(const float *x, int64_t tokens, int64_t sn, int64_t sc, int64_t C, double *sum,
+                        double *partial, float *run, int threads) {
+    const int64_t runs = (tokens + TOKEN_RUN - 1) / TOKEN_RUN;
+    if (threads > runs) threads = (int)runs;
+    if (threads <= 1 || tokens * C < PARALLEL_MIN) {
+        token_sums(x, 0, tokens, sn, sc, C, sum, run);
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+    {
+        const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+        const int64_t n0 = runs * t / n * TOKEN_RUN, n1 = runs * (t + 1) / n * TOKEN_RUN;
+        token_sums(x, n0, n1 < tokens ? n1 : tokens, sn, sc, C, partial + t * C, run + t * C);
+    }
+    for (int64_t c = 0; c < C; c++) sum[c] = 0.0;
+    for (int t = 0; t < threads; t++)
+        for (int64_t c = 0; c < C; c++) sum[c] += partial[t * C + c];
+#else
+    (void)partial;
+    token_sums(x, 0, tokens, sn, sc, C, sum, run);
+#endif
 }
 
 static void gate_logits(const dgl_site *s, const double *pooled_sum, int64_t tokens, float *x, float *h, float *g) {
@@ -137,11 +171,46 @@ static void gate_logits(const dgl_site *s, const double *pooled_sum, int64_t tok
     }
 }
 
-/* The site's plan for a batch of inputs: image b's token (n) channel (c) at x[b * sb + n * sn + c * sc]. */
+/* Image b's gathered outputs: each part's rows, split over `threads` threads where there are enough floats. */
+static void gather(const dgl_site *s, int64_t b, const int64_t *index, const float *values, const float *support,
+                   int threads) {
+    int64_t floats = 0;
+    for (int64_t o = 0; o < s->n_outputs; o++) floats += s->outputs[o].rows * s->outputs[o].row;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (threads > 1 && floats >= PARALLEL_MIN)
+#endif
+    for (int64_t o = 0; o < s->n_outputs; o++) {
+        const dgl_output *out = s->outputs + o;
+        const int64_t row = out->row;
+        float *dst = out->dst + b * out->rows * row;
+        for (int64_t p = 0; p < out->n_parts; p++) {
+            const dgl_part *part = out->parts + p;
+#ifdef _OPENMP
+#pragma omp for schedule(static) nowait
+#endif
+            for (int64_t j = part->first; j < part->first + part->count; j++) {
+                const float *src = part->src + (index[j] - part->offset) * row;
+                float *d = dst + (j - part->first) * row;
+                if (part->scale == 0) {
+                    memcpy(d, src, sizeof(float) * (size_t)row);
+                } else {
+                    const float m = part->scale == 1 ? values[j] : support[j];
+                    for (int64_t c = 0; c < row; c++) d[c] = src[c] * m;
+                }
+            }
+            dst += part->count * row;
+        }
+    }
+    (void)floats, (void)threads;
+}
+
+/* The site's plan for a batch of inputs: image b's token (n) channel (c) at x[b * sb + n * sn + c * sc]; pooling and
+ * gathers on up to `threads` threads (PyTorch's OpenMP threads, as in native_attention.c). */
 int dgl_plan(const dgl_site *s, const float *input, int64_t batch, int64_t tokens, int64_t sb, int64_t sn,
-             int64_t sc) {
-    double *pooled_sum = malloc(sizeof(double) * (size_t)s->channels);
-    float *buf = malloc(sizeof(float) * (size_t)(2 * s->channels + s->hidden + s->n + s->slots));
+             int64_t sc, int threads) {
+    if (threads < 1) threads = 1;
+    double *pooled_sum = malloc(sizeof(double) * (size_t)((1 + threads) * s->channels));
+    float *buf = malloc(sizeof(float) * (size_t)((1 + threads) * s->channels + s->hidden + s->n + s->slots));
     int32_t *order = malloc(sizeof(int32_t) * (size_t)s->n);
     unsigned char *mark = malloc((size_t)s->n);
     if (!pooled_sum || !buf || !order || !mark) {
@@ -153,7 +222,7 @@ int dgl_plan(const dgl_site *s, const float *input, int64_t batch, int64_t token
     }
     float *x = buf, *h = x + s->channels, *g = h + s->hidden, *support = g + s->n, *run = support + s->slots;
     for (int64_t b = 0; b < batch; b++) {
-        token_sums(input + b * sb, tokens, sn, sc, s->channels, pooled_sum, run);
+        pooled_sums(input + b * sb, tokens, sn, sc, s->channels, pooled_sum, pooled_sum + s->channels, run, threads);
         gate_logits(s, pooled_sum, tokens, x, h, g);
         float *values = s->values + b * s->slots;
         int64_t *index = s->index + b * s->slots;
@@ -181,23 +250,7 @@ int dgl_plan(const dgl_site *s, const float *input, int64_t batch, int64_t token
                 }
             }
         }
-        for (int64_t o = 0; o < s->n_outputs; o++) {
-            const dgl_output *out = s->outputs + o;
-            const int64_t row = out->row;
-            float *dst = out->dst + b * out->rows * row;
-            for (int64_t p = 0; p < out->n_parts; p++) {
-                const dgl_part *part = out->parts + p;
-                for (int64_t j = part->first; j < part->first + part->count; j++, dst += row) {
-                    const float *src = part->src + (index[j] - part->offset) * row;
-                    if (part->scale == 0) {
-                        memcpy(dst, src, sizeof(float) * (size_t)row);
-                    } else {
-                        const float m = part->scale == 1 ? values[j] : support[j];
-                        for (int64_t c = 0; c < row; c++) dst[c] = src[c] * m;
-                    }
-                }
-            }
-        }
+        gather(s, b, index, values, support, threads);
     }
     free(pooled_sum);
     free(buf);
