@@ -8,7 +8,8 @@ Rows, timed alternately in the same run (medians; ratios are same-round medians)
 - ``softmax dim=1`` vs ``channel_softmax`` — the per-view probabilities evaluation needs, over the class axis of
   the channels-last logits a fused model returns: PyTorch's strided path vs along memory
   (``edgeseg.engine.inference.channel_softmax``, what evaluation runs);
-- ``argmax`` — the labels;
+- ``argmax`` — the labels; ``resize + argmax, one pass`` — both in the native kernel ``Segmenter`` runs
+  (``edgeseg.engine.inference.whole_labels``: the upsampled logits are never written);
 - ``Segmenter(…)`` — the whole call, fused (the default) and eager (``fuse=False``); ``labels via probabilities``
   is the call as it was before it took the argmax of the logits (full-resolution probabilities first, now by
   ``channel_softmax``; before that by the ``softmax dim=1`` row).
@@ -27,7 +28,7 @@ import torch
 
 from edgeseg import Segmenter, create_model
 from edgeseg.deploy.benchmark import compare_latency
-from edgeseg.engine.inference import channel_softmax, whole_inference
+from edgeseg.engine.inference import channel_softmax, whole_inference, whole_labels
 
 
 def main() -> None:
@@ -57,6 +58,7 @@ def main() -> None:
         "softmax dim=1": lambda: logits.softmax(dim=1),
         "channel_softmax": lambda: channel_softmax(logits),
         "argmax": lambda: logits.argmax(dim=1),
+        "resize + argmax, one pass": lambda: whole_labels(lambda _: native, img, size),
         "Segmenter(image), fused": lambda: fused(rgb),
         "Segmenter(image), eager": lambda: eager(rgb),
         "labels via probabilities, fused": lambda: fused.probabilities(rgb).argmax(0),
@@ -74,6 +76,9 @@ def main() -> None:
         print(f"| {name} | {statistics.median(t):.1f} |")
     print()
     print(f"channel_softmax / softmax dim=1: {ratio('channel_softmax', 'softmax dim=1'):.2f}")
+    one_pass = statistics.median(o / (u + a) for o, u, a in zip(
+        times["resize + argmax, one pass"], times["upsample (fused model's logits)"], times["argmax"]))
+    print(f"resize + argmax, one pass / upsample + argmax: {one_pass:.2f}")
     print(f"Segmenter fused / eager: {ratio('Segmenter(image), fused', 'Segmenter(image), eager'):.2f}")
     print(f"Segmenter (argmax of logits) / labels via probabilities: "
           f"{ratio('Segmenter(image), fused', 'labels via probabilities, fused'):.2f}")

@@ -16,8 +16,9 @@ from edgeseg.engine.inference import (
     slide_windows,
     tta_probs,
     whole_inference,
+    whole_labels,
 )
-from edgeseg.models import create_model
+from edgeseg.models import create_model, native
 
 
 class Pointwise(nn.Module):
@@ -73,6 +74,24 @@ def test_channel_softmax_is_softmax_over_classes_in_either_layout(layout):
     assert torch.allclose(probs, torch.softmax(logits.contiguous(), dim=1), atol=1e-7)
 
 
+@pytest.mark.parametrize("model_name", ["segformer-b0", "topformer-tiny"])
+@pytest.mark.parametrize("out_size", [(64, 96), (100, 77)])  # the network input, and a second resize
+def test_whole_labels_are_the_argmax_of_whole_inference(monkeypatch, model_name, out_size):
+    """One pass where the native kernel runs (channels-last logits: fused models), PyTorch's resizes otherwise
+    (eager TopFormer's logits are NCHW); the labels are the same."""
+    torch.manual_seed(0)
+    model = create_model(model_name, num_classes=9).eval()
+    img = torch.randn(2, 3, 64, 96)
+    ran, kernel = [], native.resize_argmax
+    monkeypatch.setattr(native, "resize_argmax", lambda *args: ran.append(kernel(*args)) or ran[-1])
+    with torch.no_grad():
+        for form in (model, model.fuse()):
+            want = whole_inference(form, img, out_size).argmax(1)
+            assert torch.equal(whole_labels(form, img, out_size), want)
+    if native.available():
+        assert ran[-1] is not None  # the fused form ran the kernel
+
+
 def test_tta_probabilities():
     torch.manual_seed(0)
     model = Pointwise().eval()
@@ -88,6 +107,20 @@ def test_tta_probabilities():
     expected = (predict_probs(model, small, (12, 16)) + predict_probs(model, small, (12, 16), flip=True)
                 + 2 * single) / 4
     torch.testing.assert_close(probs, expected, rtol=0, atol=1e-6)
+
+
+def test_evaluate_one_view_takes_the_labels_of_the_logits(monkeypatch):
+    """A single whole view is evaluated from its logits' argmax in one native pass (a fused SegFormer's logits are
+    channels-last); a slide whose crop covers the image goes through the probabilities: the same metrics."""
+    torch.manual_seed(0)
+    val = ScenesDataset(split="val", num_images=2, size=(48, 64), transform=TestTransform((96, 48)))
+    model = create_model("segformer-b0", num_classes=val.num_classes).eval().fuse()
+    ran, kernel = [], native.resize_argmax
+    monkeypatch.setattr(native, "resize_argmax", lambda *args: ran.append(kernel(*args)) or ran[-1])
+    whole = evaluate(model, val, EvalCfg(mode="whole"))
+    assert len(ran) == 2 and (not native.available() or all(r is not None for r in ran))
+    assert evaluate(model, val, EvalCfg(mode="slide", crop_size=(64, 64), stride=(32, 32))) == whole
+    assert len(ran) == 2
 
 
 def test_evaluate_whole_slide_and_tta():

@@ -407,3 +407,43 @@ def test_segformer_attention_native_equals_sdpa(native_kernel, monkeypatch):
         want = model(x)  # scaled_dot_product_attention
     assert len(results) == 16 and all(r is not None for r in results[:8])  # the kernel ran at all 8 blocks
     assert (got - want).abs().max() <= 1e-5
+
+
+def _resized_argmax(logits: torch.Tensor, size: tuple[int, int], out_size: tuple[int, int]) -> torch.Tensor:
+    x = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    if out_size != size:
+        x = torch.nn.functional.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
+    return x.argmax(1)
+
+
+@pytest.mark.parametrize("K, size, out_size", [
+    (150, (64, 96), (64, 96)),  # one resize (the network input is the image)
+    (150, (64, 96), (150, 131)),  # up, then up in one axis and down in the other
+    (13, (40, 56), (17, 23)),  # classes after the last eight; up, then down
+    (5, (30, 30), (30, 30)),  # fewer classes than a vector
+])
+def test_resize_argmax_matches_interpolate(native_kernel, K, size, out_size):
+    # a view of padded classes, as a fused SegFormer's logits are: pixels K + 2 floats apart
+    logits = torch.randn(2, 16, 24, K + 2, generator=torch.Generator().manual_seed(K))[..., :K].permute(0, 3, 1, 2)
+    with torch.no_grad():
+        got = native.resize_argmax(logits, size, out_size)
+    assert got.dtype == torch.int64 and torch.equal(got, _resized_argmax(logits, size, out_size))
+
+
+@pytest.mark.parametrize("K, tied", [(16, (6, 9)), (16, (3, 11)), (13, (2, 12)), (5, (1, 4))])
+def test_resize_argmax_ties_go_to_the_lowest_class(native_kernel, K, tied):
+    """As torch.argmax: lanes keep their first maximum, lanes and the classes after them give way to lower ones."""
+    logits = torch.zeros(1, 5, 7, K)
+    logits[..., list(tied)] = 1.0
+    with torch.no_grad():
+        got = native.resize_argmax(logits.permute(0, 3, 1, 2), (20, 28), (9, 31))
+    assert (got == tied[0]).all()
+
+
+def test_resize_argmax_declines_what_it_cannot_run(native_kernel):
+    logits = torch.randn(1, 4, 6, 5).permute(0, 3, 1, 2)  # channels-last (1, 5, 4, 6)
+    with torch.no_grad():
+        assert native.resize_argmax(logits.contiguous(), (8, 12)) is None  # NCHW
+        assert native.resize_argmax(logits.double(), (8, 12)) is None
+    with torch.enable_grad():
+        assert native.resize_argmax(logits.requires_grad_(), (8, 12)) is None

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..data import CLASSES, PALETTES, TestTransform, read_image, save_label_png
 from ..data.classes import default_palette
-from ..engine.inference import predict_probs, whole_inference
+from ..engine.inference import predict_probs, whole_inference, whole_labels
 
 ImageLike = str | os.PathLike | np.ndarray | Image.Image
 
@@ -104,8 +104,10 @@ class Segmenter:
     @torch.inference_mode()
     def __call__(self, image: ImageLike) -> np.ndarray:
         """Class indices (H, W) as uint8 (int32 beyond 256 classes): the argmax of the logits (the softmax would not
-        change it, and costs more than the upsampling at 150 classes), taken where the model runs."""
-        labels = self._logits(image).argmax(0).cpu().numpy()
+        change it, and costs more than the upsampling at 150 classes), taken where the model runs — on the CPU
+        without the upsampled logits (:func:`~edgeseg.engine.inference.whole_labels`)."""
+        img, size = self._network_input(image)
+        labels = whole_labels(self.model, img, size)[0].cpu().numpy()
         return labels.astype(np.uint8 if len(self.class_names) <= 256 else np.int32)
 
     def colorize(self, labels: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config, EvalCfg
 from ..data import SegDataset, TestTransform, build_dataset
-from .inference import tta_probs
+from .inference import tta_probs, whole_labels
 from .metrics import ConfusionMatrix
 
 
@@ -81,11 +81,16 @@ def evaluate(model: nn.Module, dataset: SegDataset, cfg: EvalCfg, workers: int =
         from tqdm import tqdm
 
         loader = tqdm(loader, desc="eval", total=len(views), dynamic_ncols=True, leave=False)
+    flip = cfg.tta and cfg.tta_flip
     for item in loader:
         gt = item["gt"]
-        probs = tta_probs(net, [v[None].to(device) for v in item["views"]], gt.shape[-2:], cfg.mode,
-                          cfg.crop_size, cfg.stride, flip=cfg.tta and cfg.tta_flip)
-        pred = probs.argmax(dim=1)[0].cpu()
+        if len(item["views"]) == 1 and not flip and cfg.mode == "whole":
+            # one view: its probabilities' argmax is its logits' (softmax is monotonic), in one native pass
+            pred = whole_labels(net, item["views"][0][None].to(device), gt.shape[-2:])[0].cpu()
+        else:
+            probs = tta_probs(net, [v[None].to(device) for v in item["views"]], gt.shape[-2:], cfg.mode,
+                              cfg.crop_size, cfg.stride, flip=flip)
+            pred = probs.argmax(dim=1)[0].cpu()
         cm.update(pred, gt)
         if callback is not None:
             callback(item["name"], pred, gt)

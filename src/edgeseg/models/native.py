@@ -11,7 +11,8 @@ overhead, or vectorises along the wrong axis.
   same site with the same batch size again — within one forward pass, which is how the sites use it.
 - **Resize-and-add** (``native_resize.c``, :func:`resize_add_`): SegFormer's additive decoder adds three maps,
   bilinearly upsampled to the 1/4 grid, into the first; done here in one pass over the output instead of writing and
-  re-reading a full-resolution map per resize.
+  re-reading a full-resolution map per resize. **Resize-and-argmax** (:func:`resize_argmax`), the labels of logits
+  resized to the image, likewise without the resized logits.
 - **Attention** (``native_attention.c``, :func:`attention`): SegFormer's efficient self-attention, fused and DGL.
   PyTorch's fused CPU attention vectorises along the head width, so a DGL head of 24 kept channels costs ~0.9 of a
   32-channel one; here the queries fill the vector lanes and the time falls with the width (0.78 at 24 channels,
@@ -143,6 +144,9 @@ def library() -> ctypes.CDLL | None:
     lib.dgl_plan.restype = ctypes.c_int
     lib.resize_add.argtypes = [_F32P, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.POINTER(_ResizeSource), _I64]
     lib.resize_add.restype = None
+    lib.resize_argmax.argtypes = [_F32P, _I64 * 3, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64P,
+                                  ctypes.c_int]
+    lib.resize_argmax.restype = ctypes.c_int
     lib.attention.argtypes = [ctypes.POINTER(_AttentionArgs), ctypes.c_int, ctypes.c_int]
     lib.attention.restype = ctypes.c_int
     lib.attention_widest.restype = ctypes.c_int
@@ -297,6 +301,29 @@ def resize_add_(acc: Tensor, maps: Sequence[Tensor], row0: int, height: int) -> 
     return True
 
 
+def resize_argmax(logits: Tensor, size: Sequence[int], out_size: Sequence[int] | None = None) -> Tensor | None:
+    """``argmax`` over classes of ``logits`` (B, K, h, w) resized bilinearly (``align_corners=False``) to ``size``
+    and then to ``out_size`` (mmseg's two test-time resizes; None: one), as (B, H, W) int64 — without the resized
+    logits ever existing (``native_resize.c``). None, computing nothing, where the kernel does not apply: not a plain
+    CPU float32 inference call, classes not contiguous (NCHW logits), no kernel built. Pixels may be strided: a
+    fused SegFormer's logits are a view of its padded classifier's output.
+
+    Labels equal ``argmax`` of PyTorch's resizes except where two classes' resized logits are within float32
+    rounding (~1e-7 relative) of each other.
+    """
+    lib = library()
+    if lib is None or not usable(logits) or logits.dim() != 4 or logits.stride(1) != 1 and logits.shape[1] > 1:
+        return None
+    B, K, h, w = logits.shape
+    (H1, W1), (H2, W2) = tuple(size), tuple(out_size if out_size is not None else size)
+    labels = torch.empty(B, H2, W2, dtype=torch.int64)
+    strides = (_I64 * 3)(logits.stride(0), logits.stride(2), logits.stride(3))
+    if lib.resize_argmax(_ptr(logits), strides, B, h, w, K, H1, W1, H2, W2, _ptr(labels, _I64P),
+                         torch.get_num_threads()):
+        raise MemoryError("native resize_argmax: out of memory")
+    return labels
+
+
 @functools.lru_cache(maxsize=1)
 def _attention_paths() -> tuple[int, bool]:
     """The widest vector path of the attention kernel on this CPU, and whether it was built with threads."""
@@ -337,4 +364,4 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, path: int | None = 
 
 
 __all__ = ["ENV_SWITCH", "NativePlan", "Part", "Selection", "attention", "available", "cache_dir", "kernel_path",
-           "library", "resize_add_", "usable"]
+           "library", "resize_add_", "resize_argmax", "usable"]
