@@ -65,7 +65,6 @@ from edgeseg.models.dynamic import (
     DynamicEfficientSelfAttention,
     DynamicGatedLinear,
     DynamicMixFFN,
-    dynamic_gates,
     from_segformer,
     random_gates_,
     set_native,

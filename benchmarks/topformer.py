@@ -27,8 +27,8 @@ def main() -> None:
     args = parser.parse_args()
 
     x = torch.randn(1, 3, *args.size)
-    print(f"| model | threads | GMACs | eager ms (median) | fused ms (median) | fused / eager | max abs diff (float64) |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| model | threads | GMACs | eager ms (median) | fused ms (median) | fused / eager | max abs diff (float64) |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.models:
         eager = create_model(name).eval()
         fused = eager.fuse()

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import edgeseg
 from edgeseg import create_model, load_model

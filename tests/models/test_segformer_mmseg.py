@@ -9,7 +9,6 @@ are mmseg's, so its ``state_dict()`` under ``backbone.`` / ``decode_head.`` *is*
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from edgeseg import create_model, load_model, save_checkpoint

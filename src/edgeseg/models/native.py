@@ -103,7 +103,8 @@ def kernel_path(compiler: str) -> Path:
 
 
 def _compile(compiler: str, target: Path) -> None:
-    """With OpenMP where the compiler has it (the attention kernel's threads), else without (one thread)."""
+    """With OpenMP where the compiler has it (the kernels split their work over PyTorch's threads), else without
+    (each kernel then runs on one thread; the attention kernel leaves multi-threaded calls to PyTorch)."""
     command = [compiler, "-O3", "-std=c99", "-shared", "-fPIC", "-o", str(target), *map(str, SOURCES), "-lm"]
     try:
         subprocess.run([*command, "-fopenmp"], check=True, capture_output=True, text=True)
