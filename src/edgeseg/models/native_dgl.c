@@ -120,8 +120,10 @@ static void token_sums(const float *x, int64_t n_begin, int64_t n_end, int64_t s
 /* Below this many floats, a site's pooling or gathers run on one thread: a parallel region costs microseconds. */
 #define PARALLEL_MIN 32768
 
-/* token_sums over all tokens, the runs split over `threads` threads (partial: threads * C doubles, run: threads * C
- * floats), the threads' sums added in thread order. */
+/* token_sums over all tokens, the runs split over `threads` threads, the threads' sums added in thread order
+ * (partial: threads * C doubles; run: C floats, for one thread). Each thread accumulates in buffers on its own
+ * stack: neighbouring threads' running sums in one allocation share cache lines, which made two threads 3x slower
+ * than one. */
 static void pooled_sums(const float *x, int64_t tokens, int64_t sn, int64_t sc, int64_t C, double *sum,
                         double *partial, float *run, int threads) {
     const int64_t runs = (tokens + TOKEN_RUN - 1) / TOKEN_RUN;
@@ -135,7 +137,10 @@ static void pooled_sums(const float *x, int64_t tokens, int64_t sn, int64_t sc, 
     {
         const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
         const int64_t n0 = runs * t / n * TOKEN_RUN, n1 = runs * (t + 1) / n * TOKEN_RUN;
-        token_sums(x, n0, n1 < tokens ? n1 : tokens, sn, sc, C, partial + t * C, run + t * C);
+        double own_sum[C];
+        float own_run[C];
+        token_sums(x, n0, n1 < tokens ? n1 : tokens, sn, sc, C, own_sum, own_run);
+        for (int64_t c = 0; c < C; c++) partial[t * C + c] = own_sum[c];
     }
     for (int64_t c = 0; c < C; c++) sum[c] = 0.0;
     for (int t = 0; t < threads; t++)
@@ -210,7 +215,7 @@ int dgl_plan(const dgl_site *s, const float *input, int64_t batch, int64_t token
              int64_t sc, int threads) {
     if (threads < 1) threads = 1;
     double *pooled_sum = malloc(sizeof(double) * (size_t)((1 + threads) * s->channels));
-    float *buf = malloc(sizeof(float) * (size_t)((1 + threads) * s->channels + s->hidden + s->n + s->slots));
+    float *buf = malloc(sizeof(float) * (size_t)(2 * s->channels + s->hidden + s->n + s->slots));
     int32_t *order = malloc(sizeof(int32_t) * (size_t)s->n);
     unsigned char *mark = malloc((size_t)s->n);
     if (!pooled_sum || !buf || !order || !mark) {
