@@ -508,17 +508,23 @@ class AdditiveMLPDecoder(nn.Module):
         which cuts the memory a fused B0 forward adds by about 40 % (benchmarks/decoder_bands.py), what limits
         small devices. The resizes are bit-identical to the whole pass (:func:`_resize_rows`); where the native
         kernels are built, each band instead gets all its resized maps added in one pass (:func:`.native.resize_add_`).
+        The logits are a view of the classifier's output: with a padded classifier (``fuse()``) their pixels are K'
+        floats apart (copying the K kept ones out of each band cost ~2 % of a fused B0 forward).
         """
         c1, *rest = features
         B, _, H, W = c1.shape
         small = [_project(linear, f) for linear, f in zip(self.linear_c[1:], rest)]  # at 1/8…1/32: whole, once
-        logits = c1.new_empty(B, H, W, self.num_classes)
+        weight = self.linear_pred.weight.flatten(1).t()  # (E, K'), K' ≥ K when fuse() padded the classifier
+        logits = c1.new_empty(B, H, W, weight.shape[1])
         for r0 in range(0, H, self.row_band):
             r1 = min(H, r0 + self.row_band)
             x = _project(self.linear_c[0], c1[:, :, r0:r1])
             self._add_resized_(x, small, r0, (H, W))
-            logits[:, r0:r1] = self._classify(self.act(self.bn(x)))
-        return logits.permute(0, 3, 1, 2)
+            x = self.act(self.bn(x)).permute(0, 2, 3, 1)  # (B, rows, W, E), each image contiguous
+            for b in range(B):  # the classifier writes its rows of the logits in place: no band copied after it
+                torch.addmm(self.linear_pred.bias, x[b].reshape(-1, x.shape[-1]), weight,
+                            out=logits[b, r0:r1].view(-1, weight.shape[1]))
+        return logits[..., : self.num_classes].permute(0, 3, 1, 2)
 
     @torch.no_grad()
     def fuse(self) -> AdditiveMLPDecoder:
@@ -592,9 +598,10 @@ class SegFormer(nn.Module):
 
     def fuse(self) -> SegFormer:
         """A new inference model: the decoder in additive form (fuse conv and BN folded into the per-stage
-        projections; see ``MLPDecoder.fuse`` and ``MMSegMLPDecoder.fuse``), attention through SDPA, dropout/drop-path
-        removed, conv weights channels-last (the token sequences are channels-last maps already, so oneDNN then runs
-        the convs without layout reorders). Same logits (≤ 1e-5)."""
+        projections; see ``MLPDecoder.fuse`` and ``MMSegMLPDecoder.fuse``), attention by the native kernel or SDPA,
+        dropout/drop-path removed, conv weights channels-last (the token sequences are channels-last maps already,
+        so oneDNN then runs the convs without layout reorders). Same logits (≤ 1e-5); in eval mode they are a
+        channels-last view of the padded classifier's output (``.contiguous()`` where a dense tensor is needed)."""
         return fuse_modules(copy.deepcopy(self).eval()).to(memory_format=torch.channels_last)
 
 
