@@ -447,3 +447,42 @@ def test_resize_argmax_declines_what_it_cannot_run(native_kernel):
         assert native.resize_argmax(logits.double(), (8, 12)) is None
     with torch.enable_grad():
         assert native.resize_argmax(logits.requires_grad_(), (8, 12)) is None
+
+
+@pytest.mark.parametrize("shape", [(2, 300, 32), (1, 20000, 32), (3, 7, 160), (5, 13)])  # 20000 rows: split
+def test_layer_norm_matches_torch(native_kernel, shape):
+    g = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(*shape, generator=g) * 3 + 1
+    weight, bias = torch.randn(shape[-1], generator=g), torch.randn(shape[-1], generator=g)
+    for eps in (1e-6, 0.5):  # a large eps: its place in the formula shows
+        with torch.no_grad():
+            got = native.layer_norm(x, weight, bias, eps)
+        want = torch.nn.functional.layer_norm(x, (shape[-1],), weight, bias, eps)
+        assert (got - want).abs().max() <= 1e-5
+
+
+def test_layer_norm_declines_what_it_cannot_run(native_kernel):
+    x, w, b = torch.randn(4, 8), torch.ones(8), torch.zeros(8)
+    with torch.no_grad():
+        assert native.layer_norm(x.t(), torch.ones(4), torch.zeros(4), 1e-5) is None  # rows not contiguous
+        assert native.layer_norm(x.double(), w.double(), b.double(), 1e-5) is None
+        assert native.layer_norm(x, torch.ones(7), b, 1e-5) is None
+    with torch.enable_grad():
+        assert native.layer_norm(x.requires_grad_(), w, b, 1e-5) is None
+
+
+def test_fused_segformer_norms_are_native_layer_norms(native_kernel):
+    from edgeseg.models.layers import NativeLayerNorm
+
+    torch.manual_seed(0)
+    model = random_weights_(create_model("segformer-b0", num_classes=8)).eval()
+    fused = model.fuse()
+    norms = [m for m in fused.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(type(m) is NativeLayerNorm for m in norms)
+    plain = torch.nn.LayerNorm(32, eps=1e-6)
+    assert NativeLayerNorm.from_layer_norm(plain).state_dict().keys() == plain.state_dict().keys()
+    eager = dict(model.named_modules())
+    assert all(m.eps == eager[name].eps for name, m in fused.named_modules() if isinstance(m, NativeLayerNorm))
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        assert (fused(x) - model(x)).abs().max() <= 1e-4

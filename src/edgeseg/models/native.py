@@ -18,6 +18,8 @@ overhead, or vectorises along the wrong axis.
   32-channel one; here the queries fill the vector lanes and the time falls with the width (0.78 at 24 channels,
   0.6 at 16), and a dense head runs in ~0.7 of PyTorch's time (B0 at 512², two threads). Its threads are PyTorch's
   OpenMP threads.
+- **LayerNorm** (``native_norm.c``, :func:`layer_norm`): short token rows (32 channels at B0's stage 1) without
+  PyTorch's per-row overhead; fused models' norms are :class:`~.layers.NativeLayerNorm`.
 
 On Linux, the kernels are compiled on first use with the system C compiler (``$CC`` or ``cc``; with ``-fopenmp``
 where it has it) into ``$EDGESEG_CACHE_DIR`` (default ``~/.cache/edgeseg``), keyed by the sources' hash. Without a
@@ -47,7 +49,8 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 ENV_SWITCH = "EDGESEG_NATIVE"
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("native_dgl.c", "native_resize.c", "native_attention.c"))
+SOURCES = tuple(Path(__file__).with_name(name)
+                for name in ("native_dgl.c", "native_resize.c", "native_attention.c", "native_norm.c"))
 HEADERS = tuple(Path(__file__).with_name(name)  # part of the build's cache key
                 for name in ("native_dispatch.h", "native_attention_block.h"))
 
@@ -151,6 +154,8 @@ def library() -> ctypes.CDLL | None:
     lib.attention.argtypes = [ctypes.POINTER(_AttentionArgs), ctypes.c_int, ctypes.c_int]
     lib.attention.restype = ctypes.c_int
     lib.attention_widest.restype = ctypes.c_int
+    lib.layer_norm.argtypes = [_F32P, _F32P, _I64, _I64, _F32P, _F32P, ctypes.c_float, ctypes.c_int]
+    lib.layer_norm.restype = None
     lib.attention_threaded.restype = ctypes.c_int
     return lib
 
@@ -302,6 +307,22 @@ def resize_add_(acc: Tensor, maps: Sequence[Tensor], row0: int, height: int) -> 
     return True
 
 
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor | None:
+    """``F.layer_norm(x, (C,), weight, bias, eps)`` over the last axis of a contiguous ``x`` (``native_norm.c``:
+    short rows without PyTorch's per-row overhead); None, computing nothing, where the kernel does not apply (not a
+    plain CPU float32 inference call, ``x`` not contiguous, no kernel built)."""
+    lib = library()
+    if lib is None or not usable(x) or not x.is_contiguous() or x.dim() == 0 or x.shape[-1] == 0:
+        return None
+    C = x.shape[-1]
+    if any(t.shape != (C,) or t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous()
+           for t in (weight, bias)):
+        return None
+    y = torch.empty_like(x)
+    lib.layer_norm(_ptr(x), _ptr(y), x.numel() // C, C, _ptr(weight), _ptr(bias), eps, torch.get_num_threads())
+    return y
+
+
 def resize_argmax(logits: Tensor, size: Sequence[int], out_size: Sequence[int] | None = None) -> Tensor | None:
     """``argmax`` over classes of ``logits`` (B, K, h, w) resized bilinearly (``align_corners=False``) to ``size``
     and then to ``out_size`` (mmseg's two test-time resizes; None: one), as (B, H, W) int64 — without the resized
@@ -365,4 +386,4 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, path: int | None = 
 
 
 __all__ = ["ENV_SWITCH", "NativePlan", "Part", "Selection", "attention", "available", "cache_dir", "kernel_path",
-           "library", "resize_add_", "resize_argmax", "usable"]
+           "layer_norm", "library", "resize_add_", "resize_argmax", "usable"]

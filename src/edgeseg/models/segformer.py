@@ -132,11 +132,10 @@ class EfficientSelfAttention(nn.Module):
         return x.transpose(1, 2).reshape(B, N, -1)
 
     def fuse(self) -> EfficientSelfAttention:
-        """Inference form: the same weights, attention by ``scaled_dot_product_attention``."""
-        fused = copy.deepcopy(self)
+        """Inference form: the same weights, attention by the native kernel or ``scaled_dot_product_attention``
+        (:meth:`attend`), dropout removed, the sequence-reduction norm a :class:`~.layers.NativeLayerNorm`."""
+        fused = fuse_modules(copy.deepcopy(self))
         fused.use_sdpa = True
-        fused.attn_drop = nn.Identity()
-        fused.proj_drop = nn.Identity()
         return fused
 
     def extra_repr(self) -> str:
