@@ -486,3 +486,5 @@ def test_fused_segformer_norms_are_native_layer_norms(native_kernel):
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         assert (fused(x) - model(x)).abs().max() <= 1e-4
+        double = model.double().fuse()  # the norms keep the model's dtype (PyTorch's kernel runs them)
+        assert (double(x.double()) - model(x.double())).abs().max() <= 1e-9

@@ -39,8 +39,8 @@ class NativeLayerNorm(nn.LayerNorm):
 
     @classmethod
     def from_layer_norm(cls, norm: nn.LayerNorm) -> NativeLayerNorm:
-        new = cls(norm.normalized_shape, norm.eps, norm.elementwise_affine, bias=norm.bias is not None,
-                  device=norm.weight.device if norm.weight is not None else None)
+        like = {"device": norm.weight.device, "dtype": norm.weight.dtype} if norm.weight is not None else {}
+        new = cls(norm.normalized_shape, norm.eps, norm.elementwise_affine, bias=norm.bias is not None, **like)
         new.load_state_dict(norm.state_dict())
         return new
 

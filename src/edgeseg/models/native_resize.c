@@ -1,12 +1,10 @@
 /* Bilinear resizing in one pass over its output: upsampling added into an accumulator, for SegFormer's additive
- * decoder (edgeseg.models.segformer), and the labels of resized logits (edgeseg.engine.inference).
+ * decoder (edgeseg.models.segformer), and the labels of resized logits (edgeseg.engine.inference, below).
  *
- * Resize-and-add:
- *
- * Why C: the decoder sums the 1/8, 1/16 and 1/32 maps, each projected to E channels and resized to the 1/4 grid.
- * In PyTorch each resize writes an E-channel map at 1/4 resolution that the sum then reads back (three 16 MB maps
- * for B0 at 512²): memory traffic, not arithmetic. Here each output pixel's E channels are read, get the four-tap
- * interpolation of every map added, and are written once.
+ * Resize-and-add. Why C: the decoder sums the 1/8, 1/16 and 1/32 maps, each projected to E channels and resized to
+ * the 1/4 grid. In PyTorch each resize writes an E-channel map at 1/4 resolution that the sum then reads back (three
+ * 16 MB maps for B0 at 512²): memory traffic, not arithmetic. Here each output pixel's E channels are read, get the
+ * four-tap interpolation of every map added, and are written once.
  *
  * Semantics: F.interpolate(mode="bilinear", align_corners=False) without scale factors, per axis: source coordinate
  * (dst + 0.5) * in / out - 0.5, clamped at 0; taps floor(src) and the next one (clamped to the last row/column);
@@ -81,8 +79,8 @@ void resize_add(float *acc, int64_t batch, int64_t rows, int64_t row0, int64_t H
 }
 
 /* Labels of resized logits: argmax over K classes of logits (batch, h, w, K) (classes contiguous, pixels and images
- * at any stride: a padded classifier's logits are a view) resized bilinearly to H1 x W1 and then
- * to H2 x W2 (mmseg's test protocol: to the network input, then to the image; H1 x W1 == H2 x W2 is one resize).
+ * at any stride: a padded classifier's logits are a view) resized bilinearly to H1 x W1 and then to H2 x W2 (mmseg's
+ * test protocol: to the network input, then to the image; H1 x W1 == H2 x W2 is one resize).
  *
  * Why: at 150 classes the resized logits of a 512 x 683 image are 210 MB that the argmax reads once; writing and
  * reading them takes longer than the network (SegFormer-B0 fused). Both resizes are linear and separable, so each
@@ -171,9 +169,10 @@ static int64_t blend_argmax(const float *const *rows, const float *w, int64_t n,
     return arg;
 }
 
+/* Output rows [first, last) of the batch (row r: image r / H2, row r % H2); rows: w * K floats of scratch. */
 static void label_rows(const float *logits, const int64_t *stride, int64_t h, int64_t w, int64_t K, int64_t H1,
-                       int64_t H2, int64_t W2,
-                       const axis_taps *cols, int64_t first, int64_t last, float *rows, int64_t *labels) {
+                       int64_t H2, int64_t W2, const axis_taps *cols, int64_t first, int64_t last, float *rows,
+                       int64_t *labels) {
     for (int64_t r = first; r < last; r++) {
         const int64_t n = r / H2, y = r % H2;
         axis_taps t;
