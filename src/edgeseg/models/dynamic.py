@@ -862,10 +862,10 @@ class DynaSegFormer(nn.Module):
         return self.decode_head(self.encoder.forward_features(x))
 
     def fuse(self, pad_multiple: int = 8) -> DynaSegFormer:
-        """A new inference model: decoder BN folded, attention through SDPA, dropout/drop-path removed, conv
-        weights channels-last (as ``SegFormer.fuse``); the DGL layers run their gathered form in eval mode, gates
-        folded and kept widths padded with zero neurons to ``pad_multiple`` (:func:`fold_gates`). Same logits
-        (≤ 1e-5)."""
+        """A new inference model: decoder BN folded, attention by the native kernel or SDPA, dropout/drop-path
+        removed, conv weights channels-last (as ``SegFormer.fuse``); the DGL layers run their gathered form in eval
+        mode, gates folded and kept widths padded with zero neurons to ``pad_multiple`` (:func:`fold_gates`). Same
+        logits (≤ 1e-5)."""
         fused = fold_gates(fuse_modules(copy.deepcopy(self).eval()), pad_multiple)
         return fused.to(memory_format=torch.channels_last)
 

@@ -261,8 +261,8 @@ class MixVisionTransformer(nn.Module):
     forward = forward_features
 
     def fuse(self) -> MixVisionTransformer:
-        """A new inference encoder: attention through SDPA, dropout and drop-path removed, conv weights
-        channels-last."""
+        """A new inference encoder: attention by the native kernel or SDPA, dropout and drop-path removed, conv
+        weights channels-last."""
         return fuse_modules(copy.deepcopy(self).eval()).to(memory_format=torch.channels_last)
 
 
@@ -645,7 +645,8 @@ class MiTClassifier(nn.Module):
         return self.head(self.encoder.forward_features(x)[-1].mean(dim=(2, 3)))
 
     def fuse(self) -> MiTClassifier:
-        """A new inference model (attention through SDPA, drop-path removed, conv weights channels-last)."""
+        """A new inference model (attention by the native kernel or SDPA, drop-path removed, conv weights
+        channels-last)."""
         return fuse_modules(copy.deepcopy(self).eval()).to(memory_format=torch.channels_last)
 
 
