@@ -376,7 +376,10 @@ def test_attention_threads_split_the_same_work(native_kernel):
             two = native.attention(q, k, v, 0.2)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, two)
+    if native._attention_paths()[1]:
+        assert torch.equal(one, two)
+    else:  # built without OpenMP: one thread only, PyTorch's attention when it runs several
+        assert one is not None and two is None
 
 
 def test_attention_declines_what_it_cannot_run(native_kernel):
