@@ -34,10 +34,15 @@ def encode_decode(model: nn.Module, img: Tensor) -> Tensor:
     return _resize(model(img).float(), img.shape[-2:])
 
 
+def _upsampled(logits: Tensor, size: Sequence[int], out_size: Sequence[int] | None) -> Tensor:
+    """A forward's native logits resized to the network input ``size``, then to ``out_size`` (mmseg's two resizes)."""
+    logits = _resize(logits, size)
+    return logits if out_size is None else _resize(logits, out_size)
+
+
 def whole_inference(model: nn.Module, img: Tensor, out_size: Sequence[int] | None = None) -> Tensor:
     """Logits (B, K, *out_size) from one forward pass over the whole image (mmseg ``whole_inference``)."""
-    logits = encode_decode(model, img)
-    return logits if out_size is None else _resize(logits, out_size)
+    return _upsampled(model(img).float(), img.shape[-2:], out_size)
 
 
 def whole_labels(model: nn.Module, img: Tensor, out_size: Sequence[int] | None = None) -> Tensor:
@@ -51,10 +56,7 @@ def whole_labels(model: nn.Module, img: Tensor, out_size: Sequence[int] | None =
     """
     logits = model(img).float()
     labels = native.resize_argmax(logits, img.shape[-2:], out_size)
-    if labels is None:
-        logits = _resize(logits, img.shape[-2:])
-        labels = (logits if out_size is None else _resize(logits, out_size)).argmax(1)
-    return labels
+    return _upsampled(logits, img.shape[-2:], out_size).argmax(1) if labels is None else labels
 
 
 def slide_windows(height: int, width: int, crop: Sequence[int], stride: Sequence[int]) -> list[tuple[int, int, int, int]]:
