@@ -374,6 +374,13 @@ def test_padded_widths_are_exact_zero_neurons(sparsity):
     assert (attn.qk_gate.keep, attn.qk_gate.width) == ((7, 8) if sparsity == 0.3 else (5, 8))
     assert (ffn.gate.keep, ffn.gate.width) == ((112, 112) if sparsity == 0.3 else (80, 80))
     assert (dgl.gate.keep, dgl.gate.width) == ((70, 72) if sparsity == 0.3 else (50, 56))
+    # the scores read only the kept Q/K channels of each padded head; V keeps its padded width
+    seen = []
+    real_attend = attn.attend
+    attn.attend = lambda q, k, v: seen.append((q.shape[-1], k.shape[-1], v.shape[-1])) or real_attend(q, k, v)
+    with torch.no_grad():
+        attn(x, hw)
+    assert seen == [(attn.qk_gate.keep, attn.qk_gate.keep, attn.v_gate.width)]
     # the padding slots carry value 0 and come after the kept ones in each group
     values, _ = top_r(torch.randn(2, 16), keep=5, groups=2, width=8)
     assert torch.equal((values.reshape(2, 2, 8)[..., 5:] == 0).all(-1), torch.ones(2, 2, dtype=torch.bool))
