@@ -22,6 +22,7 @@ from edgeseg.models.dynamic import (
     from_segformer,
     random_gates_,
     set_native,
+    set_sparsity,
     top_r,
 )
 from edgeseg.models.topformer import from_topformer
@@ -75,6 +76,27 @@ def test_native_plans_equal_pytorch_plans(native_kernel, fused_student, sparsity
     assert not any(_planned(reference))
     assert (got - want).abs().max() <= 1e-5
     assert torch.equal(got, again)
+
+
+def test_fused_student_replans_when_a_sparsity_changes(native_kernel, fused_student):
+    """A site resolves its native plan once per sparsity and padding (``DynamicGate.recent_plan``): after
+    ``set_sparsity``, or one gate of an attention set apart from the other, the next forward plans for the new
+    widths — natively where the kernel applies, in PyTorch where it does not (unequal Q/K and V widths)."""
+    model = _fresh_copy(fused_student[0.3])
+    reference = _fresh_copy(model)
+    set_native(reference, False)
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(3))
+    attn = model.encoder.stages[0].blocks[0].attn
+    with torch.inference_mode():
+        model(x)
+        for m in (model, reference):
+            set_sparsity(m, 0.5)
+        assert (model(x) - reference(x)).abs().max() <= 1e-5
+        assert set(attn.qk_gate.native_plans) == {(22, 24), (16, 16)}
+        for m in (model, reference):
+            m.encoder.stages[0].blocks[0].attn.v_gate.sparsity = 0.25
+        assert (model(x) - reference(x)).abs().max() <= 1e-5
+    assert copy.deepcopy(attn).qk_gate._recent is None  # a copy resolves its own plans
 
 
 def test_kernel_top_r_matches_torch(native_kernel):
