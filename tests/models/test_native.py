@@ -99,9 +99,10 @@ def test_fused_student_replans_when_a_sparsity_changes(native_kernel, fused_stud
     assert copy.deepcopy(attn).qk_gate._recent is None  # a copy resolves its own plans
 
 
-def test_kernel_top_r_matches_torch(native_kernel):
+@pytest.mark.parametrize("C, hidden", [(24, 16), (13, 11), (45, 37)])  # the gate MLP's vector loops and tails
+def test_kernel_top_r_matches_torch(native_kernel, C, hidden):
     gen = torch.Generator().manual_seed(0)
-    C, hidden, n, groups, keep, width, tokens = 24, 16, 64, 4, 11, 13, 7
+    n, groups, keep, width, tokens = 64, 4, 11, 13, 7
     gate = FoldedGate(torch.randn(hidden, C, generator=gen), torch.randn(hidden, generator=gen),
                       torch.randn(n, hidden, generator=gen), torch.randn(n, generator=gen), 1e-5)
     source = torch.arange(n, dtype=torch.float32)[:, None] + 1.0  # a gathered row names its neuron

@@ -151,6 +151,33 @@ static void pooled_sums(const float *x, int64_t tokens, int64_t sn, int64_t sc, 
 #endif
 }
 
+typedef float v8f __attribute__((vector_size(32)));
+
+/* a · b over n floats, eight lanes at a time: the gate MLP's rows are short (16-256), and a scalar sum is one chain
+ * of dependent additions (the 16 gate MLPs of a B0 forward: 0.15 ms that way). */
+DISPATCHED
+static float dot(const float *a, const float *b, int64_t n) {
+    v8f acc0 = {0}, acc1 = {0}, va, vb;
+    int64_t c = 0;
+    for (; c + 16 <= n; c += 16) {
+        __builtin_memcpy(&va, a + c, sizeof va);
+        __builtin_memcpy(&vb, b + c, sizeof vb);
+        acc0 += va * vb;
+        __builtin_memcpy(&va, a + c + 8, sizeof va);
+        __builtin_memcpy(&vb, b + c + 8, sizeof vb);
+        acc1 += va * vb;
+    }
+    for (; c + 8 <= n; c += 8) {
+        __builtin_memcpy(&va, a + c, sizeof va);
+        __builtin_memcpy(&vb, b + c, sizeof vb);
+        acc0 += va * vb;
+    }
+    acc0 += acc1;
+    float sum = ((acc0[0] + acc0[1]) + (acc0[2] + acc0[3])) + ((acc0[4] + acc0[5]) + (acc0[6] + acc0[7]));
+    for (; c < n; c++) sum += a[c] * b[c];
+    return sum;
+}
+
 static void gate_logits(const dgl_site *s, const double *pooled_sum, int64_t tokens, float *x, float *h, float *g) {
     const int64_t C = s->channels, H = s->hidden;
     double mean = 0.0, var = 0.0;
@@ -163,17 +190,10 @@ static void gate_logits(const dgl_site *s, const double *pooled_sum, int64_t tok
     const double rstd = 1.0 / sqrt(var / (double)C + s->eps);
     for (int64_t c = 0; c < C; c++) x[c] = (float)((pooled_sum[c] / (double)tokens - mean) * rstd);
     for (int64_t j = 0; j < H; j++) {
-        const float *w = s->w1 + j * C;
-        float acc = s->b1[j];
-        for (int64_t c = 0; c < C; c++) acc += w[c] * x[c];
+        const float acc = s->b1[j] + dot(s->w1 + j * C, x, C);
         h[j] = acc > 0.0f ? acc : 0.0f;
     }
-    for (int64_t i = 0; i < s->n; i++) {
-        const float *w = s->w2 + i * H;
-        float acc = s->b2[i];
-        for (int64_t j = 0; j < H; j++) acc += w[j] * h[j];
-        g[i] = acc;
-    }
+    for (int64_t i = 0; i < s->n; i++) g[i] = s->b2[i] + dot(s->w2 + i * H, h, H);
 }
 
 /* Image b's gathered outputs: each part's rows, split over `threads` threads where there are enough floats. */
