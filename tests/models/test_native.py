@@ -306,22 +306,49 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 3, 1, 2)
 
 
+@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("channels", [16, 12])  # eight at a time, and a remainder
-def test_resize_add_matches_interpolate(native_kernel, channels):
+def test_resize_add_matches_interpolate(native_kernel, channels, relu):
     g = torch.Generator().manual_seed(0)
     H, W = 50, 70
     maps = [_channels_last(torch.randn(2, h, w, channels, generator=g)) for h, w in ((25, 35), (13, 17), (7, 9))]
     acc = torch.randn(2, 50, 70, channels, generator=g)
+    acc[1, 20, 30, 5] = float("nan")  # stays NaN through the ReLU, as in torch.relu
     want = _channels_last(acc.clone())
     for m in maps:
         want += torch.nn.functional.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)
+    if relu:
+        want = want.relu()
     with torch.no_grad():
         band = _channels_last(acc[:, 11:29].clone())  # rows 11..28 of the 50: offsets, clamping inside the band
-        assert native.resize_add_(band, maps, 11, H)
+        assert native.resize_add_(band, maps, 11, H, relu=relu)
         whole = _channels_last(acc.clone())
-        assert native.resize_add_(whole, maps, 0, H)
-    assert (band - want[:, :, 11:29]).abs().max() <= 1e-5
-    assert (whole - want).abs().max() <= 1e-5
+        assert native.resize_add_(whole, maps, 0, H, relu=relu)
+    torch.testing.assert_close(band, want[:, :, 11:29], rtol=0, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(whole, want, rtol=0, atol=1e-5, equal_nan=True)
+    assert bool((whole.nan_to_num(0.0) >= 0).all()) == relu  # (the random sums do go below 0)
+
+
+def test_resize_add_splits_rows_over_threads(native_kernel):
+    """Rows are independent: two threads give the one-thread result bit for bit (each row written once)."""
+    g = torch.Generator().manual_seed(1)
+    maps = [_channels_last(torch.randn(3, h, w, 24, generator=g)) for h, w in ((10, 12), (5, 6))]
+    acc = torch.randn(3, 7, 24, 24, generator=g)  # 12096 floats per image: split
+    runs, threads = [], torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                out = _channels_last(acc.clone())
+                assert native.resize_add_(out, maps, 5, 20, relu=True)
+                runs.append(out)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(runs[0], runs[1])
+    want = _channels_last(acc.clone())
+    for m in maps:
+        want += torch.nn.functional.interpolate(m, size=(20, 24), mode="bilinear", align_corners=False)[:, :, 5:12]
+    assert (runs[1] - want.relu()).abs().max() <= 1e-5
 
 
 def test_resize_add_declines_what_it_cannot_run(native_kernel):
@@ -343,8 +370,9 @@ def test_segformer_decoder_native_equals_pytorch(native_kernel, monkeypatch, siz
     x = torch.randn(2, 3, *size)
     ran, kernel = [], native.resize_add_
 
-    def spy(*args):
-        ran.append(kernel(*args))
+    def spy(*args, **kwargs):
+        assert kwargs == {"relu": True}  # the fused decoder's BN is folded: its ReLU runs in the same pass
+        ran.append(kernel(*args, **kwargs))
         return ran[-1]
 
     with torch.no_grad():

@@ -55,6 +55,7 @@ HEADERS = tuple(Path(__file__).with_name(name)  # part of the build's cache key
                 for name in ("native_dispatch.h", "native_attention_block.h"))
 
 _I64, _F32P, _I64P = ctypes.c_int64, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
+_MAX_RESIZE_SOURCES = 8  # MAX_SOURCES in native_resize.c
 
 
 class _Selection(ctypes.Structure):
@@ -146,7 +147,8 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.dgl_plan.argtypes = [ctypes.POINTER(_Site), ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.dgl_plan.restype = ctypes.c_int
-    lib.resize_add.argtypes = [_F32P, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.POINTER(_ResizeSource), _I64]
+    lib.resize_add.argtypes = [_F32P, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.POINTER(_ResizeSource), _I64,
+                               ctypes.c_int, ctypes.c_int]
     lib.resize_add.restype = None
     lib.resize_argmax.argtypes = [_F32P, _I64 * 3, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64P,
                                   ctypes.c_int]
@@ -285,16 +287,16 @@ def usable(x: Tensor) -> bool:
             and not torch.jit.is_tracing())
 
 
-def resize_add_(acc: Tensor, maps: Sequence[Tensor], row0: int, height: int) -> bool:
-    """``acc += Σ resize(map, (height, W))[:, :, row0 : row0 + rows]`` in one native pass, for the maps' bilinear
-    resize (``align_corners=False``) to a ``height`` × W grid; returns False, touching nothing, where the kernel does
-    not apply (then the caller resizes in PyTorch).
+def resize_add_(acc: Tensor, maps: Sequence[Tensor], row0: int, height: int, relu: bool = False) -> bool:
+    """``acc += Σ resize(map, (height, W))[:, :, row0 : row0 + rows]``, then with ``relu`` ``acc.relu_()``, in one
+    native pass, for the maps' bilinear resize (``align_corners=False``) to a ``height`` × W grid; returns False,
+    touching nothing, where the kernel does not apply (then the caller resizes in PyTorch).
 
     ``acc`` (B, C, rows, W) and every map (B, C, h, w) are channels-last views of contiguous (B, ·, ·, C) tensors —
     the layout SegFormer's decoder keeps its maps in.
     """
     lib = library()
-    if lib is None or not usable(acc) or not all(usable(m) for m in maps):
+    if lib is None or not usable(acc) or not all(usable(m) for m in maps) or len(maps) > _MAX_RESIZE_SOURCES:
         return False
     tokens = [t.permute(0, 2, 3, 1) for t in (acc, *maps)]
     if not all(t.is_contiguous() for t in tokens) or len({t.shape[3] for t in tokens}) != 1 \
@@ -303,7 +305,8 @@ def resize_add_(acc: Tensor, maps: Sequence[Tensor], row0: int, height: int) -> 
     out, *sources = tokens
     batch, rows, width, channels = out.shape
     table = (_ResizeSource * len(sources))(*[_ResizeSource(_ptr(t), t.shape[1], t.shape[2]) for t in sources])
-    lib.resize_add(_ptr(out), batch, rows, row0, height, width, channels, table, len(sources))
+    lib.resize_add(_ptr(out), batch, rows, row0, height, width, channels, table, len(sources), int(relu),
+                   torch.get_num_threads())
     return True
 
 

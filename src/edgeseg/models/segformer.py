@@ -479,18 +479,22 @@ class AdditiveMLPDecoder(nn.Module):
         # Everything stays channels-last (the projections' natural layout): the upsampling and the sums then
         # run over contiguous channel vectors, with no layout copies of the full-resolution maps.
         x = _project(self.linear_c[0], features[0])  # a fresh tensor: safe to accumulate into in place
-        self._add_resized_(x, [_project(linear, f) for linear, f in zip(self.linear_c[1:], features[1:])], 0, size)
-        return self._classify(self.dropout(self.act(self.bn(x)))).permute(0, 3, 1, 2)
+        maps = [_project(linear, f) for linear, f in zip(self.linear_c[1:], features[1:])]
+        return self._classify(self.dropout(self._sum_and_activate(x, maps, 0, size))).permute(0, 3, 1, 2)
 
-    def _add_resized_(self, x: torch.Tensor, maps: Sequence[torch.Tensor], r0: int, size: Sequence[int]) -> None:
-        """``x`` (rows ``r0 …`` of the ``size`` map, or all of them) += the same rows of every map resized to
-        ``size``: in one native pass over ``x`` where it runs (:func:`.native.resize_add_`: inference, CPU float32),
-        else by PyTorch resizes (a band's rows from :func:`_resize_rows`, bit-identical to the whole pass)."""
-        if self.native and native.resize_add_(x, maps, r0, size[0]):
-            return
+    def _sum_and_activate(self, x: torch.Tensor, maps: Sequence[torch.Tensor], r0: int,
+                          size: Sequence[int]) -> torch.Tensor:
+        """``act(bn(x + Σ resized maps))`` for rows ``r0 …`` of the ``size`` map (or all of them), ``x`` updated in
+        place: in one native pass over ``x`` where it runs (:func:`.native.resize_add_`: inference, CPU float32,
+        the ReLU in the same pass when no BN sits before it — folded, as in ``fuse()``), else by PyTorch resizes (a
+        band's rows from :func:`_resize_rows`, bit-identical to the whole pass)."""
+        relu_next = isinstance(self.bn, nn.Identity) and isinstance(self.act, nn.ReLU)
+        if self.native and native.resize_add_(x, maps, r0, size[0], relu=relu_next):
+            return x if relu_next else self.act(self.bn(x))
         rows = x.shape[2]
         for y in maps:
             x.add_(resize(y, size) if rows == size[0] else _resize_rows(y, *size, r0, r0 + rows))
+        return self.act(self.bn(x))
 
     def _classify(self, x: torch.Tensor) -> torch.Tensor:
         """The 1×1 classifier as one GEMM over the (B, h, w, E) view of a channels-last map: no im2col, no layout
@@ -517,9 +521,8 @@ class AdditiveMLPDecoder(nn.Module):
         logits = c1.new_empty(B, H, W, weight.shape[1])
         for r0 in range(0, H, self.row_band):
             r1 = min(H, r0 + self.row_band)
-            x = _project(self.linear_c[0], c1[:, :, r0:r1])
-            self._add_resized_(x, small, r0, (H, W))
-            x = self.act(self.bn(x)).permute(0, 2, 3, 1)  # (B, rows, W, E), each image contiguous
+            x = self._sum_and_activate(_project(self.linear_c[0], c1[:, :, r0:r1]), small, r0, (H, W))
+            x = x.permute(0, 2, 3, 1)  # (B, rows, W, E), each image contiguous
             for b in range(B):  # the classifier writes its rows of the logits in place: no band copied after it
                 torch.addmm(self.linear_pred.bias, x[b].reshape(-1, x.shape[-1]), weight,
                             out=logits[b, r0:r1].view(-1, weight.shape[1]))
