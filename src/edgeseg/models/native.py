@@ -71,7 +71,7 @@ class _Output(ctypes.Structure):
 
 
 class _ResizeSource(ctypes.Structure):
-    _fields_ = [("src", _F32P), ("h", _I64), ("w", _I64)]
+    _fields_ = [("src", ctypes.c_void_p), ("h", _I64), ("w", _I64)]
 
 
 class _AttentionArgs(ctypes.Structure):  # pointers as integers, strides as plain fields: built per call, cheaply
@@ -147,7 +147,7 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.dgl_plan.argtypes = [ctypes.POINTER(_Site), ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.dgl_plan.restype = ctypes.c_int
-    lib.resize_add.argtypes = [_F32P, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.POINTER(_ResizeSource), _I64,
+    lib.resize_add.argtypes = [ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.POINTER(_ResizeSource), _I64,
                                ctypes.c_int, ctypes.c_int]
     lib.resize_add.restype = None
     lib.resize_argmax.argtypes = [_F32P, _I64 * 3, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64P,
@@ -156,7 +156,8 @@ def library() -> ctypes.CDLL | None:
     lib.attention.argtypes = [ctypes.POINTER(_AttentionArgs), ctypes.c_int, ctypes.c_int]
     lib.attention.restype = ctypes.c_int
     lib.attention_widest.restype = ctypes.c_int
-    lib.layer_norm.argtypes = [_F32P, _F32P, _I64, _I64, _F32P, _F32P, ctypes.c_float, ctypes.c_int]
+    lib.layer_norm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, _I64, _I64, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_float, ctypes.c_int]
     lib.layer_norm.restype = None
     lib.attention_threaded.restype = ctypes.c_int
     return lib
@@ -304,8 +305,8 @@ def resize_add_(acc: Tensor, maps: Sequence[Tensor], row0: int, height: int, rel
         return False
     out, *sources = tokens
     batch, rows, width, channels = out.shape
-    table = (_ResizeSource * len(sources))(*[_ResizeSource(_ptr(t), t.shape[1], t.shape[2]) for t in sources])
-    lib.resize_add(_ptr(out), batch, rows, row0, height, width, channels, table, len(sources), int(relu),
+    table = (_ResizeSource * len(sources))(*[_ResizeSource(t.data_ptr(), t.shape[1], t.shape[2]) for t in sources])
+    lib.resize_add(out.data_ptr(), batch, rows, row0, height, width, channels, table, len(sources), int(relu),
                    torch.get_num_threads())
     return True
 
@@ -318,11 +319,12 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor | 
     if lib is None or not usable(x) or not x.is_contiguous() or x.dim() == 0 or x.shape[-1] == 0:
         return None
     C = x.shape[-1]
-    if any(t.shape != (C,) or t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous()
-           for t in (weight, bias)):
-        return None
+    for t in (weight, bias):
+        if t.shape != (C,) or t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
+            return None
     y = torch.empty_like(x)
-    lib.layer_norm(_ptr(x), _ptr(y), x.numel() // C, C, _ptr(weight), _ptr(bias), eps, torch.get_num_threads())
+    lib.layer_norm(x.data_ptr(), y.data_ptr(), x.numel() // C, C, weight.data_ptr(), bias.data_ptr(), eps,
+                   torch.get_num_threads())
     return y
 
 
