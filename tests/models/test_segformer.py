@@ -409,3 +409,20 @@ def test_mixffn_gelu_in_place_only_at_inference():
     out.sum().backward()
     assert out.data_ptr() != leaf.data_ptr() and torch.equal(leaf.detach(), x) and torch.equal(out.detach(), want)
     assert leaf.grad is not None
+
+
+def test_block_inference_adds_residuals_in_place_of_branch_outputs_only():
+    """Without autograd a block adds each residual into its branch's fresh output: the same sums bit for bit, the
+    block's input untouched; with autograd (training) the plain out-of-place form runs and gradients flow."""
+    torch.manual_seed(0)
+    block = S.Block(32, 1, sr_ratio=2).eval()
+    x, hw = torch.randn(2, 48, 32), (6, 8)
+    kept = x.clone()
+    with torch.no_grad():
+        fast = block(x, hw)
+    assert torch.equal(x, kept)
+    y = x.clone().requires_grad_(True)
+    slow = block(y, hw)
+    assert torch.equal(fast, slow.detach())
+    slow.sum().backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0
