@@ -175,7 +175,8 @@ def transformers_eager(dense: nn.Module) -> nn.Module | None:
 class AttentionKernel:
     """The attention kernel both fused models run (their ``attend()``: the native kernel where it is built, else
     ``F.scaled_dot_product_attention``) at each stage of a fused SegFormer, timed standalone at the dense head
-    width and at each student's kept width: same tokens, same heads.
+    width and at each student's widths — its scores over the kept Q/K channels, its values at the padded width, as
+    the student calls it: same tokens, same heads.
 
     Its MACs scale with the width; the softmax over the N × N/R² scores does not. ``scaling[s]`` is, per stage, the
     time at the student's width over the time at the dense width; ``share`` the dense kernel's time over the fused
@@ -193,26 +194,32 @@ class AttentionKernel:
         for h in hooks:
             h.remove()
         self.shapes, self.depths = shapes, [len(stage.blocks) for stage in fused.encoder.stages]
-        self.widths = {s: [st.encoder.stages[i].blocks[0].attn.qk_gate.width for i in range(len(shapes))]
-                       for s, st in students.items()}
+        gates = {s: [st.encoder.stages[i].blocks[0].attn.qk_gate for i in range(len(shapes))]
+                 for s, st in students.items()}
+        self.widths = {s: [(g.keep, g.width) for g in gs] for s, gs in gates.items()}  # (scores, values) per stage
         gen = torch.Generator().manual_seed(0)
         fns = {}
         for i, (n, m, heads, dim) in enumerate(shapes):
-            for d in {dim, *(w[i] for w in self.widths.values())}:
-                q, k, v = (torch.randn(1, t, heads, d, generator=gen).transpose(1, 2) for t in (n, m, m))
-                fns[(i, d)] = lambda q=q, k=k, v=v, attn=fused.encoder.stages[i].blocks[0].attn: attn.attend(q, k, v)
+            for keep, width in {(dim, dim), *(w[i] for w in self.widths.values())}:
+                q, k, v = (torch.randn(1, t, heads, width, generator=gen).transpose(1, 2) for t in (n, m, m))
+                fns[(i, keep, width)] = lambda q=q[..., :keep], k=k[..., :keep], v=v, \
+                    attn=fused.encoder.stages[i].blocks[0].attn: attn.attend(q, k, v)
         self.times = compare_latency(fns, rounds=rounds)
-        self.scaling = {s: [statistics.median(a / b for a, b in zip(self.times[(i, w[i])], self.times[(i, shape[3])]))
-                            for i, shape in enumerate(shapes)] for s, w in self.widths.items()}
+        self.scaling = {s: [statistics.median(a / b for a, b in zip(self.times[(i, *w[i])], self.dense_times(i)))
+                            for i in range(len(shapes))] for s, w in self.widths.items()}
+
+    def dense_times(self, stage: int) -> list[float]:
+        dim = self.shapes[stage][3]
+        return self.times[(stage, dim, dim)]
 
     def share(self, fused_ms: float) -> list[float]:
-        return [depth * statistics.median(self.times[(i, shape[3])]) / fused_ms
-                for i, (shape, depth) in enumerate(zip(self.shapes, self.depths))]
+        return [depth * statistics.median(self.dense_times(i)) / fused_ms for i, depth in enumerate(self.depths)]
 
     def gmacs(self, s: float | None = None) -> float:
-        """The attention products' GMACs (Q·Kᵀ and P·V) over all blocks, dense or at sparsity ``s``."""
-        return sum(depth * heads * 2 * n * m * (dim if s is None else self.widths[s][i]) for i, ((n, m, heads, dim),
-                   depth) in enumerate(zip(self.shapes, self.depths))) / 1e9
+        """The attention products' GMACs (Q·Kᵀ over the score channels, P·V over the value channels) over all
+        blocks, dense or at sparsity ``s``."""
+        return sum(depth * heads * n * m * (2 * dim if s is None else sum(self.widths[s][i]))
+                   for i, ((n, m, heads, dim), depth) in enumerate(zip(self.shapes, self.depths))) / 1e9
 
 
 def main() -> None:
@@ -302,8 +309,9 @@ def main() -> None:
         kernel = AttentionKernel(models["fused"], {s: models[f"dyna {s:.0%}"] for s in args.sparsities if s > 0}, x,
                                  args.rounds)
         for s, scaling in kernel.scaling.items():
-            print(f"attention kernel at {s:.0%} ({kernel.widths[s][0]} of {kernel.shapes[0][3]} channels per head), "
-                  f"time over the dense width, stages 1–4: " + " ".join(f"{r:.2f}" for r in scaling))
+            keep, width = kernel.widths[s][0]
+            print(f"attention kernel at {s:.0%} (scores over {keep}, values over {width} of {kernel.shapes[0][3]} "
+                  f"channels per head), time over the dense width, stages 1–4: " + " ".join(f"{r:.2f}" for r in scaling))
     if "untouched by DGL" in times:
         untouched = ratio("untouched by DGL", "fused")
         gated = gmacs["fused"] - gmacs["untouched by DGL"]
