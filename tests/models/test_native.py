@@ -99,6 +99,28 @@ def test_fused_student_replans_when_a_sparsity_changes(native_kernel, fused_stud
     assert copy.deepcopy(attn).qk_gate._recent is None  # a copy resolves its own plans
 
 
+def test_native_plans_follow_conversions_and_loads(native_kernel, fused_student):
+    """Plans hold the site's tensors. ``.double().float()`` and ``load_state_dict(assign=True)`` put new tensors in
+    place of the old: the next forward plans from the current weights, as the PyTorch plans do."""
+    model = _fresh_copy(fused_student[0.3])
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(4))
+    block = model.encoder.stages[1].blocks[0]
+    with torch.no_grad():
+        model(x)  # plans built on the original tensors
+        model.double().float()
+        block.mlp.fc1.weight.mul_(2)
+        block.attn.q.weight.mul_(2)
+        reference = copy.deepcopy(model)
+        set_native(reference, False)
+        assert (model(x) - reference(x)).abs().max() <= 1e-5
+        state = {k: v * 1.5 if k.endswith(("fc1.weight", ".q.weight")) else v for k, v in model.state_dict().items()}
+        model.load_state_dict(state, assign=True)
+        reference.load_state_dict(state)
+        got = model(x)
+        assert (got - reference(x)).abs().max() <= 1e-5
+    assert _planned(model) and all(_planned(model))
+
+
 @pytest.mark.parametrize("C, hidden", [(24, 16), (13, 11), (45, 37)])  # the gate MLP's vector loops and tails
 def test_kernel_top_r_matches_torch(native_kernel, C, hidden):
     gen = torch.Generator().manual_seed(0)

@@ -290,8 +290,7 @@ class DynamicGate(nn.Module):
         ``consumer`` (``W2``, (C', n)) is kept transposed: gathering rows of a contiguous (n, C') tensor runs 2–6×
         faster than gathering columns (:meth:`consumer_weight`)."""
         self.folded = self.predictor.folded(weights, self.rows)
-        self.native_plans = {}
-        self._recent = None
+        self.forget_plans()
         if consumer is not None:
             self.consumer_t = consumer.detach().t().contiguous()
 
@@ -304,6 +303,21 @@ class DynamicGate(nn.Module):
         if plan is None:
             plan = self.native_plans[key] = build()
         return plan
+
+    def forget_plans(self) -> None:
+        """Drop the native plans: they hold the site's tensors themselves (the weights, the folded gate), which a
+        conversion (``.to``, ``.float``, ``.double`` …) or a ``load_state_dict(assign=True)`` replaces; the next
+        forward builds them anew from the current ones."""
+        self.native_plans = {}
+        self._recent = None
+
+    def _apply(self, fn, recurse=True):  # every conversion of the model, or of any module holding this gate
+        self.forget_plans()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # every load into the model or a module holding it
+        self.forget_plans()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def recent_plan(self, state: tuple, resolve: Callable[[], NativePlan | None]) -> NativePlan | None:
         """The site's native plan, resolved by ``resolve`` (its checks, then :meth:`native_plan`) only when
