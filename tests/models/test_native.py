@@ -45,10 +45,10 @@ def _planned(model: torch.nn.Module) -> list[bool]:
 
 
 def _fresh_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy with no native plan built yet, so a test can see whether its forward builds (uses) one."""
+    """A copy with no native plan built yet (copies never carry plans), so a test can see whether its forward builds
+    (uses) one."""
     model = copy.deepcopy(model)
-    for gate in dynamic_gates(model):
-        gate.native_plans = {}
+    assert not any(gate.native_plans for gate in dynamic_gates(model))
     return model
 
 
@@ -100,13 +100,19 @@ def test_fused_student_replans_when_a_sparsity_changes(native_kernel, fused_stud
 
 
 def test_native_plans_follow_conversions_and_loads(native_kernel, fused_student):
-    """Plans hold the site's tensors. ``.double().float()`` and ``load_state_dict(assign=True)`` put new tensors in
-    place of the old: the next forward plans from the current weights, as the PyTorch plans do."""
-    model = _fresh_copy(fused_student[0.3])
+    """Plans hold the site's tensors. A deep copy, ``.double().float()`` and ``load_state_dict(assign=True)`` hold
+    or put new tensors in place of the old: the next forward plans from the current weights, as the PyTorch plans
+    do."""
+    original = _fresh_copy(fused_student[0.3])
     x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(4))
-    block = model.encoder.stages[1].blocks[0]
     with torch.no_grad():
-        model(x)  # plans built on the original tensors
+        original(x)  # plans built on the original tensors
+        model = copy.deepcopy(original)
+        block = model.encoder.stages[1].blocks[0]
+        block.mlp.fc1.weight.mul_(3)  # the copy's own weights, which its plans must read
+        reference = copy.deepcopy(model)
+        set_native(reference, False)
+        assert (model(x) - reference(x)).abs().max() <= 1e-5
         model.double().float()
         block.mlp.fc1.weight.mul_(2)
         block.attn.q.weight.mul_(2)

@@ -351,7 +351,8 @@ class DynamicGate(nn.Module):
 
     def __getstate__(self) -> dict:
         # ``last_gate`` is a graph tensor of the last training step: not state, and deepcopy (fuse) cannot copy it.
-        return {**self.__dict__, "last_gate": None, "_recent": None}
+        # The native plans hold this module's tensors: a copy (deepcopy, pickle) builds its own from its own.
+        return {**self.__dict__, "last_gate": None, "native_plans": {}, "_recent": None}
 
     def extra_repr(self) -> str:
         extra = f", pad_multiple={self.pad_multiple}" if self.pad_multiple > 1 else ""
