@@ -149,7 +149,7 @@ def library() -> ctypes.CDLL | None:
     lib.dgl_plan.restype = ctypes.c_int
     lib.resize_add.argtypes = [ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.POINTER(_ResizeSource), _I64,
                                ctypes.c_int, ctypes.c_int]
-    lib.resize_add.restype = None
+    lib.resize_add.restype = ctypes.c_int
     lib.resize_argmax.argtypes = [_F32P, _I64 * 3, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64P,
                                   ctypes.c_int]
     lib.resize_argmax.restype = ctypes.c_int
@@ -306,8 +306,9 @@ def resize_add_(acc: Tensor, maps: Sequence[Tensor], row0: int, height: int, rel
     out, *sources = tokens
     batch, rows, width, channels = out.shape
     table = (_ResizeSource * len(sources))(*[_ResizeSource(t.data_ptr(), t.shape[1], t.shape[2]) for t in sources])
-    lib.resize_add(out.data_ptr(), batch, rows, row0, height, width, channels, table, len(sources), int(relu),
-                   torch.get_num_threads())
+    if lib.resize_add(out.data_ptr(), batch, rows, row0, height, width, channels, table, len(sources), int(relu),
+                      torch.get_num_threads()):
+        raise MemoryError("native resize_add: out of memory")
     return True
 
 
