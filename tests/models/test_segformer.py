@@ -376,6 +376,22 @@ def test_decoder_runs_in_row_bands_in_eval_mode_only(heights, banded):
     assert not calls
 
 
+def test_decoder_in_eval_mode_backpropagates_to_its_input():
+    # Saliency maps and attacks differentiate an eval-mode model: the decoder then runs whole (its bands write
+    # the logits in place, which autograd refuses) and gives the banded logits.
+    dec = _randomize(S.AdditiveMLPDecoder([8, 16, 24, 32], 12, 5, batch_norm=True), seed=5).eval().fuse()
+    dec.row_band = 8
+    gen = torch.Generator().manual_seed(6)
+    feats = [torch.randn(1, c, h, h, generator=gen) for c, h in zip([8, 16, 24, 32], (40, 20, 10, 5))]
+    with torch.no_grad():
+        banded = dec(feats)
+    feats[0].requires_grad_(True)
+    out = dec(feats)
+    out.square().sum().backward()
+    assert (out - banded).abs().max().item() <= 1e-6
+    assert feats[0].grad is not None and feats[0].grad.abs().sum() > 0
+
+
 def test_mit_classifier_pools_the_normed_last_stage():
     torch.manual_seed(0)
     mit = _randomize(S.mit_b0(num_classes=10), seed=4).eval()

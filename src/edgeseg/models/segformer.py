@@ -477,8 +477,9 @@ class AdditiveMLPDecoder(nn.Module):
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         # Traced or captured (ONNX export, torch.export, torch.compile), one whole pass is the smaller graph: no bands.
-        if (not self.training and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
-                and _bands_are_exact(features, self.row_band)):
+        # With autograd on (saliency maps, attacks on an eval-mode model) neither: the bands write the logits in place.
+        if (not self.training and not torch.is_grad_enabled() and not torch.jit.is_tracing()
+                and not torch.compiler.is_compiling() and _bands_are_exact(features, self.row_band)):
             return self._forward_in_bands(features)
         size = features[0].shape[2:]
         # Everything stays channels-last (the projections' natural layout): the upsampling and the sums then
