@@ -37,10 +37,19 @@ def test_class_count_mismatch_is_one_clear_line_and_drop_head_loads_the_rest(ref
     assert "150" in msg and "19" in msg and "drop_head" in msg and str(path) in msg and "\n" not in msg
 
     report = edgeseg.load_checkpoint(model, path, drop_head=True)
-    assert report.skipped_keys and not report.missing_keys[len(report.skipped_keys):]
+    assert report.skipped_keys and report.missing_keys == [] and report.unexpected_keys == []
     official = edgeseg.load_model(path)
     kept = [k for k in model.state_dict() if k not in report.skipped_keys]
     assert all(torch.equal(model.state_dict()[k], official.state_dict()[k]) for k in kept)
+
+
+def test_drop_head_stays_strict_about_the_rest(tmp_path):
+    sd = edgeseg.create_model("topformer-tiny", num_classes=150).state_dict()
+    sd = {k: v for k, v in sd.items() if not k.startswith("injection.1.")}  # a backbone block missing
+    torch.save({"state_dict": sd}, tmp_path / "damaged.pth")
+    with pytest.raises(ValueError, match="15 missing keys"):
+        edgeseg.load_checkpoint(edgeseg.create_model("topformer-tiny", num_classes=19), tmp_path / "damaged.pth",
+                                drop_head=True)
 
 
 def test_family_mismatch_names_both(reference_dir):

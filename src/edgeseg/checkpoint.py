@@ -144,7 +144,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
     if head and len(head) == len(mismatched):
         if not drop_head:
             raise ValueError(f"checkpoint '{path}' has {src_classes} classes but the model has {model.num_classes}: "
-                             f"pass drop_head=True (CLI: --drop-head) to load all but the classifier")
+                             f"pass drop_head=True to load all but the classifier (a config's model.pretrained "
+                             f"does)")
         report.skipped_keys += head
         report.layout_notes.append(f"classifier ({src_classes} classes) dropped; the model keeps its own "
                                    f"{model.num_classes}-class classifier")
@@ -159,15 +160,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
     result = model.load_state_dict(sd, strict=False)
     report.missing_keys = [k for k in result.missing_keys if k not in report.skipped_keys]
     report.unexpected_keys = list(result.unexpected_keys)
-    if strict and not backbone_only and not drop_head and (report.missing_keys or report.unexpected_keys):
+    if strict and not backbone_only and (report.missing_keys or report.unexpected_keys):  # dropped head: skipped
         raise ValueError(f"checkpoint '{path}' does not match {model.model_name}: "
                          f"{len(report.missing_keys)} missing keys (e.g. {report.missing_keys[:2]}), "
                          f"{len(report.unexpected_keys)} unexpected (e.g. {report.unexpected_keys[:2]}); "
                          f"it holds {src_name} {src_args}: build it with edgeseg.load_model('{path}'), "
                          f"or pass strict=False to load the rest")
-    if strict and drop_head and report.unexpected_keys:
-        raise ValueError(f"checkpoint '{path}': unexpected keys {report.unexpected_keys[:3]} for "
-                         f"{model.model_name}; pass strict=False to ignore them")
     return report
 
 

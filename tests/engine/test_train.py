@@ -180,3 +180,19 @@ def test_pretrained_backbone_is_loaded_and_reported(tmp_path):
     assert "classifier skipped" in messages[0]
     with pytest.raises(FileNotFoundError, match="model.pretrained=null"):
         build_model(tiny_cfg("model.pretrained=missing.pth"), 8)
+
+
+def test_pretrained_segmentation_model_of_another_dataset_gives_all_but_its_classifier(tmp_path):
+    from edgeseg.checkpoint import save_checkpoint
+    from edgeseg.engine.train import build_model
+    from edgeseg.models import create_model
+
+    torch.manual_seed(2)
+    ade = create_model("topformer-tiny", num_classes=150)
+    save_checkpoint(tmp_path / "ade.pth", ade)
+    messages = []
+    model = build_model(tiny_cfg(f"model.pretrained={tmp_path / 'ade.pth'}"), 8, log=messages.append)
+    own, theirs = model.state_dict(), ade.state_dict()
+    differ = [k for k in own if not torch.equal(own[k], theirs[k])]
+    assert differ and all(own[k].shape[0] == 8 for k in differ)  # only the classifier is the model's own
+    assert "classifier (150 classes) dropped" in messages[0]

@@ -208,13 +208,15 @@ def seg_loss(logits: Tensor, gt: Tensor, ignore_index: int = 255) -> Tensor:
 
 
 def build_model(cfg: Config, num_classes: int, log: Any = print) -> nn.Module:
-    """``create_model`` from the config, plus the ImageNet backbone when ``model.pretrained`` names one."""
+    """``create_model`` from the config, plus the weights ``model.pretrained`` names: an ImageNet backbone, or a
+    segmentation model of the same architecture (its classifier too where the class count agrees)."""
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes or num_classes, **cfg.model.overrides)
     if cfg.model.pretrained:
         if not Path(cfg.model.pretrained).exists():
             raise FileNotFoundError(f"model.pretrained '{cfg.model.pretrained}' not found: download the ImageNet "
                                     f"weights the config names, or train from scratch with --set model.pretrained=null")
-        report = load_checkpoint(model, cfg.model.pretrained, strict=False)
+        # A starting point: another dataset's segmentation model gives all but its classifier (mmseg's load_from).
+        report = load_checkpoint(model, cfg.model.pretrained, strict=False, drop_head=True)
         log(f"pretrained weights from {cfg.model.pretrained}:\n{report}")
     return model
 
