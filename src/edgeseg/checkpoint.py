@@ -119,6 +119,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
         sd = load_hf_folder(path).state_dict()
     else:
         sd = unwrap_state_dict(read_checkpoint(path))
+    return _load_state_dict(model, sd, path, strict, drop_head)
+
+
+def _load_state_dict(model: nn.Module, sd: dict[str, Tensor], path: Path, strict: bool,
+                     drop_head: bool) -> LoadReport:
+    """:func:`load_checkpoint` of a state dict already read from ``path`` (named in the errors)."""
     family, sd, notes = detect_layout(sd, source=f"checkpoint '{path}'")
     target = _model_family(model)
     if family != target:
@@ -202,22 +208,28 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     if _is_hf_folder(path):
         from .models.hf_segformer import load_hf_folder
 
-        return load_hf_folder(path)
-    ckpt = read_checkpoint(path)
-    if ckpt.get("format") == EDGESEG_FORMAT:
-        name, args = ckpt["model_name"], dict(ckpt.get("model_args", {}))
+        hf = load_hf_folder(path)
+        if not overrides:
+            return hf
+        name, args, raw = hf.model_name, dict(hf.model_args), hf.state_dict()
+        labels = (getattr(hf, "class_names", None), getattr(hf, "palette", None))
     else:
-        raw = unwrap_state_dict(ckpt)
-        family, sd, _ = detect_layout(raw, source=f"checkpoint '{path}'")
-        name, args = FAMILIES[family].infer_model(sd)
-        # What the layout implies beyond the shapes (mmsegmentation's SegFormer: LayerNorm eps), where a family says.
-        layout_args = getattr(FAMILIES[family], "layout_args", None)
-        if layout_args is not None:
-            args.update(layout_args(raw))
+        ckpt = read_checkpoint(path)
+        raw, labels = unwrap_state_dict(ckpt), checkpoint_labels(ckpt)
+        if ckpt.get("format") == EDGESEG_FORMAT:
+            name, args = ckpt["model_name"], dict(ckpt.get("model_args", {}))
+        else:
+            family, sd, _ = detect_layout(raw, source=f"checkpoint '{path}'")
+            name, args = FAMILIES[family].infer_model(sd)
+            # What the layout implies beyond the shapes (LayerNorm eps of mmsegmentation's or HF's SegFormer), where
+            # a family says.
+            layout_args = getattr(FAMILIES[family], "layout_args", None)
+            if layout_args is not None:
+                args.update(layout_args(raw))
     args.update(overrides)
     model = create_model(name, **args)
-    load_checkpoint(model, path, strict=True)
-    return set_labels(model, *checkpoint_labels(ckpt)).eval()
+    _load_state_dict(model, raw, path, strict=True, drop_head=False)
+    return set_labels(model, *labels).eval()
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:

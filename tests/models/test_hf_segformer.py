@@ -51,6 +51,30 @@ def test_hf_folder_loads_with_identical_logits(tmp_path, config):
     assert hf_eps == ours_eps == {1e-5}
 
 
+def test_load_model_of_an_hf_weights_file_or_folder_with_overrides(tmp_path, monkeypatch):
+    import edgeseg
+    from edgeseg import checkpoint
+
+    hf = _hf_segmentation("b0", num_labels=4)
+    hf.save_pretrained(tmp_path)
+    with torch.no_grad():
+        ref = hf(pixel_values=X).logits
+    # The weights file alone builds what the folder builds (transformers' LayerNorm eps), from one read of it.
+    reads = []
+    read = checkpoint.read_checkpoint
+    monkeypatch.setattr(checkpoint, "read_checkpoint", lambda path: reads.append(path) or read(path))
+    alone = edgeseg.load_model(tmp_path / "model.safetensors")
+    assert len(reads) == 1
+    with torch.no_grad():
+        assert torch.equal(alone(X), load_hf_folder(tmp_path)(X))
+        assert (alone(X) - ref).abs().max().item() <= 1e-4
+    # Builder overrides apply to folders as to files; a class count the weights do not have is one clear line.
+    dropped = edgeseg.load_model(tmp_path, dropout=0.5)
+    assert dropped.model_args["dropout"] == 0.5 and dropped.class_names == [f"class{i}" for i in range(4)]
+    with pytest.raises(ValueError, match="has 4 classes but the model has 7"):
+        edgeseg.load_model(tmp_path, num_classes=7)
+
+
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_save_hf_folder_round_trips_through_transformers(tmp_path, config):
     hf = _hf_segmentation(config, seed=1)

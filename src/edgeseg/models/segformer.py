@@ -896,8 +896,12 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, t
 def layout_args(state_dict: dict[str, torch.Tensor]) -> dict:
     """Builder overrides that a checkpoint's layout implies but no tensor shape shows (``load_model`` adds them to
     ``infer_model``'s): mmsegmentation's MiT has LayerNorm eps 1e-6 in its patch embeddings and sequence reduction
-    too, so its files are built with ``embed_ln_eps=1e-6``."""
-    return {"embed_ln_eps": MMSEG_LN_EPS} if _layout(list(state_dict)) == "mmseg" else {}
+    too, so its files are built with ``embed_ln_eps=1e-6``; a Hugging Face weights file given without its folder
+    gets transformers' block eps, as the folder would."""
+    layout = _layout(list(state_dict))
+    if layout == "mmseg":
+        return {"embed_ln_eps": MMSEG_LN_EPS}
+    return {"ln_eps": HF_LN_EPS} if layout in ("hf", "hf-modules") else {}
 
 
 def closest_variant(embed_dims: Sequence[int], depths: Sequence[int]) -> str:
