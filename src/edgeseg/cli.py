@@ -94,7 +94,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     size = tuple(args.size) if args.size else None
     kwargs = _model_kwargs(args)
-    if args.model and _is_checkpoint(args.model):  # the architecture the file holds (its weights are not needed)
+    if args.model and _is_checkpoint(args.model):  # the architecture the file holds
         model = _build(args)
         names, kwargs = [model.model_name], {**model.model_args, **kwargs}
     else:
@@ -123,15 +123,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
     from .deploy.benchmark import benchmark
-    from .models import native
     from .models.dynamic import dynamic_gates
 
-    model = _build(args)
-    res = benchmark(model, tuple(args.size), batch=args.batch, threads=args.threads, fuse=args.fuse,
-                    min_seconds=args.seconds, name=args.model)
+    model = _build(args).eval()
+    model = model.fuse() if args.fuse else model  # fused here, so its gates can say which planner ran
+    res = benchmark(model, tuple(args.size), batch=args.batch, threads=args.threads, min_seconds=args.seconds,
+                    name=args.model)
+    res.fused = args.fuse
     extra = {} if args.sparsity is None else {"sparsity": args.sparsity}
-    if args.fuse and next(dynamic_gates(model), None) is not None:  # which planner the fused DGL sites ran
-        extra["dgl_plans"] = "native" if native.available() else "pytorch"
+    gates = list(dynamic_gates(model))
+    if args.fuse and gates:  # a native plan is cached on the gate where one ran
+        extra["dgl_plans"] = "native" if any(g.native_plans for g in gates) else "pytorch"
     res.extra = extra or None
     if args.json:
         print(json.dumps(res.as_dict(), indent=2))
