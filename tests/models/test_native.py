@@ -187,6 +187,44 @@ def test_kernel_pools_every_layout(native_kernel, layout):
     assert torch.equal(index.sort(1).values, logits.topk(keep, dim=1).indices.sort(1).values)
 
 
+def test_plan_buffers_are_bounded_per_thread_and_go_with_it(native_kernel):
+    """A long-lived server calls a plan from many request threads and batch sizes: each thread keeps the buffers of
+    its last two batch sizes, a finished thread's are freed, and a copy of the plan builds its own."""
+    import copy
+    import gc
+    import threading
+    import weakref
+
+    gen = torch.Generator().manual_seed(7)
+    C, hidden, n, keep = 8, 4, 16, 6
+    gate = FoldedGate(torch.randn(hidden, C, generator=gen), torch.randn(hidden, generator=gen),
+                      torch.randn(n, hidden, generator=gen), torch.randn(n, generator=gen), 1e-5)
+    plan = NativePlan(gate, [Selection(0, 1, n, keep, keep)], [[Part(torch.randn(n, 3, generator=gen), 0, keep)]],
+                      lambda bufs, batch: tuple(bufs))
+    x = torch.randn(4, 5, C, generator=gen)
+    with torch.inference_mode():
+        expected = [plan(x[:b])[1].clone() for b in (1, 2, 3, 4)]
+        for b in (2, 1, 3):
+            plan(x[:b])
+        assert list(plan._local.states) == [1, 3]  # 2 was the least recently used
+        seen = []
+
+        def request() -> None:
+            with torch.inference_mode():
+                values = plan(x[:2])[1]
+                seen.append((values.clone(), weakref.ref(values)))
+
+        worker = threading.Thread(target=request)
+        worker.start()
+        worker.join()
+        del worker
+        gc.collect()
+        assert torch.equal(seen[0][0], expected[1]) and seen[0][1]() is None
+        twin = copy.deepcopy(plan)
+        assert torch.equal(twin(x[:4])[1], expected[3]) and list(twin._local.states) == [4]
+        assert list(plan._local.states) == [1, 3]
+
+
 def test_kernel_splits_pooling_and_gathers_over_threads(native_kernel):
     """Large sites pool and gather on PyTorch's threads: the same plan as on one thread, rows where they belong."""
     gen = torch.Generator().manual_seed(6)

@@ -196,6 +196,9 @@ class Part:
     scale: str = "none"
 
 
+_KEPT_BATCHES = 2  # batch sizes whose plan buffers a thread keeps per site (a fixed size plus a last short batch)
+
+
 class NativePlan:
     """A site's folded gate, its selections and gathers, and their buffers; ``__call__`` returns the gathered tensors.
 
@@ -225,15 +228,24 @@ class NativePlan:
             if len({p.source.shape[1] for p in parts}) != 1:
                 raise ValueError("the parts of one gathered output must have the same row length")
         self.views = views
-        self._buffers: dict[tuple[int, int], tuple] = {}
+        self._local = threading.local()
 
-    def __getstate__(self) -> dict:  # buffers and ctypes structs are per process; rebuilt on first use
-        return {**self.__dict__, "_buffers": {}}
+    # Buffers and ctypes structs belong to one thread of one process: a copy rebuilds them on first use.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     def _state(self, batch: int) -> tuple:
-        key = (batch, threading.get_ident())
-        state = self._buffers.get(key)
+        """This thread's buffers for ``batch`` images: each thread writes its own (a server's request threads), and
+        they go with the thread; a thread keeps those of its last ``_KEPT_BATCHES`` batch sizes."""
+        states = self._local.__dict__.setdefault("states", {})
+        state = states.pop(batch, None)
         if state is None:
+            if len(states) >= _KEPT_BATCHES:
+                del states[next(iter(states))]  # the least recently used
             with torch.inference_mode(False):  # normal tensors: written under inference mode and under no_grad
                 values = torch.empty(batch, self.slots)
                 index = torch.empty(batch, self.slots, dtype=torch.int64)
@@ -250,7 +262,7 @@ class NativePlan:
                          _ptr(values), _ptr(index, _I64P), outputs, len(outputs))
             # the ctypes objects stay referenced here: the kernel reads them through raw pointers
             state = (ctypes.byref(site), values, index, self.views(buffers, batch), (site, selections, parts, outputs))
-            self._buffers[key] = state
+        states[batch] = state
         return state
 
     def __call__(self, x: Tensor, dims: tuple[int, ...] = (1,)) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
