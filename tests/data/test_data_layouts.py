@@ -262,3 +262,14 @@ def test_coco_stuff10k_reduces_zero_label_and_tests_on_test2014(make_tree):
     expected = np.where(raw == 0, 255, raw.astype(np.int64) - 1)
     expected[raw == 255] = 255
     assert np.array_equal(ds.load_label(0).astype(np.int64), expected)
+
+
+@pytest.mark.parametrize("classes", [8, 301])
+def test_label_pngs_give_their_indices_back(tmp_path, classes):
+    from edgeseg.data import read_label, save_label_png
+    from edgeseg.data.classes import default_palette
+
+    label = np.array([[0, 3, 7], [7, 3, 0]]) if classes == 8 else np.array([[3, 254, 255], [256, 300, 0]])
+    save_label_png(label, tmp_path / "a.png", default_palette(classes))
+    assert read_label(tmp_path / "a.png").tolist() == label.tolist()
+    assert Image.open(tmp_path / "a.png").mode == ("P" if classes == 8 else "I;16")

@@ -299,7 +299,13 @@ def _atomic_save(save: Callable[[str], None], path: Path) -> None:
 
 
 def save_label_png(label: np.ndarray, path: str | Path, palette: list[tuple[int, int, int]]) -> None:
-    """Write class indices as a palette ("P") PNG: viewers show colours, readers get the indices back."""
+    """Write class indices as a palette ("P") PNG: viewers show colours, readers get the indices back. Beyond 255
+    classes (255 marks ignored pixels in 8 bits) a 16-bit grayscale PNG: the indices, without colours."""
+    if len(palette) > 255 or (label.size and int(label.max()) > 255):
+        if label.size and (int(label.min()) < 0 or int(label.max()) > 65535):
+            raise ValueError(f"{path}: class indices {int(label.min())}..{int(label.max())} do not fit a 16-bit PNG")
+        Image.fromarray(np.ascontiguousarray(label, dtype=np.uint16)).save(path)
+        return
     im = Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8))
     flat = [0] * (256 * 3)
     for k, colour in enumerate(palette):

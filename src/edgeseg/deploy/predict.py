@@ -103,12 +103,12 @@ class Segmenter:
 
     @torch.inference_mode()
     def __call__(self, image: ImageLike) -> np.ndarray:
-        """Class indices (H, W) as uint8 (int32 beyond 256 classes): the argmax of the logits (the softmax would not
+        """Class indices (H, W) as uint8 (int32 beyond 255 classes): the argmax of the logits (the softmax would not
         change it, and costs more than the upsampling at 150 classes), taken where the model runs — on the CPU
         without the upsampled logits (:func:`~edgeseg.engine.inference.whole_labels`)."""
         img, size = self._network_input(image)
         labels = whole_labels(self.model, img, size)[0].cpu().numpy()
-        return labels.astype(np.uint8 if len(self.class_names) <= 256 else np.int32)
+        return labels.astype(np.uint8 if self.model.num_classes <= 255 else np.int32)
 
     def colorize(self, labels: np.ndarray) -> np.ndarray:
         """H×W×3 uint8 colour image of a label map (ignored pixels white)."""
