@@ -36,3 +36,7 @@ def test_convert_rejects_unknown_files(tmp_path, capsys):
     assert main(["convert", str(bad), str(tmp_path / "y.pth")]) == 2
     err = capsys.readouterr().err
     assert "x.pth" in err and len(err.strip().splitlines()) == 1
+    edgeseg.save_checkpoint(tmp_path / "top.pth", edgeseg.create_model("topformer-tiny", num_classes=5))
+    assert main(["convert", str(tmp_path / "top.pth"), str(tmp_path / "hf"), "--to", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert "topformer-tiny" in err and "--to edgeseg" in err and len(err.strip().splitlines()) == 1

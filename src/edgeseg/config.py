@@ -291,8 +291,11 @@ def _set(cfg: Config, assignment: str) -> None:
             if typing.get_origin(hint) is not dict:
                 raise _unknown(key, "--set")
             target = getattr(obj, part)
-            for sub in rest[:-1]:
+            for depth, sub in enumerate(rest[:-1], start=i + 2):
                 target = target.setdefault(sub, {})
+                if not isinstance(target, dict):
+                    raise ValueError(f"--set {key}: '{'.'.join(parts[:depth])}' is {target!r}, not a mapping; set it "
+                                     f"whole, e.g. --set {'.'.join(parts[:depth])}=...")
             target[rest[-1]] = yaml.safe_load(raw)
         else:
             setattr(obj, part, _coerce(raw, hint, f"--set {key}"))

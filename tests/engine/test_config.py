@@ -56,6 +56,8 @@ def test_bad_values_name_the_field(tmp_path):
         load_config(None, ["data.crop_size=[1,2,3]"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(Path("no/such.yaml"))
+    with pytest.raises(ValueError, match="'model.overrides.depth' is 3, not a mapping"):
+        load_config(None, ["model.overrides.depth=3", "model.overrides.depth.x=1"])
 
 
 def test_base_and_roundtrip(tmp_path):

@@ -202,7 +202,9 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def hf_config(model: nn.Module) -> dict[str, Any]:
     """The ``config.json`` transformers needs to rebuild ``model`` (read off the modules, not the name)."""
     if not isinstance(model, (SegFormer, MiTClassifier)):
-        raise TypeError(f"save_hf_folder expects a SegFormer or MiT model, got {type(model).__name__}")
+        raise ValueError(f"{getattr(model, 'model_name', type(model).__name__)}: Hugging Face's SegFormer holds "
+                         f"SegFormer and MiT models only; keep it in the edgeseg layout (edgeseg convert SRC DST "
+                         f"--to edgeseg)")
     if isinstance(model, SegFormer) and isinstance(model.decode_head, MMSegMLPDecoder):
         raise ValueError(f"{getattr(model, 'model_name', 'this SegFormer')} has mmsegmentation's decode head "
                          f"(decoder='mmseg'), which Hugging Face's SegFormer cannot hold (it has only the official "
