@@ -154,3 +154,20 @@ def test_official_imagenet_file_layout_loads_backbone_into_segmentation_model(re
     backbone = [k for k in seg.state_dict() if k.startswith(("token_pyramid.", "extractor."))]
     assert len(backbone) > 300
     assert all(torch.equal(seg.state_dict()[k], reference[k]) for k in backbone)
+
+
+def test_a_model_built_from_its_class_saves_and_loads(tmp_path):
+    from edgeseg.models.segformer import SHARED, VARIANTS, SegFormer
+
+    torch.manual_seed(0)
+    model = SegFormer(**SHARED, **VARIANTS["b0"], num_classes=4).eval()  # no registered name: "segformer"
+    edgeseg.save_checkpoint(tmp_path / "own.pth", model)
+    again = edgeseg.load_model(tmp_path / "own.pth")  # rebuilt from its tensors, as a foreign layout is
+    assert again.model_name == "segformer-b0" and again.num_classes == 4
+    report = edgeseg.load_checkpoint(model, tmp_path / "own.pth")
+    assert report.family == "SegFormer" and report.missing_keys == []
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+    with pytest.raises(ValueError, match="unknown model 'segformer-b9'"):
+        edgeseg.models.family_of("segformer-b9")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .models import FAMILIES, create_model, family_of
+from .models import FAMILIES, MODELS, create_model, family_of
 
 EDGESEG_FORMAT = "edgeseg"
 
@@ -96,10 +96,9 @@ def detect_layout(sd: dict[str, Tensor], source: str = "checkpoint") -> tuple[st
 
 
 def _model_family(model: nn.Module) -> str:
-    name = getattr(model, "model_name", None)
-    if name is None:
+    if getattr(model, "model_name", None) is None:
         raise TypeError("load_checkpoint expects an edgeseg model (built by edgeseg.create_model)")
-    return family_of(name)
+    return family_of(model)
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True,
@@ -216,9 +215,9 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     else:
         ckpt = read_checkpoint(path)
         raw, labels = unwrap_state_dict(ckpt), checkpoint_labels(ckpt)
-        if ckpt.get("format") == EDGESEG_FORMAT:
+        if ckpt.get("format") == EDGESEG_FORMAT and ckpt.get("model_name") in MODELS:
             name, args = ckpt["model_name"], dict(ckpt.get("model_args", {}))
-        else:
+        else:  # foreign layouts, and models saved without a registered name (built from their class)
             family, sd, _ = detect_layout(raw, source=f"checkpoint '{path}'")
             name, args = FAMILIES[family].infer_model(sd)
             # What the layout implies beyond the shapes (LayerNorm eps of mmsegmentation's or HF's SegFormer), where

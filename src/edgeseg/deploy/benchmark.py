@@ -72,8 +72,7 @@ def _resolve_convention(model: nn.Module, convention: str) -> dict | None:
     if convention == "paper":
         from ..models import family_of
 
-        name = getattr(model, "model_name", None)
-        convention = PAPER_COUNTER.get(family_of(name), "macs") if name else "macs"
+        convention = PAPER_COUNTER.get(family_of(model), "macs") if hasattr(model, "model_name") else "macs"
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be 'paper' or one of {', '.join(CONVENTIONS)}, not {convention!r}")
     return CONVENTIONS[convention]

@@ -27,12 +27,19 @@ def list_models() -> list[str]:
     return list(MODELS)
 
 
-def family_of(name: str) -> str:
-    """The family ("TopFormer", "SegFormer", ...) a model name belongs to."""
+def family_of(model: str | nn.Module) -> str:
+    """The family ("TopFormer", "SegFormer", ...) a model, or a model name, belongs to. A model built from its class
+    rather than by :func:`create_model` has no registered name: the module that defines its class says."""
+    name = model if isinstance(model, str) else getattr(model, "model_name", None)
     for fam_name, fam in FAMILIES.items():
         if name in fam.MODELS:
             return fam_name
-    raise KeyError(name)
+    if not isinstance(model, str):
+        for fam_name, fam in FAMILIES.items():
+            if type(model).__module__ == fam.__name__:
+                return fam_name
+    raise ValueError(f"unknown model {name or type(model).__name__!r}: not one of edgeseg's families "
+                     f"({', '.join(FAMILIES)}); build it with edgeseg.create_model")
 
 
 def create_model(name: str, num_classes: int | None = None, **overrides: Any) -> nn.Module:
