@@ -185,11 +185,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .data import save_label_png
     from .deploy.predict import Segmenter, expand_inputs, is_video, segment_video
 
+    out = Path(args.out)
+    inputs = expand_inputs(args.images)
+    first: dict[str, str] = {}  # outputs are named by stem: two inputs sharing one would overwrite each other
+    for image in inputs:
+        other = first.setdefault(Path(image).stem, str(image))
+        if other != str(image):
+            raise ValueError(f"{other} and {image} would both write {out / Path(image).stem}.png: predict them "
+                             f"into separate --out folders")
     segmenter = Segmenter(_build(args).to(_device(args.device)), scale=args.scale, size_divisor=args.size_divisor,
                           fuse=not args.no_fuse)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for image in expand_inputs(args.images):
+    for image in inputs:
         if is_video(image):
             video, labels_dir, frames = segment_video(segmenter, image, out)
             print(f"{image} -> {video} ({frames} frames; label maps in {labels_dir})")

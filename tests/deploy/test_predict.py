@@ -125,6 +125,11 @@ def test_predict_cli_takes_a_folder(tmp_path, capsys):
     assert main(["predict", str(ckpt), str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds no images" in err and str(tmp_path / "empty") in err
+    # two inputs named alike would write one file: refused before anything runs
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "b.jpg")
+    assert main(["predict", str(ckpt), str(folder), str(tmp_path / "b.jpg"), "--out", str(tmp_path / "two")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "b.png" in err and "b.jpg" in err and not (tmp_path / "two").exists()
 
 
 def test_missing_or_damaged_image_is_one_line(tmp_path, capsys):
