@@ -184,6 +184,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from .data import save_label_png
     from .deploy.predict import Segmenter, expand_inputs, is_video, segment_video
+    from .fileio import atomic_write
 
     out = Path(args.out)
     inputs = expand_inputs(args.images)
@@ -204,7 +205,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         labels = segmenter(image)
         stem = Path(image).stem
         save_label_png(labels, out / f"{stem}.png", segmenter.palette)
-        Image.fromarray(segmenter.overlay(image, labels)).save(out / f"{stem}_overlay.jpg", quality=90)
+        overlay = Image.fromarray(segmenter.overlay(image, labels))
+        atomic_write(out / f"{stem}_overlay.jpg", lambda tmp, im=overlay: im.save(tmp, quality=90))
         print(f"{image} -> {out / (stem + '.png')}")
     return 0
 

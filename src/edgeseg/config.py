@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from .fileio import write_text
+
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
@@ -151,7 +153,7 @@ class Config:
         return {k: v for k, v in _plain(dataclasses.asdict(self)).items() if v is not None}
 
     def dump(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # ------------------------------------------------------------------------------------------------- typed coercion

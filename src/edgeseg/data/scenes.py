@@ -21,7 +21,6 @@ Samples come on the fly (:class:`ScenesDataset`, no disk needed) or are written 
 from __future__ import annotations
 
 import colorsys
-import os
 import zlib
 from collections.abc import Callable
 from functools import lru_cache
@@ -32,6 +31,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from ..fileio import atomic_write, write_text
 from .classes import SCENES_CLASSES, SCENES_PALETTE
 from .datasets import FolderDataset, SegDataset
 
@@ -292,27 +292,21 @@ def scene_name(i: int) -> str:
     return f"scene_{i:06d}"
 
 
-def _atomic_save(save: Callable[[str], None], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
-    save(str(tmp))
-    os.replace(tmp, path)
-
-
 def save_label_png(label: np.ndarray, path: str | Path, palette: list[tuple[int, int, int]]) -> None:
-    """Write class indices as a palette ("P") PNG: viewers show colours, readers get the indices back. Beyond 255
-    classes (255 marks ignored pixels in 8 bits) a 16-bit grayscale PNG: the indices, without colours."""
+    """Write class indices as a palette ("P") PNG, atomically: viewers show colours, readers get the indices back.
+    Beyond 255 classes (255 marks ignored pixels in 8 bits) a 16-bit grayscale PNG: the indices, without colours."""
     if len(palette) > 255 or (label.size and int(label.max()) > 255):
         if label.size and (int(label.min()) < 0 or int(label.max()) > 65535):
             raise ValueError(f"{path}: class indices {int(label.min())}..{int(label.max())} do not fit a 16-bit PNG")
-        Image.fromarray(np.ascontiguousarray(label, dtype=np.uint16)).save(path)
-        return
-    im = Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8))
-    flat = [0] * (256 * 3)
-    for k, colour in enumerate(palette):
-        flat[3 * k : 3 * k + 3] = list(colour)
-    flat[3 * 255 : 3 * 256] = [255, 255, 255]  # ignore
-    im.putpalette(flat)
-    im.save(path)
+        im = Image.fromarray(np.ascontiguousarray(label, dtype=np.uint16))
+    else:
+        im = Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8))
+        flat = [0] * (256 * 3)
+        for k, colour in enumerate(palette):
+            flat[3 * k : 3 * k + 3] = list(colour)
+        flat[3 * 255 : 3 * 256] = [255, 255, 255]  # ignore
+        im.putpalette(flat)
+    atomic_write(path, im.save)
 
 
 def write_scenes(
@@ -342,8 +336,8 @@ def write_scenes(
             img, label = generate_scene(scene_rng(seed, split, i), size)
             name = scene_name(i)
             kw = {"quality": jpeg_quality} if img_suffix.lower() in (".jpg", ".jpeg") else {}
-            _atomic_save(lambda p, im=img: Image.fromarray(im).save(p, **kw), img_dir / f"{name}{img_suffix}")
-            _atomic_save(lambda p, lb=label: save_label_png(lb, p, SCENES_PALETTE), ann_dir / f"{name}.png")
+            atomic_write(img_dir / f"{name}{img_suffix}", lambda p, im=img: Image.fromarray(im).save(p, **kw))
+            save_label_png(label, ann_dir / f"{name}.png", SCENES_PALETTE)
     meta = {
         "classes": list(SCENES_CLASSES),
         "palette": [list(c) for c in SCENES_PALETTE],
@@ -355,8 +349,5 @@ def write_scenes(
         "generator": {"name": "scenes", "seed": int(seed), "size": [int(size[0]), int(size[1])],
                       "num_train": int(num_train), "num_val": int(num_val)},
     }
-    path = out / "dataset.yaml"
-    tmp = path.with_name(f".dataset.yaml.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(meta, sort_keys=False))
-    os.replace(tmp, path)
+    write_text(out / "dataset.yaml", yaml.safe_dump(meta, sort_keys=False))
     return out

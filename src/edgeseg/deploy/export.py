@@ -22,7 +22,6 @@ import copy
 import json
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..fileio import atomic_write
 from ..models.dynamic import dynamic_gates
 
 ONNX_EXTRA = "pip install 'edgeseg[onnx]'"
@@ -95,11 +95,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
     with torch.no_grad():
         reference = model(x)
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    def write(tmp: str) -> None:
         with warnings.catch_warnings():  # shape-dependent Python branches are fixed at export: shapes are fixed
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -112,10 +108,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
                                   output_names=["logits"], dynamic_axes=axes)
         stride = -(-input_size[0] // reference.shape[2])
         _write_metadata(onnx, tmp, {**model_metadata(model), "logits_stride": str(stride)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    path = atomic_write(path, write)
 
     ops = sorted({node.op_type for node in onnx.load(str(path)).graph.node})
     result = ExportResult(path, tuple(x.shape), tuple(reference.shape), opset, fused, ops, dynamic=dynamic)

@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..config import Config, load_config
+from ..fileio import atomic_write, write_text
 from ..data import SegDataset
 from .evaluate import build_val_dataset, metrics_table
 from .inference import predict_probs
@@ -109,8 +110,8 @@ def run_demo(work_dir: str | Path = "work_dirs/demo", iters: int | None = None, 
         "aAcc": metrics["aAcc"], "per_class_IoU": {k: v["IoU"] for k, v in metrics["per_class"].items()},
         **model_figures(model, DEMO_INPUT), "overlays": [p.name for p in overlays],
     }
-    (work_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (work_dir / "report.md").write_text(report_markdown(report, metrics))
+    write_text(work_dir / "report.json", json.dumps(report, indent=2))
+    write_text(work_dir / "report.md", report_markdown(report, metrics))
     log(f"demo: mIoU {metrics['mIoU']:.1f} after {cfg.schedule.iters} iterations in {train_seconds / 60:.1f} min; "
         f"report in {work_dir / 'report.md'}")
     return report
@@ -160,7 +161,7 @@ def save_overlays(model: torch.nn.Module, dataset: SegDataset, out_dir: Path, co
             draw.text((x + 13, h + 23), name, fill="black", font=font)
             x += 16 + int(draw.textlength(name, font=font))
         path = out_dir / f"{item['meta']['name']}.png"
-        canvas.save(path)
+        atomic_write(path, canvas.save)
         paths.append(path)
     return paths
 
@@ -196,7 +197,7 @@ def plot_curves(train_rows: list[dict], val_rows: list[dict], path: Path) -> Non
             draw.line(xy, fill=colour, width=2)
         for px, py in xy if k == 1 or len(xy) == 1 else ():
             draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colour)
-    canvas.save(path)
+    atomic_write(path, canvas.save)
 
 
 def report_markdown(report: dict[str, Any], metrics: dict[str, Any]) -> str:

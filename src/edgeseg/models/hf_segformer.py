@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..fileio import atomic_write, write_text
 from .segformer import (HF_LN_EPS, SHARED, VARIANTS, MiTClassifier, MLPDecoder, MMSegMLPDecoder, SegFormer,
                         closest_variant, convert_state_dict)
 
@@ -244,18 +244,6 @@ def hf_config(model: nn.Module) -> dict[str, Any]:
     return cfg
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_hf_folder(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (``pytorch_model.bin`` when safetensors is not installed)
     that ``transformers`` loads with ``from_pretrained``; each file is written atomically. Returns the folder."""
@@ -267,10 +255,10 @@ def save_hf_folder(model: nn.Module, path: str | os.PathLike) -> Path:
         from safetensors.torch import save_file
     except ImportError:
         written, stale = "pytorch_model.bin", "model.safetensors"
-        _atomic_write(folder / written, lambda tmp: torch.save(sd, tmp))
+        atomic_write(folder / written, lambda tmp: torch.save(sd, tmp))
     else:
         written, stale = "model.safetensors", "pytorch_model.bin"
-        _atomic_write(folder / written, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+        atomic_write(folder / written, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
     (folder / stale).unlink(missing_ok=True)  # an older save in the other format would shadow this one
-    _atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))
+    write_text(folder / "config.json", json.dumps(cfg, indent=2) + "\n")
     return folder

@@ -1,0 +1,28 @@
+"""Atomic writes: a failed write leaves the previous file as it was and no temporary file behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from edgeseg.fileio import atomic_write, write_text
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_litter(tmp_path):
+    target = write_text(tmp_path / "deep" / "report.md", "first\n")  # creates the folder
+    assert target.read_text() == "first\n"
+
+    def half_then_crash(tmp: str) -> None:
+        Path(tmp).write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, half_then_crash)
+    assert target.read_text() == "first\n" and sorted(p.name for p in target.parent.iterdir()) == ["report.md"]
+
+
+def test_writers_that_pick_the_format_by_suffix_get_the_target_suffix(tmp_path):
+    atomic_write(tmp_path / "a.jpg", Image.new("RGB", (4, 4)).save)
+    assert Image.open(tmp_path / "a.jpg").format == "JPEG"
