@@ -7,7 +7,7 @@ import torch
 
 from edgeseg.config import OptimCfg, ScheduleCfg
 from edgeseg.engine.optim import build_optimizer, lr_at, param_groups, set_lr
-from edgeseg.models import create_model, list_models
+from edgeseg.models import create_model
 
 
 def _groups_by_name(model, cfg):
@@ -24,7 +24,6 @@ def test_topformer_groups():
     assert all(v == (1.0, 0.01) for n, v in groups.items() if n not in head)
 
 
-@pytest.mark.skipif("segformer-b0" not in list_models(), reason="SegFormer family not available")
 def test_segformer_groups():
     model = create_model("segformer-b0", num_classes=4)
     groups = _groups_by_name(model, OptimCfg(lr=6e-5))

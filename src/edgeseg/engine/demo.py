@@ -40,20 +40,19 @@ DEMO_SETTINGS = [
     "data.train_kwargs={num_images: 4000, size: [192, 192]}", "data.val_kwargs={num_images: 100, size: [192, 192]}",
     "data.crop_size=[128, 128]", "data.scale=[384, 192]", "data.ratio_range=[0.75, 1.5]",
     "data.test_scale=[384, 192]", "data.photometric=false", "data.batch_size=8", "data.workers=1",
-    "optim.lr=1e-2", "optim.head_lr_mult=1.0", "schedule.iters=800", "schedule.warmup_iters=40",
-    "train.log_interval=10", "train.eval_interval=200", "train.checkpoint_interval=0", "train.sync_bn=false",
+    "optim.lr=1e-2", "optim.head_lr_mult=1.0",
+    "train.log_interval=10", "train.checkpoint_interval=0", "train.sync_bn=false",
 ]
 DEMO_INPUT = (192, 192)
 DEMO_ITERS = 900  # about 3 minutes of training on 2 idle cores
 
 
-def demo_config(iters: int | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def demo_config(iters: int = DEMO_ITERS, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The demo recipe (``configs/demo_scenes.yaml``), optionally with another iteration count and overrides."""
     cfg = load_config(None, [*DEMO_SETTINGS, *overrides])
-    if iters is not None:
-        cfg.schedule.iters = iters
-        cfg.schedule.warmup_iters = max(1, iters // 20)
-        cfg.train.eval_interval = max(1, -(-iters // 4))  # four evaluations, the last at the end
+    cfg.schedule.iters = iters
+    cfg.schedule.warmup_iters = max(1, iters // 20)
+    cfg.train.eval_interval = max(1, -(-iters // 4))  # four evaluations, the last at the end
     return cfg
 
 
