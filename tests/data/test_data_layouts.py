@@ -226,6 +226,8 @@ def test_folder_without_classes_names_the_yaml(make_tree):
         build_dataset("folder", root, "train")
     ds = build_dataset("folder", root, "train", classes=["a", "b", "c", "d"])
     assert ds.num_classes == 4
+    with pytest.raises(ValueError, match=r"class names \['b'\] appear more than once"):
+        build_dataset("folder", root, "train", classes=["a", "b", "c", "b"])
 
 
 def test_transform_output_and_meta_are_used(make_tree):

@@ -9,8 +9,8 @@ Every dataset yields ``dict(img, gt, meta)``:
   transform reports (e.g. ``img_shape``).
 
 Labels are read with Pillow as stored -- a palette ("P") PNG gives its palette *indices*, never its colours --
-then, for datasets whose label 0 means "unlabelled" (ADE20K, Pascal-Context-59), mmseg's ``reduce_zero_label``
-maps 0 → 255 and every other value v → v − 1 (255 stays 255).
+then, for datasets whose label 0 means "unlabelled" (ADE20K, Pascal-Context-59, COCO-Stuff-10k), mmseg's
+``reduce_zero_label`` maps 0 → 255 and every other value v → v − 1 (255 stays 255).
 """
 
 from __future__ import annotations
@@ -451,6 +451,9 @@ class FolderDataset(FileSegDataset):
         self.img_suffix = img_suffix
         if palette is not None and len(palette) != len(classes):
             raise ValueError(f"{meta_path}: {len(classes)} classes but {len(palette)} palette colours")
+        twice = sorted({str(c) for c in classes if list(map(str, classes)).count(str(c)) > 1})
+        if twice:  # per-class results are keyed by name: one would hide the other
+            raise ValueError(f"{meta_path}: class names {twice} appear more than once; give each class its own name")
         super().__init__(pairs, classes, palette, reduce, transform=transform)
 
 

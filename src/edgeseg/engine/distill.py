@@ -176,7 +176,8 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
         raise ValueError("the config has no distill: section: use a DynaSegFormer recipe, "
                          "e.g. configs/dynasegformer_b0_ade20k_30.yaml")
     if dcfg.teacher is None:
-        raise ValueError("no teacher: pass --teacher CKPT (a dense SegFormer checkpoint of the student's size)")
+        raise ValueError("no teacher: pass --teacher CKPT (the dense model of the student's size: a SegFormer, or "
+                         "the TopFormer variant of a dynamic TopFormer recipe)")
     info = init_distributed(cfg.train.device)
     work_dir = open_work_dir(cfg, work_dir) if info.main else Path(work_dir)
     log = log if info.main else (lambda *a, **k: None)

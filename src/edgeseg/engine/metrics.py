@@ -4,7 +4,7 @@ The numbers follow mmseg's ``intersect_and_union`` + ``total_area_to_metrics`` (
 in the TopFormer and SegFormer papers):
 
 - pixels labelled ``ignore_index`` are dropped; with ``reduce_zero_label`` label 0 becomes ignore and the others
-  shift down by one (ADE20K, COCO-Stuff, Pascal-Context-59);
+  shift down by one (ADE20K, COCO-Stuff-10k, Pascal-Context-59);
 - areas are summed over the *dataset* before dividing (not a mean of per-image IoUs);
 - IoU_c = |P∩G| / |P∪G| and Acc_c = |P∩G| / |G| per class; aAcc = Σ|P∩G| / Σ|G|;
 - a class with an empty union (in no label and never predicted) has IoU NaN, a class with no label pixels has
