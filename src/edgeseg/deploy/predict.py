@@ -8,8 +8,8 @@ results visible. ``segment_video`` runs it over every frame of a video (the ``[v
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

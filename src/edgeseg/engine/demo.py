@@ -23,8 +23,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..config import Config, load_config
-from ..fileio import atomic_write, write_text
 from ..data import SegDataset
+from ..fileio import atomic_write, write_text
 from .evaluate import build_val_dataset, metrics_table
 from .inference import predict_probs
 from .train import seg_loss, train

@@ -388,11 +388,11 @@ class DynamicGatedLinear(nn.Module):
 
     def plan(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         """Gate and gathers of the inference form: the kept rows of ``fc1`` (scaled) and columns of ``fc2``."""
-        planned = native_site_plan(self.gate, lambda: [[(self.fc1.weight, "value")], [(self.fc1.bias, "value")],
-                                                      [(self.gate.consumer_t, "support")]], lambda: _linear_views) \
-            if self.gate.native and self.fc1.bias is not None and native.usable(x) else None
-        if planned is not None:
-            return planned(x)[0]
+        if self.gate.native and self.fc1.bias is not None and native.usable(x):
+            planned = native_site_plan(self.gate, lambda: [[(self.fc1.weight, "value")], [(self.fc1.bias, "value")],
+                                                          [(self.gate.consumer_t, "support")]], lambda: _linear_views)
+            if planned is not None:
+                return planned(x)[0]
         values, index = self.gate(avg_pool_tokens(x), self.fc1.weight)
         w1, b1 = gather_rows(self.fc1.weight, self.fc1.bias, index, values)
         w2 = gather_columns(self.gate.consumer_weight(self.fc2.weight), index)

@@ -352,7 +352,7 @@ def resize_argmax(logits: Tensor, size: Sequence[int], out_size: Sequence[int] |
     rounding (~1e-7 relative) of each other.
     """
     lib = library()
-    if lib is None or not usable(logits) or logits.dim() != 4 or logits.stride(1) != 1 and logits.shape[1] > 1:
+    if lib is None or not usable(logits) or logits.dim() != 4 or (logits.stride(1) != 1 and logits.shape[1] > 1):
         return None
     B, K, h, w = logits.shape
     (H1, W1), (H2, W2) = tuple(size), tuple(out_size if out_size is not None else size)
