@@ -47,6 +47,7 @@ import copy
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -910,7 +911,7 @@ class DynaSegFormer(nn.Module):
 
 
 @torch.no_grad()
-def from_segformer(teacher: SegFormer, sparsity: float = 0.3, **overrides) -> DynaSegFormer:
+def from_segformer(teacher: SegFormer, sparsity: float = 0.3, **overrides: Any) -> DynaSegFormer:
     """The paper's student: a DynaSegFormer of the teacher's size holding the teacher's weights, gates new.
 
     Encoder weights are copied key for key; the decoder is the teacher's folded into the additive form
@@ -982,7 +983,7 @@ def _create(variant: str, num_classes: int, sparsity: float, overrides: dict) ->
 
 
 def _builder(variant: str) -> Callable[..., DynaSegFormer]:
-    def build(num_classes: int = 150, sparsity: float = 0.3, **overrides) -> DynaSegFormer:
+    def build(num_classes: int = 150, sparsity: float = 0.3, **overrides: Any) -> DynaSegFormer:
         return _create(variant, num_classes, sparsity, overrides)
 
     build.__name__ = f"dynasegformer_{variant}"

@@ -43,9 +43,13 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # dynamic.py imports this module
+    from .dynamic import FoldedGate
 
 log = logging.getLogger(__name__)
 ENV_SWITCH = "EDGESEG_NATIVE"
@@ -213,7 +217,7 @@ class NativePlan:
 
     _SCALES = {"none": 0, "value": 1, "support": 2}
 
-    def __init__(self, gate, selections: Sequence[Selection], outputs: Sequence[Sequence[Part]],
+    def __init__(self, gate: FoldedGate, selections: Sequence[Selection], outputs: Sequence[Sequence[Part]],
                  views: Callable[[list[Tensor], int], tuple[Tensor, ...]]) -> None:
         def frozen(t: Tensor) -> Tensor:
             return t.detach().to(torch.float32).contiguous()

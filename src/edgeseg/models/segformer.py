@@ -29,6 +29,7 @@ import copy
 import math
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -995,51 +996,63 @@ def _create(variant: str, classifier: bool, num_classes: int, overrides: dict) -
     return model
 
 
-def segformer_b0(num_classes: int = 150, **overrides) -> SegFormer:
+def segformer_b0(num_classes: int = 150, **overrides: Any) -> SegFormer:
+    """SegFormer-B0 (3.8 M params, 8.4 GMACs at 512²)."""
     return _create("b0", False, num_classes, overrides)
 
 
-def segformer_b1(num_classes: int = 150, **overrides) -> SegFormer:
+def segformer_b1(num_classes: int = 150, **overrides: Any) -> SegFormer:
+    """SegFormer-B1 (13.7 M params, 15.9 GMACs at 512²)."""
     return _create("b1", False, num_classes, overrides)
 
 
-def segformer_b2(num_classes: int = 150, **overrides) -> SegFormer:
+def segformer_b2(num_classes: int = 150, **overrides: Any) -> SegFormer:
+    """SegFormer-B2 (27.5 M params, 62.4 GMACs at 512²)."""
     return _create("b2", False, num_classes, overrides)
 
 
-def segformer_b3(num_classes: int = 150, **overrides) -> SegFormer:
+def segformer_b3(num_classes: int = 150, **overrides: Any) -> SegFormer:
+    """SegFormer-B3 (47.3 M params, 79.0 GMACs at 512²)."""
     return _create("b3", False, num_classes, overrides)
 
 
-def segformer_b4(num_classes: int = 150, **overrides) -> SegFormer:
+def segformer_b4(num_classes: int = 150, **overrides: Any) -> SegFormer:
+    """SegFormer-B4 (64.1 M params, 95.7 GMACs at 512²)."""
     return _create("b4", False, num_classes, overrides)
 
 
-def segformer_b5(num_classes: int = 150, **overrides) -> SegFormer:
+def segformer_b5(num_classes: int = 150, **overrides: Any) -> SegFormer:
+    """SegFormer-B5 (84.7 M params, 183.3 GMACs at 640², its ADE20K size)."""
     return _create("b5", False, num_classes, overrides)
 
 
-def mit_b0(num_classes: int = 1000, **overrides) -> MiTClassifier:
+def mit_b0(num_classes: int = 1000, **overrides: Any) -> MiTClassifier:
+    """MiT-B0 ImageNet classifier (official ``mit_b0.pth``): SegFormer-B0's encoder."""
     return _create("b0", True, num_classes, overrides)
 
 
-def mit_b1(num_classes: int = 1000, **overrides) -> MiTClassifier:
+def mit_b1(num_classes: int = 1000, **overrides: Any) -> MiTClassifier:
+    """MiT-B1 ImageNet classifier (official ``mit_b1.pth``): SegFormer-B1's encoder."""
     return _create("b1", True, num_classes, overrides)
 
 
-def mit_b2(num_classes: int = 1000, **overrides) -> MiTClassifier:
+def mit_b2(num_classes: int = 1000, **overrides: Any) -> MiTClassifier:
+    """MiT-B2 ImageNet classifier (official ``mit_b2.pth``): SegFormer-B2's encoder."""
     return _create("b2", True, num_classes, overrides)
 
 
-def mit_b3(num_classes: int = 1000, **overrides) -> MiTClassifier:
+def mit_b3(num_classes: int = 1000, **overrides: Any) -> MiTClassifier:
+    """MiT-B3 ImageNet classifier (official ``mit_b3.pth``): SegFormer-B3's encoder."""
     return _create("b3", True, num_classes, overrides)
 
 
-def mit_b4(num_classes: int = 1000, **overrides) -> MiTClassifier:
+def mit_b4(num_classes: int = 1000, **overrides: Any) -> MiTClassifier:
+    """MiT-B4 ImageNet classifier (official ``mit_b4.pth``): SegFormer-B4's encoder."""
     return _create("b4", True, num_classes, overrides)
 
 
-def mit_b5(num_classes: int = 1000, **overrides) -> MiTClassifier:
+def mit_b5(num_classes: int = 1000, **overrides: Any) -> MiTClassifier:
+    """MiT-B5 ImageNet classifier (official ``mit_b5.pth``): SegFormer-B5's encoder."""
     return _create("b5", True, num_classes, overrides)
 
 

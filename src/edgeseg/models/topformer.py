@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -863,38 +864,38 @@ def _create(variant: str, classifier: bool, num_classes: int, overrides: dict) -
     return model
 
 
-def topformer_tiny(num_classes: int = 150, **overrides) -> TopFormer:
+def topformer_tiny(num_classes: int = 150, **overrides: Any) -> TopFormer:
     """TopFormer-T (1.4 M params, 0.6 GMACs at 512²). Cityscapes config: ``head_depthwise=False``."""
     return _create("tiny", False, num_classes, overrides)
 
 
-def topformer_small(num_classes: int = 150, **overrides) -> TopFormer:
+def topformer_small(num_classes: int = 150, **overrides: Any) -> TopFormer:
     """TopFormer-S (3.1 M params, 1.2 GMACs at 512²)."""
     return _create("small", False, num_classes, overrides)
 
 
-def topformer_base(num_classes: int = 150, **overrides) -> TopFormer:
+def topformer_base(num_classes: int = 150, **overrides: Any) -> TopFormer:
     """TopFormer-B (5.1 M params, 1.8 GMACs at 512²). Cityscapes config: ``head_channels=128``."""
     return _create("base", False, num_classes, overrides)
 
 
-def topformer_tiny_cls(num_classes: int = 1000, **overrides) -> TopFormerClassifier:
+def topformer_tiny_cls(num_classes: int = 1000, **overrides: Any) -> TopFormerClassifier:
     """TopFormer-T ImageNet classifier (official ``topformer-T-224-66.2.pth``)."""
     return _create("tiny", True, num_classes, overrides)
 
 
-def topformer_small_cls(num_classes: int = 1000, **overrides) -> TopFormerClassifier:
+def topformer_small_cls(num_classes: int = 1000, **overrides: Any) -> TopFormerClassifier:
     """TopFormer-S ImageNet classifier (official ``topformer-S-224-72.3.pth``)."""
     return _create("small", True, num_classes, overrides)
 
 
-def topformer_base_cls(num_classes: int = 1000, **overrides) -> TopFormerClassifier:
+def topformer_base_cls(num_classes: int = 1000, **overrides: Any) -> TopFormerClassifier:
     """TopFormer-B ImageNet classifier (official ``topformer-B-224-75.3.pth``)."""
     return _create("base", True, num_classes, overrides)
 
 
 @torch.no_grad()
-def from_topformer(teacher: TopFormer, sparsity: float = 0.3, **overrides) -> TopFormer:
+def from_topformer(teacher: TopFormer, sparsity: float = 0.3, **overrides: Any) -> TopFormer:
     """The distillation student of a dense TopFormer: the same variant with a dynamic extractor, holding the
     teacher's weights (gates new, ``G ≡ 1``: at sparsity 0 it computes the teacher's logits). ``overrides`` change
     training-only builder kwargs (e.g. ``drop_path_rate``)."""
