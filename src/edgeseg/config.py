@@ -18,10 +18,8 @@ from typing import Any
 
 import yaml
 
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .fileio import write_text
-
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 @dataclass

@@ -6,6 +6,8 @@ children rather than a second implementation of the network.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -182,3 +184,9 @@ def fuse_modules(module: nn.Module) -> nn.Module:
 def resize(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
     """Bilinear resize with ``align_corners=False``, the convention of every official model here."""
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def upsample_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """A model's native logits (B, K, h, w) (1/8 for TopFormer, 1/4 for SegFormer) → (B, K, H, W) at the input
+    size, bilinear with ``align_corners=False``, as mmseg's ``EncoderDecoder.encode_decode`` does at test time."""
+    return resize(logits, tuple(size))

@@ -660,11 +660,6 @@ class MiTClassifier(nn.Module):
         return fuse_modules(copy.deepcopy(self).eval()).to(memory_format=torch.channels_last)
 
 
-def upsample_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Native 1/4 logits (B, K, h, w) → (B, K, H, W), bilinear ``align_corners=False`` (mmseg test time)."""
-    return resize(logits, tuple(size))
-
-
 # --------------------------------------------------------------------------------------------------------------
 # 5. Variants (official mix_transformer.py mit_b0…mit_b5 and local_configs/segformer/B*/…)
 # --------------------------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from .dynamic import (
     scatter_mask,
     top_r,
 )
-from .layers import ConvBN, DropPath, HSigmoid, folded_bn_params, fuse_modules, resize
+from .layers import ConvBN, DropPath, HSigmoid, folded_bn_params, fuse_modules, resize, upsample_logits
 
 __all__ = [
     "MODELS",
@@ -482,12 +482,6 @@ class ClassifierHead(nn.Module):
             fc.bias.copy_(self.fc.bias + self.fc.weight @ shift)
         self.bn, self.fc = nn.Identity(), fc
         return self
-
-
-def upsample_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Native 1/8 logits (B, K, h, w) → input-size logits (B, K, H, W), bilinear with ``align_corners=False``,
-    as mmseg's ``EncoderDecoder.encode_decode`` does at test time."""
-    return resize(logits, tuple(size))
 
 
 # --------------------------------------------------------------------------------------------------------------
