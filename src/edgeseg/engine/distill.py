@@ -28,7 +28,6 @@ import dataclasses
 import math
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,6 @@ from .evaluate import build_val_dataset
 from .optim import build_optimizer, set_lr
 from .train import (
     RunLogger,
-    autocast_context,
     build_train_loader,
     build_train_set,
     data_parallel,
@@ -55,6 +53,7 @@ from .train import (
     leave_process_group,
     mean_over_ranks,
     open_work_dir,
+    optimizer_step,
     progress_bar,
     read_training_state,
     restore_rng,
@@ -228,29 +227,21 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
         # stage 1 never runs the head: DDP must find those unused parameters; stage 2 uses all, so it skips that walk
         net = data_parallel(StudentFeatures(student) if stage == 1 else student, info,
                             find_unused_parameters=stage == 1)
+        def loss_of(batch: dict[str, Any], stage: int = stage, net: nn.Module = net) -> dict[str, Tensor]:
+            img = batch["img"].to(dev, non_blocking=True)
+            if stage == 1:
+                return stage1_loss(net, teacher, img, dcfg)
+            return stage2_loss(net, teacher, img, batch["gt"].to(dev, non_blocking=True), dcfg,
+                               train_set.ignore_index)
+
         sums: dict[str, float] = {}
         count = 0
         for it in range(step - first, last - first):
             lr = set_lr(optimizer, it, cfg.optim.lr, lr_schedule)
             sparsity = schedule(step)
             set_sparsity(student, sparsity)
-            for micro in range(accum):
-                batch = next(batches)
-                img = batch["img"].to(dev, non_blocking=True)
-                skip_sync = info.world > 1 and micro < accum - 1  # DDP: all-reduce gradients on the last micro-step
-                with net.no_sync() if skip_sync else nullcontext():
-                    with autocast_context(cfg.train.amp, dev):
-                        if stage == 1:
-                            losses = stage1_loss(net, teacher, img, dcfg)
-                        else:
-                            gt = batch["gt"].to(dev, non_blocking=True)
-                            losses = stage2_loss(net, teacher, img, gt, dcfg, train_set.ignore_index)
-                    scaler.scale(losses["loss"] / accum).backward()
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            for k, v in optimizer_step(net, batches, loss_of, optimizer, scaler, cfg, info).items():
+                sums[k] = sums.get(k, 0.0) + v
             step, count = step + 1, count + 1
 
             if step % cfg.train.log_interval == 0 or step == last:

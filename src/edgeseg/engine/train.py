@@ -19,7 +19,7 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,19 +405,12 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
     loss_sum, loss_count, t_start = 0.0, 0, time.perf_counter()
     net.train()
 
+    def loss_of(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"loss": seg_loss(net(batch["img"].to(dev)), batch["gt"].to(dev), ignore_index)}
+
     for it in range(start, iters):
         lr = set_lr(optimizer, it, cfg.optim.lr, cfg.schedule)
-        for micro in range(accum):
-            batch = next(batches)
-            skip_sync = info.world > 1 and micro < accum - 1  # DDP: all-reduce gradients on the last micro-step only
-            with net.no_sync() if skip_sync else nullcontext():
-                with autocast_context(cfg.train.amp, dev):
-                    loss = seg_loss(net(batch["img"].to(dev)), batch["gt"].to(dev), ignore_index)
-                scaler.scale(loss / accum).backward()
-            loss_sum += float(loss.detach()) / accum
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum += optimizer_step(net, batches, loss_of, optimizer, scaler, cfg, info)["loss"]
         loss_count += 1
         done = it + 1
 
@@ -455,6 +448,28 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
     leave_process_group(info)
     return {"model": model, "iteration": iters, "best_mIoU": best_miou if best_miou > -math.inf else None,
             "last_eval": last_eval, "rank": info.rank}
+
+
+def optimizer_step(net: nn.Module, batches: Iterator[dict[str, Any]],
+                   loss_of: Callable[[dict[str, Any]], dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler, cfg: Config, info: DistInfo) -> dict[str, float]:
+    """One optimizer step over ``train.grad_accum`` micro-batches drawn from ``batches``, shared by training and
+    distillation: ``loss_of(batch)`` (run under the configured autocast) returns named losses, of which ``"loss"``
+    is back-propagated. Returns each loss averaged over the micro-batches."""
+    accum, sums = cfg.train.grad_accum, {}
+    for micro in range(accum):
+        batch = next(batches)
+        skip_sync = info.world > 1 and micro < accum - 1  # DDP: all-reduce gradients on the last micro-step only
+        with net.no_sync() if skip_sync else nullcontext():
+            with autocast_context(cfg.train.amp, info.device):
+                losses = loss_of(batch)
+            scaler.scale(losses["loss"] / accum).backward()
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return sums
 
 
 def progress_bar(total: int, initial: int = 0, desc: str = "train") -> Any:
