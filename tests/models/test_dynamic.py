@@ -25,6 +25,7 @@ from edgeseg.models.dynamic import (
     random_gates_,
     keep_count,
     set_gather,
+    set_native,
     set_sparsity,
     top_r,
 )
@@ -81,6 +82,13 @@ def test_top_r_keeps_largest_with_values():
     values, index = top_r(g, 2, groups=2)  # group-major: the first two from [0.25, 3, -1], then from [2, 0.5, 4]
     assert sorted(index[0, :2].tolist()) == [0, 1] and sorted(index[0, 2:].tolist()) == [3, 5]
     assert torch.equal(values, g.gather(1, index))
+
+
+def test_top_r_breaks_ties_by_the_lower_index():
+    g = torch.tensor([[1.0, 2.0, 2.0, 1.0, 2.0, 1.0]])
+    assert top_r(g, 2)[1].tolist() == [[1, 2]]
+    values, index = top_r(g, 2, width=4)  # padded: the same two kept, then the next two ranked, with value 0
+    assert index.tolist() == [[1, 2, 4, 0]] and values.tolist() == [[2.0, 2.0, 0.0, 0.0]]
 
 
 def test_sparsity_annealing_schedule():
@@ -173,16 +181,20 @@ def test_attention_plan_with_unequal_qk_and_v_sparsity():
     assert w_kv.shape[0] == w_q.shape[0] + w_proj.shape[1]
 
 
-def test_masked_equals_gathered_whole_model_batch2_and_fused():
+@pytest.mark.parametrize("gates", ["random", "fresh"])  # fresh: every gate value 1, all neurons tie
+def test_masked_equals_gathered_whole_model_batch2_and_fused(gates):
     torch.manual_seed(0)
     model = create_model("dynasegformer-b0", num_classes=5, sparsity=0.3).eval()
-    random_gates_(model)
+    if gates == "random":
+        random_gates_(model)
     x = torch.randn(2, 3, 64, 64)
     masked, gathered = both_forms(model, x)
     assert masked.shape == (2, 5, 16, 16)
     assert (masked - gathered).abs().max() <= 1e-5
     with torch.no_grad():
-        fused = model.fuse()
+        fused = model.fuse()  # padded widths, native plans where they build
+        assert (fused(x) - gathered).abs().max() <= 1e-5
+        set_native(fused, False)
         assert (fused(x) - gathered).abs().max() <= 1e-5
     # pruning is real: at 30 % the model differs from its own dense (sparsity 0) form
     set_sparsity(model, 0.0)
@@ -308,14 +320,16 @@ def test_checkpoint_round_trip(tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_onnx_export_matches(tmp_path, fused):
-    """Both inference forms export: the eval model (trainable gates) and ``fuse()`` (folded gates, padded widths)."""
+@pytest.mark.parametrize("fused, gates", [(False, "random"), (True, "random"), (True, "fresh")])
+def test_onnx_export_matches(tmp_path, fused, gates):
+    """Both inference forms export: the eval model (trainable gates) and ``fuse()`` (folded gates, padded widths).
+    Fresh gates tie everywhere: ONNX's TopK keeps the lower indices, as PyTorch's Top-r does."""
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     torch.manual_seed(0)
     model = create_model("dynasegformer-b0", num_classes=5, sparsity=0.3, depths=[1, 1, 1, 1]).eval()
-    random_gates_(model)
+    if gates == "random":
+        random_gates_(model)
     if fused:
         model = model.fuse()
     x = torch.randn(1, 3, 64, 64)

@@ -157,6 +157,26 @@ def test_kernel_top_r_matches_torch(native_kernel, C, hidden):
     assert torch.equal(supported.reshape(3, -1), (index.float() + 1) * support)
 
 
+@pytest.mark.parametrize("ties", ["all", "some"])
+def test_kernel_breaks_ties_as_torch_does(native_kernel, ties):
+    """Equal gate values (a fresh gate predicts 1 everywhere) go to the lower index, as in ``top_r``: the kernel
+    keeps the same neurons, and the same padding ones, as the PyTorch plan."""
+    gen = torch.Generator().manual_seed(3)
+    C, hidden, n, groups, keep, width = 8, 4, 48, 2, 9, 16
+    b2 = torch.ones(n) if ties == "all" else torch.randint(0, 3, (n,), generator=gen).float()
+    gate = FoldedGate(torch.randn(hidden, C, generator=gen), torch.randn(hidden, generator=gen),
+                      torch.zeros(n, hidden), b2, 1e-5)
+    plan = NativePlan(gate, [Selection(0, groups, n // groups, keep, width)],
+                      [[Part(torch.randn(n, 3, generator=gen), 0, groups * width)]], lambda bufs, batch: tuple(bufs))
+    x = torch.randn(2, 5, C, generator=gen)
+    with torch.inference_mode():
+        _, _, index = plan(x)
+        want = top_r(gate(x.mean(dim=1)), keep, groups, width)[1]
+    got, want = index.reshape(2, groups, width), want.reshape(2, groups, width)
+    for part in (slice(0, keep), slice(keep, width)):
+        assert torch.equal(got[..., part].sort(-1).values, want[..., part].sort(-1).values)
+
+
 @pytest.mark.parametrize("layout", ["tokens", "long tokens", "nchw", "channels_last", "strided", "cropped", "column"])
 def test_kernel_pools_every_layout(native_kernel, layout):
     """The kernel pools its input itself, read in place: token sequences, maps in either memory format, every

@@ -64,8 +64,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
     and how often both pick the same class. ``dynamic`` leaves batch, height and width free in the graph (SegFormer
     and MiT without DGL, TorchScript exporter; TopFormer's pooling and DGL's gates fix them) and checks a second,
     larger shape too. (An *untrained* model is a poor probe: with default BN statistics
-    TopFormer's unscaled attention is so sharp that float32 PyTorch itself moves by ~1 against float64, and fresh
-    DGL gates tie, so either runtime may keep either of two channels. Check with trained weights.)
+    TopFormer's unscaled attention is so sharp that float32 PyTorch itself moves by ~1 against float64. Check with
+    trained weights.)
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, not {exporter!r}")

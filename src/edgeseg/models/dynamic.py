@@ -30,8 +30,8 @@ Two execution forms with the same outputs (≤ 1e-5):
   through the kept values;
 - inference (eval mode): ``plan()`` gathers, per image, the kept rows of ``W1`` and columns of ``W2`` (the gate value
   is multiplied into whichever gathered weight is smallest where a linear map lies in between), then the narrower
-  products run, so executed MACs and wall-clock time drop. Only ``topk`` and index gathers are added — no Python
-  branching on tensor values, so the graph exports to ONNX (TopK + Gather).
+  products run, so executed MACs and wall-clock time drop. Only a sort (Top-r) and index gathers are added — no
+  Python branching on tensor values, so the graph exports to ONNX (TopK + Gather).
 
 ``fuse()`` prepares the inference form further (:func:`fold_gates`): each gate predictor becomes one frozen matrix
 product, and the gathered widths are padded with zero neurons to multiples of 8, which CPU kernels run faster than
@@ -187,9 +187,11 @@ def keep_count(features: int, sparsity: float) -> int:
 def top_r(gate: Tensor, keep: int, groups: int = 1, width: int | None = None) -> tuple[Tensor, Tensor]:
     """``Top-r(G)``: the ``keep`` largest entries of each of ``groups`` equal slices of ``gate`` (B, n).
 
-    Returns ``(values, index)``, both (B, groups·width), group-major, ``index`` into the full ``n`` axis (in no
-    particular order within a group). Per-group selection keeps every attention head equally wide, so batched
-    per-head products stay rectangular.
+    Returns ``(values, index)``, both (B, groups·width), group-major, ``index`` into the full ``n`` axis (by
+    descending value within a group). Per-group selection keeps every attention head equally wide, so batched
+    per-head products stay rectangular. Of equal values the lower index ranks first (a stable sort; ONNX's TopK and
+    the native kernel break ties the same way): a fresh gate predicts 1 for every neuron, and every form of the
+    model — masked, gathered, padded, native, exported — must still keep the same ones.
 
     ``width`` > ``keep`` (the fused inference form, see :func:`slot_support`) returns ``width`` slots per group: the
     top ``keep`` with their values, then the next entries with value 0 — zero neurons that round the gathered widths
@@ -198,7 +200,12 @@ def top_r(gate: Tensor, keep: int, groups: int = 1, width: int | None = None) ->
     b, n = gate.shape
     per_group = n // groups
     width = keep if width is None else width
-    values, index = gate.reshape(b, groups, per_group).topk(width, dim=-1, sorted=width > keep)
+    grouped = gate.reshape(b, groups, per_group)
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():  # ONNX exporters have no stable sort; ONNX's TopK
+        values, index = grouped.topk(width, dim=-1)                  # ranks ties the same way
+    else:
+        values, index = grouped.sort(dim=-1, descending=True, stable=True)
+        values, index = values[..., :width], index[..., :width]
     if groups > 1:
         index = index + torch.arange(0, n, per_group, device=gate.device).reshape(1, groups, 1)
     values, index = values.reshape(b, groups * width), index.reshape(b, groups * width)
@@ -591,8 +598,8 @@ def fold_gates(model: nn.Module, pad_multiple: int = 8) -> nn.Module:
 def random_gates_(model: nn.Module, seed: int = 0, std: float = 0.5) -> nn.Module:
     """Random last gate layers for measurements on untrained models, in place.
 
-    A fresh gate outputs ``G ≡ 1``: every neuron ties, and which ones Top-r keeps is left to the kernel (two runtimes
-    may disagree). Random weights make each image keep its own channels, as a trained gate would.
+    A fresh gate outputs ``G ≡ 1``: every neuron ties, and Top-r keeps the lowest indices, the same channels for
+    every image. Random weights make each image keep its own channels, as a trained gate would.
     """
     gen = torch.Generator().manual_seed(seed)
     for gate in dynamic_gates(model):

@@ -61,14 +61,22 @@ typedef struct {
     int64_t n_outputs;
 } dgl_site;
 
-/* Move the k largest of v[idx[lo..hi)] to idx[lo..lo+k) (quickselect, descending). */
+/* Whether entry a ranks above entry b: the larger value, or of equal values the lower index — the order of
+ * top_r in PyTorch (a stable descending sort) and of ONNX's TopK, so every path keeps the same neurons even where
+ * gate values tie (a fresh gate predicts 1 for every neuron). */
+static inline int ranks_above(const float *v, int32_t a, int32_t b) {
+    return v[a] > v[b] || (v[a] == v[b] && a < b);
+}
+
+/* Move the k highest-ranked of v[idx[lo..hi)] to idx[lo..lo+k) (quickselect; distinct ranks, so the pivot is the
+ * only entry neither scan passes). */
 static void select_top(const float *v, int32_t *idx, int64_t lo, int64_t hi, int64_t k) {
     while (hi - lo > 1 && k > 0 && k < hi - lo) {
-        const float pivot = v[idx[lo + (hi - lo) / 2]];
+        const int32_t pivot = idx[lo + (hi - lo) / 2];
         int64_t i = lo, j = hi - 1;
         while (i <= j) {
-            while (v[idx[i]] > pivot) i++;
-            while (v[idx[j]] < pivot) j--;
+            while (ranks_above(v, idx[i], pivot)) i++;
+            while (ranks_above(v, pivot, idx[j])) j--;
             if (i <= j) {
                 int32_t t = idx[i];
                 idx[i] = idx[j];
@@ -77,7 +85,7 @@ static void select_top(const float *v, int32_t *idx, int64_t lo, int64_t hi, int
                 j--;
             }
         }
-        /* now [lo, j] >= pivot, [i, hi) <= pivot, and whatever lies between equals the pivot */
+        /* now [lo, j] rank at or above the pivot, [i, hi) at or below, and whatever lies between is the pivot */
         if (k <= j - lo + 1) {
             hi = j + 1;
         } else if (k >= i - lo) {
