@@ -171,3 +171,15 @@ def test_a_model_built_from_its_class_saves_and_loads(tmp_path):
         assert torch.equal(again(x), model(x))
     with pytest.raises(ValueError, match="unknown model 'segformer-b9'"):
         edgeseg.models.family_of("segformer-b9")
+
+
+def test_a_checkpoint_with_head_counts_the_tensors_cannot_show_loads_back(tmp_path):
+    # 128 channels in 4 heads (not the official 5): only the checkpoint's model_args know it
+    model = edgeseg.create_model("segformer-b0", num_classes=3, embed_dims=[32, 64, 128, 256], depths=[1, 1, 1, 1],
+                                 num_heads=[2, 2, 4, 8]).eval()
+    edgeseg.save_checkpoint(tmp_path / "heads.pth", model)
+    again = edgeseg.load_model(tmp_path / "heads.pth")
+    assert again.model_args["num_heads"] == [2, 2, 4, 8]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))

@@ -133,7 +133,10 @@ def _load_state_dict(model: nn.Module, sd: dict[str, Tensor], path: Path, strict
     report = LoadReport(family=family, layout_notes=list(notes))
 
     own = model.state_dict()
-    src_name, src_args = FAMILIES[family].infer_model(sd)
+    try:
+        src_name, src_args = FAMILIES[family].infer_model(sd)
+    except ValueError:  # what tensors cannot show (a SegFormer's head counts): the model describes the file
+        src_name, src_args = model.model_name, dict(model.model_args)
     backbone_only = src_name.endswith("-cls") or (src_name.startswith("mit-") and
                                                   not model.model_name.startswith("mit-"))
     backbone_only = backbone_only and src_name != model.model_name
