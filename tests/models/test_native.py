@@ -628,3 +628,19 @@ def test_fused_segformer_norms_are_native_layer_norms(native_kernel):
         assert (fused(x) - model(x)).abs().max() <= 1e-4
         double = model.double().fuse()  # the norms keep the model's dtype (PyTorch's kernel runs them)
         assert (double(x.double()) - model(x.double())).abs().max() <= 1e-9
+
+
+def test_kernels_write_float32_whatever_the_default_dtype(native_kernel, fused_student):
+    """The kernels write float32: their outputs are float32 tensors even where a script made float64 the default."""
+    import copy
+
+    model, x = fused_student[0.3], torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            got = copy.deepcopy(model)(x)  # a copy builds its plans' buffers afresh, under the float64 default
+        finally:
+            torch.set_default_dtype(previous)
+    assert got.dtype == torch.float32 and torch.equal(got, want)

@@ -251,10 +251,10 @@ class NativePlan:
             if len(states) >= _KEPT_BATCHES:
                 del states[next(iter(states))]  # the least recently used
             with torch.inference_mode(False):  # normal tensors: written under inference mode and under no_grad
-                values = torch.empty(batch, self.slots)
+                values = torch.empty(batch, self.slots, dtype=torch.float32)
                 index = torch.empty(batch, self.slots, dtype=torch.int64)
-                buffers = [torch.empty(batch, sum(p.count for p in parts), parts[0].source.shape[1])
-                           for parts in self.outputs]
+                buffers = [torch.empty(batch, sum(p.count for p in parts), parts[0].source.shape[1],
+                                       dtype=torch.float32) for parts in self.outputs]
             selections = (_Selection * len(self.selections))(
                 *[_Selection(s.start, s.groups, s.per_group, s.keep, s.width) for s in self.selections])
             parts = [(_Part * len(ps))(*[_Part(_ptr(p.source), p.first, p.count, p.offset, self._SCALES[p.scale])
@@ -398,7 +398,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, path: int | None = 
     path = widest if path is None else path
     if not 0 <= path <= widest:
         raise ValueError(f"native attention: vector path {path} is not available here (widest {widest})")
-    out = torch.empty(B, N, heads, dv)
+    out = torch.empty(B, N, heads, dv, dtype=torch.float32)
     args = _AttentionArgs(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                           *(s for t in (q, k, v) for s in (t.stride(0), t.stride(2), t.stride(1))),
                           *out.stride()[:3], B, heads, N, M, dq, dv, scale)
