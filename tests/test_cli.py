@@ -126,3 +126,42 @@ def test_convert_official_to_edgeseg(reference_dir, tmp_path, capsys):
 def test_python_dash_m_works():
     res = subprocess.run([sys.executable, "-m", "edgeseg", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "info" in res.stdout
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
+    """Each mistake exits 2 with one line naming what is wrong and the fix, and changes no file."""
+    from PIL import Image
+
+    ckpt = save_checkpoint(tmp_path / "tt8.pth", create_model("topformer-tiny", num_classes=8))
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (32, 32), (90, 120, 30)).save(tmp_path / "photos" / "photo.png")
+    (tmp_path / "a_file").write_text("x")
+    cases = [
+        (["info", str(tmp_path / "empty.pth")], "is empty (0 bytes)"),
+        (["info", str(tmp_path / "text.pth")], "is not a PyTorch checkpoint"),
+        (["bench", str(ckpt), "--num-classes", "19"], "has 8 classes, not 19: leave the class count out"),
+        (["info", str(ckpt), "--sparsity", "0.3"], "needs a dynamic checkpoint"),
+        (["predict", str(ckpt), str(tmp_path / "photos"), "--out", str(tmp_path / "photos")], "is an input"),
+        (["predict", str(ckpt), str(tmp_path / "photos"), "--out", str(tmp_path / "a_file")], "choose another path"),
+        (["info", "topformer-tiny", "--arg", "head_channels=[1,"], "is not a YAML value"),
+        (["predict", str(ckpt), str(tmp_path / "photos"), "--device", "mps"], "runs on cpu or cuda"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+    assert (tmp_path / "photos" / "photo.png").stat().st_size > 0 and (tmp_path / "a_file").read_text() == "x"
+    Image.open(tmp_path / "photos" / "photo.png").verify()  # still the photo, not a label map
+    assert Image.open(tmp_path / "photos" / "photo.png").mode == "RGB"
+
+
+@pytest.mark.parametrize("argv", [["export", "topformer-tiny", "x.onnx", "--batch", "0"],
+                                  ["bench", "topformer-tiny", "--threads", "0"],
+                                  ["info", "topformer-tiny", "--size", "-64", "64"],
+                                  ["demo", "--iters", "0"]])
+def test_zero_or_negative_counts_are_refused_before_anything_runs(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "must be positive" in capsys.readouterr().err

@@ -26,3 +26,9 @@ def test_a_failed_write_leaves_the_old_file_and_no_litter(tmp_path):
 def test_writers_that_pick_the_format_by_suffix_get_the_target_suffix(tmp_path):
     atomic_write(tmp_path / "a.jpg", Image.new("RGB", (4, 4)).save)
     assert Image.open(tmp_path / "a.jpg").format == "JPEG"
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):  # as a plain write gives them (umask), not 0600
+    write_text(tmp_path / "a.txt", "x")
+    (tmp_path / "b.txt").write_text("x")
+    assert (tmp_path / "a.txt").stat().st_mode == (tmp_path / "b.txt").stat().st_mode

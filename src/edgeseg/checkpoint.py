@@ -8,6 +8,7 @@ to each family's ``convert_state_dict``) and strict loading with readable errors
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,17 +54,29 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint '{path}' does not exist: check the path")
     if path.is_dir():
         raise ValueError(f"checkpoint '{path}' is a folder without config.json: pass a .pth file or a Hugging Face folder")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint '{path}' is empty (0 bytes): download or save it again")
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
         except ImportError as err:
             raise ImportError(f"reading '{path}' needs safetensors: pip install safetensors") from err
-        return {"state_dict": load_file(str(path))}
+        try:
+            return {"state_dict": load_file(str(path))}
+        except Exception as err:  # safetensors' own error types; a damaged or truncated file
+            raise ValueError(f"checkpoint '{path}' is not a readable safetensors file ({err}): download or save it "
+                             f"again") from err
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors are long and deep; the user needs the file name and the cause
-        raise ValueError(f"checkpoint '{path}' could not be read as a torch file ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:200]})") from err
+        if isinstance(err, pickle.UnpicklingError) and "allowed global" in str(err):
+            raise ValueError(f"checkpoint '{path}' holds objects other than tensors and plain containers, which "
+                             f"edgeseg does not unpickle (weights_only=True): save its state_dict instead") from err
+        if "zip archive" in str(err):
+            raise ValueError(f"checkpoint '{path}' is damaged or truncated (not a complete zip archive): download or "
+                             f"save it again") from err
+        raise ValueError(f"checkpoint '{path}' is not a PyTorch checkpoint ({type(err).__name__}): pass a "
+                         f".pth/.pt/.safetensors file of weights") from err
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint '{path}' holds a {type(obj).__name__}, not a state dict")
     return obj
@@ -228,9 +241,19 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
             layout_args = getattr(FAMILIES[family], "layout_args", None)
             if layout_args is not None:
                 args.update(layout_args(raw))
-    args.update(overrides)
-    model = create_model(name, **args)
-    _load_state_dict(model, raw, path, strict=True, drop_head=False)
+    if overrides.get("num_classes", args.get("num_classes")) != args.get("num_classes"):
+        raise ValueError(f"checkpoint '{path}' has {args.get('num_classes')} classes, not {overrides['num_classes']}: "
+                         f"leave the class count out (to fine-tune for other classes, start a training run from it: "
+                         f"model.pretrained)")
+    model = create_model(name, **{**args, **overrides})
+    try:
+        _load_state_dict(model, raw, path, strict=True, drop_head=False)
+    except ValueError as err:
+        if not overrides:
+            raise
+        hint = "; a sparsity needs a dynamic checkpoint (edgeseg distill makes one)" if "sparsity" in overrides else ""
+        raise ValueError(f"checkpoint '{path}' holds {name} {args}, which {overrides} does not fit: leave it "
+                         f"out{hint}") from err
     return set_labels(model, *labels).eval()
 
 

@@ -17,12 +17,32 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--arg {item!r}: expected KEY=VALUE, e.g. --arg head_depthwise=false")
-        kwargs[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        try:
+            kwargs[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--arg {item!r}: {value!r} is not a YAML value ({type(err).__name__}); quote "
+                             f"strings, e.g. --arg decoder=mmseg, lists as [1, 2]") from err
     if getattr(args, "num_classes", None) is not None:
         kwargs["num_classes"] = args.num_classes
     if getattr(args, "sparsity", None) is not None:
         kwargs["sparsity"] = args.sparsity
     return kwargs
+
+
+def _positive(kind: type) -> Any:
+    """An argparse ``type`` that reads ``kind`` (int or float) and refuses zero and negative values: a batch, size,
+    thread count or duration of 0 has no meaning, and would fail deep inside instead of here."""
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the expected type by it ("invalid int value")
+    return parse
+
+
+POSITIVE_INT, POSITIVE_FLOAT = _positive(int), _positive(float)
 
 
 def _is_checkpoint(arg: str) -> bool:
@@ -39,6 +59,8 @@ def _device(name: str):
         device = torch.device(name)
     except RuntimeError as err:
         raise ValueError(f"--device {name!r}: not a device (e.g. cpu, cuda, cuda:1)") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: edgeseg runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
     return device
@@ -48,9 +70,11 @@ def _build(args: argparse.Namespace):
     from .checkpoint import load_model
     from .models import create_model
 
-    if _is_checkpoint(args.model):
-        return load_model(args.model, **_model_kwargs(args))
-    return create_model(args.model, **_model_kwargs(args))
+    kwargs = _model_kwargs(args)
+    try:
+        return (load_model if _is_checkpoint(args.model) else create_model)(args.model, **kwargs)
+    except TypeError as err:  # a builder argument of the wrong name or type (--arg, --num-classes, --sparsity)
+        raise ValueError(f"{args.model}: {err}; check the --arg values ({', '.join(kwargs) or 'none given'})") from err
 
 
 DEVICE_HELP = "where the model runs: auto (the GPU where there is one, else the CPU), cpu, cuda, cuda:N"
@@ -189,11 +213,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     inputs = expand_inputs(args.images)
     first: dict[str, str] = {}  # outputs are named by stem: two inputs sharing one would overwrite each other
+    given = {Path(image).resolve() for image in inputs}
     for image in inputs:
-        other = first.setdefault(Path(image).stem, str(image))
+        stem = Path(image).stem
+        other = first.setdefault(stem, str(image))
         if other != str(image):
-            raise ValueError(f"{other} and {image} would both write {out / Path(image).stem}.png: predict them "
-                             f"into separate --out folders")
+            raise ValueError(f"{other} and {image} would both write {out / stem}.png: predict them into separate "
+                             f"--out folders")
+        for written in (out / f"{stem}.png", out / f"{stem}_overlay.jpg"):
+            if written.resolve() in given:
+                raise ValueError(f"{written} is an input and would be overwritten by a prediction: choose another "
+                                 f"--out folder")
     segmenter = Segmenter(_build(args).to(_device(args.device)), scale=args.scale, size_divisor=args.size_divisor,
                           fuse=not args.no_fuse)
     out.mkdir(parents=True, exist_ok=True)
@@ -291,8 +321,10 @@ def _engine_parsers(sub: Any) -> None:
 
     p = sub.add_parser("demo", help="train TopFormer-Tiny from scratch on procedural scenes on the CPU, then report")
     p.add_argument("--work-dir", default="work_dirs/demo", help="output folder (default: work_dirs/demo)")
-    p.add_argument("--iters", type=int, help="training iterations (default 900, about 3 min on 2 idle cores)")
-    p.add_argument("--minutes", type=float, help="instead of --iters: fit the iteration count to this time budget")
+    p.add_argument("--iters", type=POSITIVE_INT,
+                   help="training iterations (default 900, about 3 min on 2 idle cores)")
+    p.add_argument("--minutes", type=POSITIVE_FLOAT,
+                   help="instead of --iters: fit the iteration count to this time budget")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 
@@ -336,8 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="params, GMACs and the paper's figures of one or all models")
     p.add_argument("model", nargs="?", help="model name or checkpoint path (omit for the table of all models)")
-    p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), help="input size (default: the paper's)")
-    p.add_argument("--num-classes", type=int)
+    p.add_argument("--size", nargs=2, type=POSITIVE_INT, metavar=("H", "W"), help="input size (default: the paper's)")
+    p.add_argument("--num-classes", type=POSITIVE_INT)
     p.add_argument("--sparsity", type=float, help="dynamic models: fraction of gated neurons pruned")
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help=ARG_HELP)
     p.add_argument("--json", action="store_true")
@@ -345,14 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="latency of a model (median and p90 after warm-up)")
     p.add_argument("model", help="model name or checkpoint path")
-    p.add_argument("--size", nargs=2, type=int, default=[512, 512], metavar=("H", "W"))
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--size", nargs=2, type=POSITIVE_INT, default=[512, 512], metavar=("H", "W"))
+    p.add_argument("--batch", type=POSITIVE_INT, default=1)
+    p.add_argument("--threads", type=POSITIVE_INT, help="torch intra-op threads (default: torch's)")
     p.add_argument("--fuse", action="store_true", help="benchmark the inference form (BN folded, decoder folded)")
-    p.add_argument("--num-classes", type=int)
+    p.add_argument("--num-classes", type=POSITIVE_INT)
     p.add_argument("--sparsity", type=float, help="dynamic models: fraction of gated neurons pruned")
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help=ARG_HELP)
-    p.add_argument("--seconds", type=float, default=3.0, help="minimum timed duration")
+    p.add_argument("--seconds", type=POSITIVE_FLOAT, default=3.0, help="minimum timed duration")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
@@ -365,13 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="ONNX graph of a model's inference form, checked with onnxruntime")
     p.add_argument("model", help="model name or checkpoint path (any supported layout)")
     p.add_argument("out", help="output .onnx file")
-    p.add_argument("--size", nargs=2, type=int, default=[512, 512], metavar=("H", "W"),
+    p.add_argument("--size", nargs=2, type=POSITIVE_INT, default=[512, 512], metavar=("H", "W"),
                    help="input size, fixed in the graph unless --dynamic (default 512 512)")
-    p.add_argument("--batch", type=int, default=1, help="batch size, fixed in the graph unless --dynamic")
-    p.add_argument("--num-classes", type=int)
+    p.add_argument("--batch", type=POSITIVE_INT, default=1, help="batch size, fixed in the graph unless --dynamic")
+    p.add_argument("--num-classes", type=POSITIVE_INT)
     p.add_argument("--sparsity", type=float, help="dynamic models: fraction of gated neurons pruned")
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help=ARG_HELP)
-    p.add_argument("--opset", type=int, help="ONNX opset (default: 17; 18 with --exporter dynamo)")
+    p.add_argument("--opset", type=POSITIVE_INT, help="ONNX opset (default: 17; 18 with --exporter dynamo)")
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
                    help="torch.onnx's TorchScript tracer (default) or its torch.export-based one (needs onnxscript)")
     p.add_argument("--no-fuse", action="store_true", help="export the eager model instead of fuse()'s form")
@@ -385,10 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files or folders of them, or videos (.mp4, .mov, .avi, .mkv, "
                                              ".webm...; the [video] extra): label PNGs per frame and an overlay .mp4")
     p.add_argument("--out", default="predictions", help="output folder")
-    p.add_argument("--scale", nargs=2, type=int, default=[2048, 512], metavar=("LONG", "SHORT"),
+    p.add_argument("--scale", nargs=2, type=POSITIVE_INT, default=[2048, 512], metavar=("LONG", "SHORT"),
                    help="keep-ratio test resize bound (default: the ADE20K recipe's 2048 512)")
-    p.add_argument("--size-divisor", type=int, help="round the resized image up to a multiple (SegFormer: 32)")
-    p.add_argument("--num-classes", type=int)
+    p.add_argument("--size-divisor", type=POSITIVE_INT,
+                   help="round the resized image up to a multiple (SegFormer: 32)")
+    p.add_argument("--num-classes", type=POSITIVE_INT)
     p.add_argument("--no-fuse", action="store_true", help="run the eager model instead of fuse()'s inference form")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_predict, sparsity=None)
@@ -405,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory_unless_disabled()  # the command owns its process: reuse freed tensor memory (see allocator.py)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, ImportError) as err:  # user errors: one line, no traceback
+    except (OSError, ValueError, ImportError) as err:  # user errors: one line, no traceback
         print(f"edgeseg {args.command}: error: {_explain(err, args)}", file=sys.stderr)
         return 2
 
@@ -414,6 +447,9 @@ def _explain(err: Exception, args: argparse.Namespace) -> str:
     """The one-line message of a user error; errors PyTorch raises from deep inside whose fix is in the recipe get
     that fix."""
     message = str(err)
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.filename is not None:
+        # FileExistsError, IsADirectoryError, PermissionError, a full disk: the path and the reason
+        return f"cannot use '{err.filename}' ({err.strerror}): choose another path"
     if message.startswith("Caught ") and "\nOriginal Traceback" in message:
         # raised in a DataLoader worker: PyTorch re-raises it with the worker's traceback; the error is its last line
         message = message.rstrip().splitlines()[-1].partition(": ")[2] or message.splitlines()[0]

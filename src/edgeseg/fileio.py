@@ -7,7 +7,7 @@ overlays, the generated dataset) goes through :func:`atomic_write`.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,8 +18,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     suffix, so writers that choose the format by it (Pillow, matplotlib) write the right one. Creates the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
+    # A fresh name the writer creates itself, so the file gets the usual permissions (mkstemp's are owner-only).
+    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}"))
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -71,7 +71,7 @@ def test_load_model_of_an_hf_weights_file_or_folder_with_overrides(tmp_path, mon
     # Builder overrides apply to folders as to files; a class count the weights do not have is one clear line.
     dropped = edgeseg.load_model(tmp_path, dropout=0.5)
     assert dropped.model_args["dropout"] == 0.5 and dropped.class_names == [f"class{i}" for i in range(4)]
-    with pytest.raises(ValueError, match="has 4 classes but the model has 7"):
+    with pytest.raises(ValueError, match="has 4 classes, not 7: leave the class count out"):
         edgeseg.load_model(tmp_path, num_classes=7)
 
 
