@@ -318,6 +318,26 @@ def validate(cfg: Config, source: str = "config") -> Config:
             raise ValueError(f"{source}: {name} must be >= 1, got {val}")
     if cfg.schedule.warmup_iters < 0 or not 0 < cfg.schedule.warmup_ratio <= 1:
         raise ValueError(f"{source}: schedule.warmup_iters must be >= 0 and warmup_ratio in (0, 1]")
+    d, e = cfg.data, cfg.eval
+    positive = [("data.crop_size", d.crop_size), ("data.scale", d.scale), ("data.test_scale", d.test_scale),
+                ("data.ratio_range", d.ratio_range), ("eval.crop_size", e.crop_size or (1,)),
+                ("eval.stride", e.stride or (1,)), ("eval.tta_ratios", e.tta_ratios or (1,)),
+                ("data.size_divisor", (d.size_divisor or 1,))]
+    for name, values in positive:
+        if not all(v > 0 for v in values):
+            raise ValueError(f"{source}: {name} must be positive, got {list(values)}")
+    if d.ratio_range[0] > d.ratio_range[1]:
+        raise ValueError(f"{source}: data.ratio_range is (low, high), got {list(d.ratio_range)}")
+    if not all(s != 0 for s in d.std):
+        raise ValueError(f"{source}: data.std divides the pixels: it cannot hold 0, got {list(d.std)}")
+    if e.tta and not e.tta_ratios:
+        raise ValueError(f"{source}: eval.tta needs eval.tta_ratios, e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]")
+    for name, val in (("optim.lr", cfg.optim.lr), ("optim.weight_decay", cfg.optim.weight_decay),
+                      ("train.seed", cfg.train.seed), ("data.workers", d.workers),
+                      ("train.eval_interval", cfg.train.eval_interval),
+                      ("train.checkpoint_interval", cfg.train.checkpoint_interval)):
+        if val < 0:
+            raise ValueError(f"{source}: {name} must be >= 0, got {val}")
     if cfg.distill is not None:
         d = cfg.distill
         if not 0.0 <= d.sparsity < 1.0:
@@ -332,8 +352,7 @@ def validate(cfg: Config, source: str = "config") -> Config:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config (or start from the defaults when ``path`` is None) and apply ``--set`` overrides.
 
-    ``_base_: other.yaml`` at the top of a file is read first and then updated key by key (one level of sections);
-    the shipped configs do not use it, each is a complete recipe.
+    A config is one complete recipe, with no inheritance between files: what a run does is on one page.
     """
     data: dict[str, Any] = {}
     source = "config"
@@ -343,21 +362,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise FileNotFoundError(f"config '{path}' does not exist: pass a YAML file, e.g. configs/demo_scenes.yaml")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ValueError(f"config '{path}' is not UTF-8 text: pass a YAML file") from None
         except yaml.YAMLError as err:
-            raise ValueError(f"config '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"config '{path}' is not valid YAML{where}: {getattr(err, 'problem', None) or err}") \
+                from None
         if not isinstance(data, dict):
             raise ValueError(f"config '{path}' must be a mapping of sections (model:, data:, ...)")
-        base = data.pop("_base_", None)
-        if base is not None:
-            base_data = load_config(path.parent / base).to_dict()
-            for section, values in data.items():
-                if isinstance(values, dict) and isinstance(base_data.get(section), dict):
-                    base_data[section].update(values)
-                else:
-                    base_data[section] = values
-            data = base_data
     cfg = _build(Config, data, source)
     for assignment in overrides:
         _set(cfg, assignment)
-    return validate(cfg, source)
+    return validate(cfg, f"{source} with --set" if overrides else source)

@@ -275,3 +275,8 @@ def test_label_pngs_give_their_indices_back(tmp_path, classes):
     save_label_png(label, tmp_path / "a.png", default_palette(classes))
     assert read_label(tmp_path / "a.png").tolist() == label.tolist()
     assert Image.open(tmp_path / "a.png").mode == ("P" if classes == 8 else "I;16")
+
+
+def test_unknown_dataset_arguments_are_named():
+    with pytest.raises(ValueError, match=r"dataset 'scenes' takes no argument 'bogus' \(data.kwargs"):
+        build_dataset("scenes", None, "train", bogus=1)

@@ -83,6 +83,23 @@ def test_train_writes_artefacts_and_resumes_exactly(tmp_path):
     assert all(torch.equal(after[k], final[k]) for k in final)
 
 
+def test_resuming_another_model_or_training_on_foreign_labels_is_one_line(tmp_path):
+    from edgeseg.engine.train import check_labels
+
+    cfg = tiny_cfg("schedule.iters=2", "train.eval_interval=0")
+    train(cfg, tmp_path / "tiny", progress=False, log=lambda *a: None)
+    with pytest.raises(ValueError, match=r"written for topformer-tiny .* but the recipe builds topformer-small"):
+        train(tiny_cfg("model.name=topformer-small"), tmp_path / "tiny", resume="auto", progress=False,
+              log=lambda *a: None)
+    with pytest.raises(ValueError, match=r"the label map of scenes://seed=0/train/scene_\d+ holds class [5-7], but "
+                                         r"the model has 5 classes"):
+        train(tiny_cfg("model.num_classes=5"), tmp_path / "five", progress=False, log=lambda *a: None)
+    batch = {"gt": torch.tensor([[[0, 255]], [[4, 6]]]), "meta": [{"img_path": "a.jpg"}, {"img_path": "b.jpg"}]}
+    with pytest.raises(ValueError, match=r"the label map of b.jpg holds class 6, but the model has 5 classes"):
+        check_labels(batch, 5)
+    check_labels(batch, 7)
+
+
 def test_bf16_and_grad_accum_run(tmp_path):
     cfg = tiny_cfg("train.amp=bf16", "train.grad_accum=2", "schedule.iters=2", "train.eval_interval=0",
                    "train.checkpoint_interval=0")

@@ -64,6 +64,13 @@ def build_dataset(
     names. ``root`` may be None only for ``scenes`` (generated on the fly)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    import inspect
+
+    accepted = inspect.signature(DATASETS[name]).parameters
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        raise ValueError(f"dataset {name!r} takes no argument {', '.join(map(repr, unknown))} (data.kwargs, "
+                         f"train_kwargs, val_kwargs); it takes {', '.join(k for k in accepted if k != 'self')}")
     return DATASETS[name](root=root, split=split, transform=transform, **kwargs)
 
 

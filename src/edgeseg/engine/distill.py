@@ -45,6 +45,7 @@ from .train import (
     RunLogger,
     build_train_loader,
     build_train_set,
+    check_labels,
     data_parallel,
     evaluate_during_training,
     find_resume,
@@ -57,6 +58,7 @@ from .train import (
     progress_bar,
     read_training_state,
     restore_rng,
+    restore_weights,
     save_training_state,
     seed_everything,
     seg_loss,
@@ -200,7 +202,7 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
     ckpt_path = find_resume(resume, work_dir, "distill")
     if ckpt_path is not None:
         resumed = _read_distill_state(ckpt_path, stages)
-        student.load_state_dict(resumed["state_dict"])
+        restore_weights(student, resumed, ckpt_path)
         scaler.load_state_dict(resumed["scaler"])
         step, best = int(resumed["iteration"]), float(resumed["best_mIoU"])
         restore_rng(resumed["rng"], info)
@@ -231,6 +233,7 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
             img = batch["img"].to(dev, non_blocking=True)
             if stage == 1:
                 return stage1_loss(net, teacher, img, dcfg)
+            check_labels(batch, student.num_classes, train_set.ignore_index)
             return stage2_loss(net, teacher, img, batch["gt"].to(dev, non_blocking=True), dcfg,
                                train_set.ignore_index)
 

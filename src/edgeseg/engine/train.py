@@ -87,7 +87,7 @@ class SeededTrainSet(Dataset):
         index, position = key
         img, gt = self.dataset.load_pair(index)
         x, y, _ = self.transform(img, gt, rng=np.random.default_rng([self.seed, position]))
-        return {"img": x, "gt": y, "meta": {"index": index}}
+        return {"img": x, "gt": y, "meta": {"index": index, "img_path": self.dataset.img_path(index)}}
 
 
 # -------------------------------------------------------------------------------------------------- processes
@@ -198,6 +198,19 @@ def seed_everything(seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ parts
+def check_labels(batch: dict[str, Any], num_classes: int, ignore_index: int = 255) -> None:
+    """Every label of a training batch is a class of the model or ignored; else one line naming the image (the
+    loss would fail deep inside, or on a GPU with a device-side assert)."""
+    gt = batch["gt"]
+    bad = ((gt >= num_classes) | (gt < 0)) & (gt != ignore_index)
+    if bad.any():
+        i = int(bad.flatten(1).any(1).nonzero()[0])
+        meta = batch["meta"][i] if isinstance(batch.get("meta"), list) else {}
+        raise ValueError(f"the label map of {meta.get('img_path', f'image {i} of the batch')} holds class "
+                         f"{int(gt[i][bad[i]][0])}, but the model has {num_classes} classes (and {ignore_index} "
+                         f"ignored): set model.num_classes to the dataset's class count, or fix the masks")
+
+
 def seg_loss(logits: Tensor, gt: Tensor, ignore_index: int = 255) -> Tensor:
     """Cross-entropy of logits (B, K, h, w) upsampled to the label size (B, H, W).
 
@@ -335,6 +348,16 @@ def read_training_state(path: Path, fix: str) -> dict[str, Any]:
     return ckpt
 
 
+def restore_weights(model: nn.Module, ckpt: dict[str, Any], path: Path) -> None:
+    """The run's weights from a training-state checkpoint; one line where the recipe builds another model."""
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise ValueError(f"--resume {path}: written for {ckpt.get('model_name')} {ckpt.get('model_args')}, but the "
+                         f"recipe builds {model.model_name} {model.model_args}: resume with the config that run "
+                         f"started with, or train in a new --work-dir") from err
+
+
 def restore_rng(states: list[dict[str, Any]], info: DistInfo) -> None:
     """Continue this rank's generators from a checkpoint's per-rank list."""
     if len(states) != info.world:
@@ -383,7 +406,7 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
     ckpt_path = find_resume(resume, work_dir)
     if ckpt_path is not None:
         ckpt = read_training_state(ckpt_path, "to start from its weights set model.pretrained instead")
-        model.load_state_dict(ckpt["state_dict"])
+        restore_weights(model, ckpt, ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start, best_miou = int(ckpt["iteration"]), float(ckpt.get("best_mIoU", -math.inf))
@@ -406,6 +429,7 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
     net.train()
 
     def loss_of(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        check_labels(batch, model.num_classes, ignore_index)
         return {"loss": seg_loss(net(batch["img"].to(dev)), batch["gt"].to(dev), ignore_index)}
 
     for it in range(start, iters):
