@@ -280,3 +280,19 @@ def test_label_pngs_give_their_indices_back(tmp_path, classes):
 def test_unknown_dataset_arguments_are_named():
     with pytest.raises(ValueError, match=r"dataset 'scenes' takes no argument 'bogus' \(data.kwargs"):
         build_dataset("scenes", None, "train", bogus=1)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("classes: [a, b\n", "not valid YAML at line 2"),
+    ("classes: abc\n", "classes must be a list"),
+    ("classes: [a, b]\nreduce_zero_label: 'false'\n", "reduce_zero_label must be true or false"),
+    ("classes: [a, b]\nclases: [c]\n", "unknown key 'clases'"),
+    ("classes: [a, b]\npalette: [[300, 0, 0], [0, 0, 0]]\n", "values 0..255"),
+    ("classes: [a, b]\nsplits: [train.txt]\n", "splits must be a mapping"),
+])
+def test_folder_yaml_mistakes_name_the_file_and_the_key(make_tree, text, message):
+    root = make_tree("folder")
+    (root / "dataset.yaml").write_text(text)
+    with pytest.raises(ValueError, match=message) as err:
+        build_dataset("folder", root, "train")
+    assert "dataset.yaml" in str(err.value)

@@ -377,6 +377,37 @@ class COCOStuff10kDataset(FileSegDataset):
                          transform=transform)
 
 
+_DATASET_YAML = {"classes": list, "palette": list, "img_dir": str, "ann_dir": str, "img_suffix": str,
+                 "seg_map_suffix": str, "reduce_zero_label": bool, "splits": dict, "generator": dict}
+
+
+def _read_dataset_yaml(path: Path) -> dict[str, Any]:
+    """A folder dataset's description, checked key by key: a typo or a quoted ``'false'`` would otherwise change
+    what is trained and scored without a word."""
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{path} is not valid YAML{where}: fix the file") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must be a mapping (classes:, palette:, ...), got {type(cfg).__name__}")
+    for key, value in cfg.items():
+        kind = _DATASET_YAML.get(key)
+        if kind is None:
+            raise ValueError(f"{path}: unknown key {key!r}; the keys are {', '.join(_DATASET_YAML)}")
+        if not isinstance(value, kind):
+            expected = {list: "a list", str: "a string", bool: "true or false", dict: "a mapping"}[kind]
+            raise ValueError(f"{path}: {key} must be {expected}, got {value!r}")
+    if not all(isinstance(c, (str, int)) for c in cfg.get("classes", [])):
+        raise ValueError(f"{path}: classes must be a list of names, e.g. [road, car, person]")
+    for colour in cfg.get("palette", []):
+        if not (isinstance(colour, list) and len(colour) == 3
+                and all(isinstance(v, int) and 0 <= v <= 255 for v in colour)):
+            raise ValueError(f"{path}: palette colours are [r, g, b] with values 0..255, got {colour!r}")
+    return cfg
+
+
 class FolderDataset(FileSegDataset):
     """Any dataset in mmseg's custom layout, described by a small ``dataset.yaml`` in its root::
 
@@ -417,9 +448,7 @@ class FolderDataset(FileSegDataset):
         cfg: dict[str, Any] = {}
         meta_path = path / meta_file
         if meta_path.is_file():
-            cfg = yaml.safe_load(meta_path.read_text()) or {}
-            if not isinstance(cfg, dict):
-                raise ValueError(f"{meta_path} must be a mapping (classes:, palette:, ...), got {type(cfg).__name__}")
+            cfg = _read_dataset_yaml(meta_path)
         img_dir = img_dir if img_dir is not None else cfg.get("img_dir", "img_dir")
         ann_dir = ann_dir if ann_dir is not None else cfg.get("ann_dir", "ann_dir")
         img_suffix = img_suffix if img_suffix is not None else cfg.get("img_suffix", ".jpg")
