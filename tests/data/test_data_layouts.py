@@ -296,3 +296,16 @@ def test_folder_yaml_mistakes_name_the_file_and_the_key(make_tree, text, message
     with pytest.raises(ValueError, match=message) as err:
         build_dataset("folder", root, "train")
     assert "dataset.yaml" in str(err.value)
+
+
+def test_sixteen_bit_grey_images_read_as_their_top_eight_bits(tmp_path):
+    from edgeseg.data.datasets import read_image
+
+    grey = np.array([[0, 256, 65535], [1000, 40000, 255]], dtype=np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    rgb = read_image(tmp_path / "g16.png")
+    assert rgb.dtype == np.uint8 and rgb.shape == (2, 3, 3)
+    assert rgb[..., 0].tolist() == (grey >> 8).tolist() and (rgb[..., 0] == rgb[..., 2]).all()
+    Image.fromarray(np.zeros((2, 2), np.float32)).save(tmp_path / "f.tiff")
+    with pytest.raises(ValueError, match="floating-point pixels"):
+        read_image(tmp_path / "f.tiff")

@@ -56,6 +56,13 @@ def read_image(path: str | Path, exif_orientation: bool = False) -> np.ndarray:
     with _opened(path, "image") as im:
         if exif_orientation:
             im = ImageOps.exif_transpose(im)
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey: its top 8 bits, as OpenCV reads it
+            grey = np.array(im).astype(np.int64)
+            if grey.size and (grey.min() < 0 or grey.max() > 65535):
+                raise ValueError(f"image {path} is a 32-bit {im.mode} image: convert it to 8-bit RGB")
+            return np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=2)
+        if im.mode == "F":
+            raise ValueError(f"image {path} holds floating-point pixels: convert it to 8-bit RGB")
         return np.array(im if im.mode == "RGB" else im.convert("RGB"))
 
 

@@ -111,8 +111,9 @@ def load_hf_folder(path: str | os.PathLike) -> nn.Module:
         cfg = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"'{config_path}' is not valid JSON ({err.msg} at line {err.lineno})") from err
-    if cfg.get("model_type") != "segformer":
-        raise ValueError(f"'{config_path}': model_type is {cfg.get('model_type')!r}, not 'segformer'; "
+    if not isinstance(cfg, dict) or cfg.get("model_type") != "segformer":
+        found = cfg.get("model_type") if isinstance(cfg, dict) else type(cfg).__name__
+        raise ValueError(f"'{config_path}': model_type is {found!r}, not 'segformer'; "
                          f"only SegFormer folders are supported")
     variant, args = _config_args(cfg, config_path)
     converted = convert_state_dict(read_hf_weights(folder))
