@@ -32,3 +32,12 @@ def test_written_files_get_the_usual_permissions(tmp_path):  # as a plain write 
     write_text(tmp_path / "a.txt", "x")
     (tmp_path / "b.txt").write_text("x")
     assert (tmp_path / "a.txt").stat().st_mode == (tmp_path / "b.txt").stat().st_mode
+
+
+def test_a_failed_write_names_the_target_not_the_temporary_file(tmp_path):
+    def denied(tmp: str) -> None:
+        raise PermissionError(13, "Permission denied", tmp)
+
+    with pytest.raises(PermissionError) as err:
+        atomic_write(tmp_path / "model.onnx", denied)
+    assert err.value.filename == str(tmp_path / "model.onnx") and list(tmp_path.iterdir()) == []

@@ -309,3 +309,13 @@ def test_sixteen_bit_grey_images_read_as_their_top_eight_bits(tmp_path):
     Image.fromarray(np.zeros((2, 2), np.float32)).save(tmp_path / "f.tiff")
     with pytest.raises(ValueError, match="floating-point pixels"):
         read_image(tmp_path / "f.tiff")
+
+
+def test_a_label_map_of_another_size_names_both_files(make_tree):
+    root = make_tree("folder")
+    ds = build_dataset("folder", root, "train")
+    label = Path(ds.ann_files[0])
+    Image.fromarray(np.zeros((3, 5), np.uint8)).save(label)
+    with pytest.raises(ValueError, match=r"is 5x3: a label map has its image's size") as err:
+        ds[0]
+    assert str(label) in str(err.value) and str(ds.img_files[0]) in str(err.value)

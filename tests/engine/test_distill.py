@@ -177,6 +177,10 @@ def test_tiny_distill_run_on_scenes(tmp_path, capsys, tiny_distill_recipe):
     code = main(["distill", str(path), "--teacher", str(tmp_path / "b1.pth"), "--work-dir", str(tmp_path / "x"),
                  "--no-progress"])
     assert code == 2 and "segformer-b1" in capsys.readouterr().err
+    # so is a dynamic model given as the teacher (the student itself)
+    code = main(["distill", str(path), "--teacher", str(work / "final.pth"), "--work-dir", str(tmp_path / "x"),
+                 "--no-progress"])
+    assert code == 2 and "is a dynamic model (dynasegformer-b0)" in capsys.readouterr().err
 
     # a recipe without a distill: section is refused, naming the file
     plain = tmp_path / "plain.yaml"

@@ -209,6 +209,14 @@ class FileSegDataset(SegDataset):
         label = read_label(self.ann_files[i])
         return reduce_zero_label(label) if self.reduce_zero_label else label
 
+    def load_pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        img, label = self.load_image(i), self.load_label(i)
+        if img.shape[:2] != label.shape:
+            raise ValueError(f"image {self.img_files[i]} is {img.shape[1]}x{img.shape[0]} but its label "
+                             f"{self.ann_files[i]} is {label.shape[1]}x{label.shape[0]}: a label map has its "
+                             f"image's size")
+        return img, label
+
     def sample_name(self, i: int) -> str:
         name = os.path.basename(self.img_files[i])
         if self.img_suffix and name.endswith(self.img_suffix):

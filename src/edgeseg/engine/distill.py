@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import load_model, save_checkpoint, set_labels
 from ..config import Config, DistillCfg
-from ..models.dynamic import SparsitySchedule, from_segformer, gate_l1, set_sparsity
+from ..models.dynamic import SparsitySchedule, dynamic_gates, from_segformer, gate_l1, set_sparsity
 from ..models.topformer import from_topformer
 from .evaluate import build_val_dataset
 from .optim import build_optimizer, set_lr
@@ -134,6 +134,9 @@ def build_student(cfg: Config, teacher: nn.Module, num_classes: int) -> nn.Modul
     checked against the config's model section."""
     teacher_path = cfg.distill.teacher
     name = getattr(teacher, "model_name", "?")
+    if next(dynamic_gates(teacher), None) is not None:
+        raise ValueError(f"teacher '{teacher_path}' is a dynamic model ({name}); the teacher is the dense model the "
+                         f"student is distilled from, e.g. {name.removeprefix('dyna')}")
     student_name = name if name.startswith("topformer-") else "dyna" + name
     if cfg.model.name and cfg.model.name != student_name:
         teacher_name = cfg.model.name.removeprefix("dyna")
