@@ -87,8 +87,10 @@ def test_dynamo_exporter(reference_dir, tmp_path, capfd):
     res = export_onnx(student, tmp_path / "d.onnx", input_size=(128, 128), opset=18, exporter="dynamo")
     assert {"TopK", "Gather"} <= set(res.ops) and res.max_abs_diff <= 1e-4
     assert capfd.readouterr().err == ""  # torch's registry chatter and FutureWarnings stay quiet
-    with pytest.raises(ValueError, match="opset 18 or newer, not 17"):
+    with pytest.raises(ValueError, match="dynamo exporter writes these models at opsets 18 to"):
         export_onnx(model, tmp_path / "x.onnx", input_size=(64, 64), exporter="dynamo")
+    with pytest.raises(ValueError, match="torchscript exporter writes these models at opsets 11 to 20, not 5"):
+        export_onnx(model, tmp_path / "x.onnx", input_size=(64, 64), opset=5)
     assert main(["export", "segformer-b0", str(tmp_path / "s.onnx"), "--size", "64", "64", "--exporter", "dynamo",
                  "--no-check"]) == 0
     assert "opset 18" in capfd.readouterr().out

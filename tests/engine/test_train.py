@@ -91,6 +91,8 @@ def test_resuming_another_model_or_training_on_foreign_labels_is_one_line(tmp_pa
     with pytest.raises(ValueError, match=r"written for topformer-tiny .* but the recipe builds topformer-small"):
         train(tiny_cfg("model.name=topformer-small"), tmp_path / "tiny", resume="auto", progress=False,
               log=lambda *a: None)
+    with pytest.raises(ValueError, match=r"written at iteration 2, past schedule.iters=1"):
+        train(tiny_cfg("schedule.iters=1"), tmp_path / "tiny", resume="auto", progress=False, log=lambda *a: None)
     with pytest.raises(ValueError, match=r"the label map of scenes://seed=0/train/scene_\d+ holds class [5-7], but "
                                          r"the model has 5 classes"):
         train(tiny_cfg("model.num_classes=5"), tmp_path / "five", progress=False, log=lambda *a: None)

@@ -78,8 +78,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
             import onnxscript  # noqa: F401
         except ImportError as err:
             raise ImportError(f"the dynamo exporter needs onnxscript: {ONNX_EXTRA}") from err
-        if opset < 18:
-            raise ValueError(f"the dynamo exporter writes opset 18 or newer, not {opset}: e.g. --opset 18")
+    from torch.onnx import _constants
+
+    # The models resize by computed sizes (opset 11's Resize); each exporter has its own newest opset.
+    low, high = (18, _constants.ONNX_MAX_OPSET) if exporter == "dynamo" else \
+        (11, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    if not low <= opset <= high:
+        raise ValueError(f"the {exporter} exporter writes these models at opsets {low} to {high}, not {opset}: e.g. "
+                         f"--opset {max(low, 17)}")
     pool_stride = getattr(model, "pool_stride", None)  # TopFormer: its token pooling is adaptive
     if dynamic:
         _check_dynamic(model, pool_stride, exporter)

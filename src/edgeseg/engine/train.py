@@ -410,6 +410,9 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start, best_miou = int(ckpt["iteration"]), float(ckpt.get("best_mIoU", -math.inf))
+        if start > cfg.schedule.iters:
+            raise ValueError(f"--resume {ckpt_path}: written at iteration {start}, past schedule.iters="
+                             f"{cfg.schedule.iters}: resume with the schedule the run started with")
         restore_rng(ckpt["rng"], info)
         log(f"resumed from {ckpt_path} at iteration {start}")
     elif resume == "auto":
