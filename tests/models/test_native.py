@@ -52,6 +52,12 @@ def _fresh_copy(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _random_gate(gen: torch.Generator, C: int, hidden: int, n: int) -> FoldedGate:
+    """A folded gate over ``n`` neurons from ``C`` pooled channels, every weight random."""
+    return FoldedGate(torch.randn(hidden, C, generator=gen), torch.randn(hidden, generator=gen),
+                      torch.randn(n, hidden, generator=gen), torch.randn(n, generator=gen), 1e-5)
+
+
 @pytest.fixture(scope="module")
 def fused_student():
     torch.manual_seed(0)
@@ -131,8 +137,7 @@ def test_native_plans_follow_conversions_and_loads(native_kernel, fused_student)
 def test_kernel_top_r_matches_torch(native_kernel, C, hidden):
     gen = torch.Generator().manual_seed(0)
     n, groups, keep, width, tokens = 64, 4, 11, 13, 7
-    gate = FoldedGate(torch.randn(hidden, C, generator=gen), torch.randn(hidden, generator=gen),
-                      torch.randn(n, hidden, generator=gen), torch.randn(n, generator=gen), 1e-5)
+    gate = _random_gate(gen, C, hidden, n)
     source = torch.arange(n, dtype=torch.float32)[:, None] + 1.0  # a gathered row names its neuron
     slots = groups * width
     plan = NativePlan(gate, [Selection(0, groups, n // groups, keep, width)],
@@ -185,8 +190,7 @@ def test_kernel_pools_every_layout(native_kernel, layout):
     float32 sum of all the tokens would miss by 7e-4)."""
     gen = torch.Generator().manual_seed(5)
     C, hidden, n, keep = 16, 8, 32, 20
-    gate = FoldedGate(torch.randn(hidden, C, generator=gen), torch.randn(hidden, generator=gen),
-                      torch.randn(n, hidden, generator=gen), torch.randn(n, generator=gen), 1e-5)
+    gate = _random_gate(gen, C, hidden, n)
     plan = NativePlan(gate, [Selection(0, 1, n, keep, keep)], [[Part(torch.randn(n, 3, generator=gen), 0, keep)]],
                       lambda bufs, batch: tuple(bufs))
     if layout in ("tokens", "long tokens"):
@@ -217,8 +221,7 @@ def test_plan_buffers_are_bounded_per_thread_and_go_with_it(native_kernel):
 
     gen = torch.Generator().manual_seed(7)
     C, hidden, n, keep = 8, 4, 16, 6
-    gate = FoldedGate(torch.randn(hidden, C, generator=gen), torch.randn(hidden, generator=gen),
-                      torch.randn(n, hidden, generator=gen), torch.randn(n, generator=gen), 1e-5)
+    gate = _random_gate(gen, C, hidden, n)
     plan = NativePlan(gate, [Selection(0, 1, n, keep, keep)], [[Part(torch.randn(n, 3, generator=gen), 0, keep)]],
                       lambda bufs, batch: tuple(bufs))
     x = torch.randn(4, 5, C, generator=gen)
@@ -249,8 +252,7 @@ def test_kernel_splits_pooling_and_gathers_over_threads(native_kernel):
     """Large sites pool and gather on PyTorch's threads: the same plan as on one thread, rows where they belong."""
     gen = torch.Generator().manual_seed(6)
     C, hidden, n, keep = 16, 8, 4096, 3000
-    gate = FoldedGate(torch.randn(hidden, C, generator=gen), torch.randn(hidden, generator=gen),
-                      torch.randn(n, hidden, generator=gen), torch.randn(n, generator=gen), 1e-5)
+    gate = _random_gate(gen, C, hidden, n)
     first, second = torch.randn(n, 24, generator=gen), torch.randn(n, 24, generator=gen)
     plan = NativePlan(gate, [Selection(0, 2, n // 2, keep // 2, keep // 2)],  # 2 × 72000 floats: split
                       [[Part(first, 0, 1700), Part(second, 1700, keep - 1700, scale="value")]],
