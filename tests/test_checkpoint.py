@@ -183,3 +183,15 @@ def test_a_checkpoint_with_head_counts_the_tensors_cannot_show_loads_back(tmp_pa
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
+    # its class count still reads off the classifier: another dataset's model of this shape loads with drop_head
+    other = edgeseg.create_model("segformer-b0", num_classes=19, embed_dims=[32, 64, 128, 256], depths=[1, 1, 1, 1],
+                                 num_heads=[2, 2, 4, 8])
+    report = edgeseg.load_checkpoint(other, tmp_path / "heads.pth", drop_head=True)
+    assert report.skipped_keys and report.missing_keys == []
+
+
+def test_an_override_that_changes_nothing_is_not_blamed(tmp_path):
+    sd = edgeseg.create_model("topformer-tiny", num_classes=5).state_dict()
+    torch.save({"state_dict": {**sd, "decode_head.stray.weight": torch.zeros(1)}}, tmp_path / "extra.pth")
+    with pytest.raises(ValueError, match="1 unexpected"):
+        edgeseg.load_model(tmp_path / "extra.pth", num_classes=5)

@@ -68,6 +68,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                              f"again") from err
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:  # unreadable (permissions, I/O): the caller names the path and the reason
+        raise
     except Exception as err:  # pickle errors are long and deep; the user needs the file name and the cause
         if isinstance(err, pickle.UnpicklingError) and "allowed global" in str(err):
             raise ValueError(f"checkpoint '{path}' holds objects other than tensors and plain containers, which "
@@ -148,8 +150,11 @@ def _load_state_dict(model: nn.Module, sd: dict[str, Tensor], path: Path, strict
     own = model.state_dict()
     try:
         src_name, src_args = FAMILIES[family].infer_model(sd)
-    except ValueError:  # what tensors cannot show (a SegFormer's head counts): the model describes the file
-        src_name, src_args = model.model_name, dict(model.model_args)
+    except ValueError:  # what tensors cannot show (a SegFormer's head counts): the model describes the file,
+        src_name, src_args = model.model_name, dict(model.model_args)  # its classifier the class count
+        classifier = next((sd[k] for k in ("decode_head.linear_pred.weight", "head.weight") if k in sd), None)
+        if classifier is not None:
+            src_args["num_classes"] = classifier.shape[0]
     backbone_only = src_name.endswith("-cls") or (src_name.startswith("mit-") and
                                                   not model.model_name.startswith("mit-"))
     backbone_only = backbone_only and src_name != model.model_name
@@ -249,10 +254,11 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     try:
         _load_state_dict(model, raw, path, strict=True, drop_head=False)
     except ValueError as err:
-        if not overrides:
+        changed = {k: v for k, v in overrides.items() if args.get(k) != v}
+        if not changed:
             raise
-        hint = "; a sparsity needs a dynamic checkpoint (edgeseg distill makes one)" if "sparsity" in overrides else ""
-        raise ValueError(f"checkpoint '{path}' holds {name} {args}, which {overrides} does not fit: leave it "
+        hint = "; a sparsity needs a dynamic checkpoint (edgeseg distill makes one)" if "sparsity" in changed else ""
+        raise ValueError(f"checkpoint '{path}' holds {name} {args}, which {changed} does not fit: leave it "
                          f"out{hint}") from err
     return set_labels(model, *labels).eval()
 

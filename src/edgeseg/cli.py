@@ -212,18 +212,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     inputs = expand_inputs(args.images)
-    first: dict[str, str] = {}  # outputs are named by stem: two inputs sharing one would overwrite each other
+    writer: dict[Path, str] = {}  # outputs are named by stem: two inputs must not write one file
     given = {Path(image).resolve() for image in inputs}
     for image in inputs:
         stem = Path(image).stem
-        other = first.setdefault(stem, str(image))
-        if other != str(image):
-            raise ValueError(f"{other} and {image} would both write {out / stem}.png: predict them into separate "
-                             f"--out folders")
-        for written in (out / f"{stem}.png", out / f"{stem}_overlay.jpg"):
+        names = (stem, f"{stem}_overlay.mp4") if is_video(image) else (f"{stem}.png", f"{stem}_overlay.jpg")
+        for written in (out / name for name in names):
             if written.resolve() in given:
                 raise ValueError(f"{written} is an input and would be overwritten by a prediction: choose another "
                                  f"--out folder")
+            other = writer.setdefault(written, str(image))
+            if other != str(image):
+                raise ValueError(f"{other} and {image} would both write {written}: predict them into separate "
+                                 f"--out folders")
     segmenter = Segmenter(_build(args).to(_device(args.device)), scale=args.scale, size_divisor=args.size_divisor,
                           fuse=not args.no_fuse)
     out.mkdir(parents=True, exist_ok=True)

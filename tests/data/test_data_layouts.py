@@ -286,7 +286,6 @@ def test_unknown_dataset_arguments_are_named():
     ("classes: [a, b\n", "not valid YAML at line 2"),
     ("classes: abc\n", "classes must be a list"),
     ("classes: [a, b]\nreduce_zero_label: 'false'\n", "reduce_zero_label must be true or false"),
-    ("classes: [a, b]\nclases: [c]\n", "unknown key 'clases'"),
     ("classes: [a, b]\npalette: [[300, 0, 0], [0, 0, 0]]\n", "values 0..255"),
     ("classes: [a, b]\nsplits: [train.txt]\n", "splits must be a mapping"),
 ])
@@ -296,6 +295,13 @@ def test_folder_yaml_mistakes_name_the_file_and_the_key(make_tree, text, message
     with pytest.raises(ValueError, match=message) as err:
         build_dataset("folder", root, "train")
     assert "dataset.yaml" in str(err.value)
+
+
+def test_folder_yaml_unknown_keys_are_said_and_ignored(make_tree):
+    root = make_tree("folder")
+    (root / "dataset.yaml").write_text("classes: [a, b, c, d]\nname: my street scenes\n")
+    with pytest.warns(UserWarning, match="unknown key 'name' ignored"):
+        assert build_dataset("folder", root, "train").num_classes == 4
 
 
 def test_sixteen_bit_grey_images_read_as_their_top_eight_bits(tmp_path):

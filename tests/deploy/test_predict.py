@@ -130,6 +130,11 @@ def test_predict_cli_takes_a_folder(tmp_path, capsys):
     assert main(["predict", str(ckpt), str(folder), str(tmp_path / "b.jpg"), "--out", str(tmp_path / "two")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "b.png" in err and "b.jpg" in err and not (tmp_path / "two").exists()
+    # a video writes <stem>/ and <stem>_overlay.mp4: no clash with an image of its stem (it fails later, unreadable)
+    (tmp_path / "b.mp4").write_bytes(b"not a video")
+    assert main(["predict", str(ckpt), str(tmp_path / "b.mp4"), str(tmp_path / "b.jpg"), "--out",
+                 str(tmp_path / "three")]) == 2
+    assert "would both write" not in capsys.readouterr().err
 
 
 def test_missing_or_damaged_image_is_one_line(tmp_path, capsys):

@@ -162,13 +162,16 @@ def test_kernel_top_r_matches_torch(native_kernel, C, hidden):
     assert torch.equal(supported.reshape(3, -1), (index.float() + 1) * support)
 
 
-@pytest.mark.parametrize("ties", ["all", "some"])
+@pytest.mark.parametrize("ties", ["all", "some", "nan"])
 def test_kernel_breaks_ties_as_torch_does(native_kernel, ties):
-    """Equal gate values (a fresh gate predicts 1 everywhere) go to the lower index, as in ``top_r``: the kernel
-    keeps the same neurons, and the same padding ones, as the PyTorch plan."""
+    """Equal gate values (a fresh gate predicts 1 everywhere) go to the lower index, as in ``top_r``, and NaN ranks
+    above every number, as in its sort: the kernel keeps the same neurons, and the same padding ones, as the PyTorch
+    plan."""
     gen = torch.Generator().manual_seed(3)
     C, hidden, n, groups, keep, width = 8, 4, 48, 2, 9, 16
     b2 = torch.ones(n) if ties == "all" else torch.randint(0, 3, (n,), generator=gen).float()
+    if ties == "nan":
+        b2[torch.randperm(n, generator=gen)[:7]] = float("nan")
     gate = FoldedGate(torch.randn(hidden, C, generator=gen), torch.randn(hidden, generator=gen),
                       torch.zeros(n, hidden), b2, 1e-5)
     plan = NativePlan(gate, [Selection(0, groups, n // groups, keep, width)],

@@ -15,7 +15,9 @@ then, for datasets whose label 0 means "unlabelled" (ADE20K, Pascal-Context-59, 
 
 from __future__ import annotations
 
+import collections
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -409,8 +411,10 @@ def _read_dataset_yaml(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} must be a mapping (classes:, palette:, ...), got {type(cfg).__name__}")
     for key, value in cfg.items():
         kind = _DATASET_YAML.get(key)
-        if kind is None:
-            raise ValueError(f"{path}: unknown key {key!r}; the keys are {', '.join(_DATASET_YAML)}")
+        if kind is None:  # a note of the user's own, or a typo whose default then applies: said, not refused
+            warnings.warn(f"{path}: unknown key {key!r} ignored; the keys are {', '.join(_DATASET_YAML)}",
+                          stacklevel=3)
+            continue
         if not isinstance(value, kind):
             expected = {list: "a list", str: "a string", bool: "true or false", dict: "a mapping"}[kind]
             raise ValueError(f"{path}: {key} must be {expected}, got {value!r}")
@@ -495,7 +499,7 @@ class FolderDataset(FileSegDataset):
         self.img_suffix = img_suffix
         if palette is not None and len(palette) != len(classes):
             raise ValueError(f"{meta_path}: {len(classes)} classes but {len(palette)} palette colours")
-        twice = sorted({str(c) for c in classes if list(map(str, classes)).count(str(c)) > 1})
+        twice = sorted(name for name, n in collections.Counter(map(str, classes)).items() if n > 1)
         if twice:  # per-class results are keyed by name: one would hide the other
             raise ValueError(f"{meta_path}: class names {twice} appear more than once; give each class its own name")
         super().__init__(pairs, classes, palette, reduce, transform=transform)

@@ -112,8 +112,8 @@ def load_hf_folder(path: str | os.PathLike) -> nn.Module:
     except json.JSONDecodeError as err:
         raise ValueError(f"'{config_path}' is not valid JSON ({err.msg} at line {err.lineno})") from err
     if not isinstance(cfg, dict) or cfg.get("model_type") != "segformer":
-        found = cfg.get("model_type") if isinstance(cfg, dict) else type(cfg).__name__
-        raise ValueError(f"'{config_path}': model_type is {found!r}, not 'segformer'; "
+        found = repr(cfg.get("model_type")) if isinstance(cfg, dict) else f"missing (a JSON {type(cfg).__name__})"
+        raise ValueError(f"'{config_path}': model_type is {found}, not 'segformer'; "
                          f"only SegFormer folders are supported")
     variant, args = _config_args(cfg, config_path)
     converted = convert_state_dict(read_hf_weights(folder))

@@ -62,9 +62,12 @@ typedef struct {
 } dgl_site;
 
 /* Whether entry a ranks above entry b: the larger value, or of equal values the lower index — the order of
- * top_r in PyTorch (a stable descending sort) and of ONNX's TopK, so every path keeps the same neurons even where
- * gate values tie (a fresh gate predicts 1 for every neuron). */
+ * top_r in PyTorch (a stable descending sort, NaN above every number) and of ONNX's TopK, so every path keeps the
+ * same neurons even where gate values tie (a fresh gate predicts 1 for every neuron). */
 static inline int ranks_above(const float *v, int32_t a, int32_t b) {
+    const int na = v[a] != v[a], nb = v[b] != v[b];
+    if (na || nb)
+        return na && (!nb || a < b);
     return v[a] > v[b] || (v[a] == v[b] && a < b);
 }
 
