@@ -207,24 +207,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .data import save_label_png
-    from .deploy.predict import Segmenter, expand_inputs, is_video, segment_video
+    from .deploy.predict import Segmenter, check_outputs, expand_inputs, is_video, prediction_paths, segment_video
     from .fileio import atomic_write
 
     out = Path(args.out)
     inputs = expand_inputs(args.images)
-    writer: dict[Path, str] = {}  # outputs are named by stem: two inputs must not write one file
-    given = {Path(image).resolve() for image in inputs}
-    for image in inputs:
-        stem = Path(image).stem
-        names = (stem, f"{stem}_overlay.mp4") if is_video(image) else (f"{stem}.png", f"{stem}_overlay.jpg")
-        for written in (out / name for name in names):
-            if written.resolve() in given:
-                raise ValueError(f"{written} is an input and would be overwritten by a prediction: choose another "
-                                 f"--out folder")
-            other = writer.setdefault(written, str(image))
-            if other != str(image):
-                raise ValueError(f"{other} and {image} would both write {written}: predict them into separate "
-                                 f"--out folders")
+    check_outputs(inputs, out)
     segmenter = Segmenter(_build(args).to(_device(args.device)), scale=args.scale, size_divisor=args.size_divisor,
                           fuse=not args.no_fuse)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,11 +222,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"{image} -> {video} ({frames} frames; label maps in {labels_dir})")
             continue
         labels = segmenter(image)
-        stem = Path(image).stem
-        save_label_png(labels, out / f"{stem}.png", segmenter.palette)
+        label_path, overlay_path = prediction_paths(image, out)
+        save_label_png(labels, label_path, segmenter.palette)
         overlay = Image.fromarray(segmenter.overlay(image, labels))
-        atomic_write(out / f"{stem}_overlay.jpg", lambda tmp, im=overlay: im.save(tmp, quality=90))
-        print(f"{image} -> {out / (stem + '.png')}")
+        atomic_write(overlay_path, lambda tmp, im=overlay: im.save(tmp, quality=90))
+        print(f"{image} -> {label_path}")
     return 0
 
 

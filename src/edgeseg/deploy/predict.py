@@ -148,6 +148,32 @@ def is_video(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in VIDEO_SUFFIXES
 
 
+def prediction_paths(path: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Where ``edgeseg predict`` writes the prediction of ``path``: (label map, overlay) — for an image
+    ``<stem>.png`` and ``<stem>_overlay.jpg``, for a video the folder ``<stem>/`` of per-frame label maps and
+    ``<stem>_overlay.mp4``."""
+    stem, out_dir = Path(path).stem, Path(out_dir)
+    if is_video(path):
+        return out_dir / stem, out_dir / f"{stem}_overlay.mp4"
+    return out_dir / f"{stem}.png", out_dir / f"{stem}_overlay.jpg"
+
+
+def check_outputs(paths: Sequence[Path], out_dir: str | os.PathLike) -> None:
+    """Refuse, before anything runs, inputs whose predictions would overwrite an input or each other (outputs are
+    named by stem: ``a/1.jpg`` and ``b/1.jpg``, or ``--out`` set to the images' own folder)."""
+    given = {p.resolve() for p in paths}
+    writer: dict[Path, Path] = {}
+    for path in paths:
+        for written in prediction_paths(path, out_dir):
+            if written.resolve() in given:
+                raise ValueError(f"{written} is an input and would be overwritten by a prediction: choose another "
+                                 f"--out folder")
+            other = writer.setdefault(written, path)
+            if other != path:
+                raise ValueError(f"{other} and {path} would both write {written}: predict them into separate "
+                                 f"--out folders")
+
+
 def _video_io():
     try:
         import imageio
@@ -177,9 +203,9 @@ def segment_video(segmenter: Segmenter, video: str | os.PathLike, out_dir: str |
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(f"video '{video}' could not be opened by ffmpeg: {reason}") from None
     out_dir = Path(out_dir)
-    labels_dir = out_dir / video.stem
+    labels_dir, target = prediction_paths(video, out_dir)
     labels_dir.mkdir(parents=True, exist_ok=True)
-    target, partial = out_dir / f"{video.stem}_overlay.mp4", out_dir / f".{video.stem}_overlay.partial.mp4"
+    partial = out_dir / f".{video.stem}_overlay.partial.mp4"
     frames = 0
     try:
         with reader, imageio.get_writer(partial, "ffmpeg", fps=reader.get_meta_data().get("fps") or 25,
