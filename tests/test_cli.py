@@ -165,3 +165,11 @@ def test_zero_or_negative_counts_are_refused_before_anything_runs(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2 and "must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arg, message", [("head_depthwise=maybe", "head_depthwise='maybe': expected bool"),
+                                          ("head_channels=abc", "head_channels='abc': expected int")])
+def test_builder_arguments_of_the_wrong_type_are_refused(capsys, arg, message):
+    assert main(["info", "topformer-tiny", "--arg", arg]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

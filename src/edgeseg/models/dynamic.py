@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from . import native
 from .native import NativePlan, Part, Selection
-from .layers import fuse_modules
+from .layers import check_overrides, fuse_modules
 from .segformer import (
     EMBED_LN_EPS,
     OFFICIAL_LN_EPS,
@@ -982,6 +982,7 @@ def _create(variant: str, num_classes: int, sparsity: float, overrides: dict) ->
     unknown = sorted(set(overrides) - set(_ARGS))
     if unknown:
         raise ValueError(f"unknown DynaSegFormer override(s) {unknown}; allowed: sparsity, {', '.join(_ARGS)}")
+    check_overrides(DynaSegFormer, {**overrides, "sparsity": sparsity}, "DynaSegFormer")
     model = DynaSegFormer(num_classes=num_classes, sparsity=sparsity, **{**SHARED, **VARIANTS[variant], **overrides})
     model.model_name = f"dynasegformer-{variant}"
     model.model_args = {"num_classes": num_classes, "sparsity": sparsity,

@@ -6,7 +6,10 @@ children rather than a second implementation of the network.
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -190,3 +193,36 @@ def upsample_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """A model's native logits (B, K, h, w) (1/8 for TopFormer, 1/4 for SegFormer) → (B, K, H, W) at the input
     size, bilinear with ``align_corners=False``, as mmseg's ``EncoderDecoder.encode_decode`` does at test time."""
     return resize(logits, tuple(size))
+
+
+def check_overrides(cls: type, overrides: dict[str, Any], family: str) -> None:
+    """Builder overrides checked against ``cls``'s constructor annotations, before it runs: ``--arg
+    head_depthwise=maybe`` would otherwise be a truthy string, ``head_channels=abc`` a failure deep in a layer."""
+    hints = typing.get_type_hints(cls.__init__)
+    for key, value in overrides.items():
+        hint = hints.get(key)
+        if hint is not None and not _fits(value, hint):
+            expected = hint.__name__ if isinstance(hint, type) else \
+                str(hint).replace("typing.", "").replace("collections.abc.", "")
+            raise ValueError(f"{family} override {key}={value!r}: expected {expected}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):  # an int is a fine float; a bool is neither
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (Sequence, list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_fits(v, h) for v, h in zip(value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    return True  # anything else the constructor checks itself

@@ -37,7 +37,7 @@ from torch import nn
 
 from . import native
 from .layers import (ConvBN, DropPath, InplaceGELU, channels_last_kernel_, folded_bn_params, fuse_modules,
-                     pad_output_channels, resize)
+                     pad_output_channels, resize, check_overrides)
 
 # LayerNorm eps of the official code: ``partial(nn.LayerNorm, eps=1e-6)`` for the block norms (norm1/norm2) and
 # the stage norms (norm1..4); PyTorch's default 1e-5 in the patch embeddings and the sequence-reduction norm.
@@ -980,6 +980,7 @@ def _create(variant: str, classifier: bool, num_classes: int, overrides: dict) -
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
         raise ValueError(f"unknown SegFormer override(s) {unknown}; allowed: {', '.join(allowed)}")
+    check_overrides(MiTClassifier if classifier else SegFormer, overrides, "SegFormer")
     cfg = {**SHARED, **VARIANTS[variant], **overrides}
     if classifier:
         cfg.pop("decoder_dim")

@@ -48,7 +48,8 @@ from .dynamic import (
     scatter_mask,
     top_r,
 )
-from .layers import ConvBN, DropPath, HSigmoid, folded_bn_params, fuse_modules, resize, upsample_logits
+from .layers import (ConvBN, DropPath, HSigmoid, check_overrides, folded_bn_params, fuse_modules, resize,
+                     upsample_logits)
 
 __all__ = [
     "MODELS",
@@ -843,6 +844,7 @@ def _create(variant: str, classifier: bool, num_classes: int, overrides: dict) -
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
         raise ValueError(f"unknown TopFormer override(s) {unknown}; allowed: {', '.join(allowed)}")
+    check_overrides(TopFormerClassifier if classifier else TopFormer, overrides, "TopFormer")
     if "sparsity" in overrides and not overrides.get("dynamic", True):
         raise ValueError("sparsity is set but dynamic=False: a dense TopFormer prunes nothing")
     if "sparsity" in overrides:  # a sparsity only means something for the dynamic extractor
