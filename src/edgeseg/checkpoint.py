@@ -207,6 +207,15 @@ def set_labels(model: nn.Module, class_names: Any = None, palette: Any = None) -
     return model
 
 
+def set_normalization(model: nn.Module, mean: Any = None, std: Any = None) -> nn.Module:
+    """Attach the input normalisation the model was trained with, ``(x − mean) / std`` on RGB 0–255 pixels
+    (``model.input_mean``, ``model.input_std``): it travels into checkpoints, so prediction and ONNX metadata
+    normalise as training did. Models without it take ImageNet's, as every published recipe does."""
+    if mean is not None and std is not None:
+        model.input_mean, model.input_std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    return model
+
+
 def checkpoint_labels(ckpt: dict[str, Any]) -> tuple[Any, Any]:
     """The class names and palette a checkpoint carries, or None: edgeseg's ``class_names``/``palette``, mmseg 0.x's
     ``meta.CLASSES``/``meta.PALETTE`` (official releases), mmseg 1.x's ``meta.dataset_meta``."""
@@ -260,6 +269,8 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
         hint = "; a sparsity needs a dynamic checkpoint (edgeseg distill makes one)" if "sparsity" in changed else ""
         raise ValueError(f"checkpoint '{path}' holds {name} {args}, which {changed} does not fit: leave it "
                          f"out{hint}") from err
+    if not _is_hf_folder(path):
+        set_normalization(model, ckpt.get("input_mean"), ckpt.get("input_std"))
     return set_labels(model, *labels).eval()
 
 
@@ -277,7 +288,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, extra: dict[str, 
         "model_args": dict(model.model_args),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    for key in ("class_names", "palette"):
+    for key in ("class_names", "palette", "input_mean", "input_std"):
         if getattr(model, key, None):
             obj[key] = [list(c) if isinstance(c, tuple) else c for c in getattr(model, key)]
     obj.update(extra or {})

@@ -215,3 +215,18 @@ def test_pretrained_segmentation_model_of_another_dataset_gives_all_but_its_clas
     differ = [k for k in own if not torch.equal(own[k], theirs[k])]
     assert differ and all(own[k].shape[0] == 8 for k in differ)  # only the classifier is the model's own
     assert "classifier (150 classes) dropped" in messages[0]
+
+
+def test_a_recipes_normalisation_travels_to_prediction_and_export(tmp_path):
+    from edgeseg.deploy.export import model_metadata
+    from edgeseg.deploy.predict import Segmenter
+
+    cfg = tiny_cfg("schedule.iters=1", "train.eval_interval=0", "data.mean=[100, 110, 120]", "data.std=[50, 60, 70]")
+    train(cfg, tmp_path, progress=False, log=lambda *a: None)
+    model = load_model(tmp_path / "latest.pth")
+    assert model.input_mean == (100.0, 110.0, 120.0) and model.input_std == (50.0, 60.0, 70.0)
+    transform = Segmenter(model).transform
+    assert transform.mean == (100.0, 110.0, 120.0) and transform.std == (50.0, 60.0, 70.0)
+    assert json.loads(model_metadata(model)["input_std_rgb"]) == [50.0, 60.0, 70.0]
+    del model.input_mean, model.input_std  # a model without it (an official file) normalises as ImageNet
+    assert Segmenter(model).transform.mean == (123.675, 116.28, 103.53)

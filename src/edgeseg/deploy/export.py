@@ -163,8 +163,9 @@ def model_metadata(model: nn.Module) -> dict[str, str]:
     them (``export_onnx`` adds ``logits_stride``)."""
     from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
+    mean, std = getattr(model, "input_mean", IMAGENET_MEAN), getattr(model, "input_std", IMAGENET_STD)
     meta = {"edgeseg_model": str(getattr(model, "model_name", type(model).__name__)),
-            "input_mean_rgb": json.dumps(list(IMAGENET_MEAN)), "input_std_rgb": json.dumps(list(IMAGENET_STD)),
+            "input_mean_rgb": json.dumps(list(mean)), "input_std_rgb": json.dumps(list(std)),
             "logits": "(batch, classes, ceil(H/logits_stride), ceil(W/logits_stride)): upsample bilinearly "
                       "(align_corners=False) to (H, W), then argmax over classes"}
     if getattr(model, "class_names", None):

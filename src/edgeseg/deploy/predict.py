@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
-from ..data import CLASSES, PALETTES, TestTransform, read_image, save_label_png
+from ..data import CLASSES, IMAGENET_MEAN, IMAGENET_STD, PALETTES, TestTransform, read_image, save_label_png
 from ..data.classes import default_palette
 from ..engine.inference import predict_probs, whole_inference, whole_labels
 
@@ -64,7 +64,9 @@ class Segmenter:
                  class_names: Sequence[str] | None = None,
                  palette: Sequence[Sequence[int]] | None = None, fuse: bool = True) -> None:
         self.model = model.fuse().eval() if fuse and callable(getattr(model, "fuse", None)) else model.eval()
-        self.transform = TestTransform(tuple(scale), size_divisor)
+        # the normalisation the model was trained with (its checkpoint carries it), else ImageNet's
+        self.transform = TestTransform(tuple(scale), size_divisor, mean=getattr(model, "input_mean", IMAGENET_MEAN),
+                                       std=getattr(model, "input_std", IMAGENET_STD))
         num_classes = model.num_classes
         names = class_names or getattr(model, "class_names", None)
         dataset = _dataset_for(num_classes)
