@@ -201,8 +201,10 @@ def top_r(gate: Tensor, keep: int, groups: int = 1, width: int | None = None) ->
     per_group = n // groups
     width = keep if width is None else width
     grouped = gate.reshape(b, groups, per_group)
+    # The ONNX exporters have no stable sort; ONNX's TopK ranks ties the same way (checked only while exporting:
+    # the ONNX check costs tens of microseconds).
     if (torch.jit.is_tracing() or torch.compiler.is_exporting()) and torch.onnx.is_in_onnx_export():
-        values, index = grouped.topk(width, dim=-1)  # ONNX exporters have no stable sort; ONNX's TopK ranks ties so
+        values, index = grouped.topk(width, dim=-1)
     else:
         values, index = grouped.sort(dim=-1, descending=True, stable=True)
         values, index = values[..., :width], index[..., :width]
