@@ -173,3 +173,29 @@ def test_builder_arguments_of_the_wrong_type_are_refused(capsys, arg, message):
     assert main(["info", "topformer-tiny", "--arg", arg]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_conversions_and_evaluations_never_overwrite_their_sources(tmp_path, capsys):
+    from edgeseg.data import write_scenes
+
+    ckpt = save_checkpoint(tmp_path / "tt8.pth", create_model("topformer-tiny", num_classes=8))
+    for argv, message in [(["convert", str(ckpt), str(ckpt)], "would overwrite"),
+                          (["convert", str(ckpt), str(tmp_path / "tt8.safetensors")], "is a .pth file")]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    root = write_scenes(tmp_path / "scenes", 1, 2, size=(64, 64))
+    labels = sorted((root / "ann_dir" / "val").iterdir())
+    before = [p.read_bytes() for p in labels]
+    (tmp_path / "cfg.yaml").write_text(f"data:\n  dataset: folder\n  root: {root}\n  test_scale: [64, 64]\n"
+                                       f"  workers: 0\n")
+    assert main(["eval", str(tmp_path / "cfg.yaml"), "--checkpoint", str(ckpt), "--out",
+                 str(root / "ann_dir" / "val")]) == 2
+    assert "is a file of the evaluated dataset" in capsys.readouterr().err
+    assert [p.read_bytes() for p in labels] == before
+
+
+def test_an_imagenet_classifier_exports(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    assert main(["export", "mit-b0", str(tmp_path / "mit.onnx"), "--size", "64", "64", "--num-classes", "10"]) == 0
+    assert "-> 1x10" in capsys.readouterr().out

@@ -8,7 +8,6 @@ to each family's ``convert_state_dict``) and strict loading with readable errors
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .fileio import atomic_write
+from .fileio import atomic_write, read_weights
 from .models import FAMILIES, MODELS, create_model, family_of
 
 EDGESEG_FORMAT = "edgeseg"
@@ -49,36 +48,9 @@ def _is_hf_folder(path: Path) -> bool:
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint file as a dict, safely (``weights_only=True``), with a one-line error on failure."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist: check the path")
-    if path.is_dir():
-        raise ValueError(f"checkpoint '{path}' is a folder without config.json: pass a .pth file or a Hugging Face folder")
-    if path.stat().st_size == 0:
-        raise ValueError(f"checkpoint '{path}' is empty (0 bytes): download or save it again")
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError as err:
-            raise ImportError(f"reading '{path}' needs safetensors: pip install safetensors") from err
-        try:
-            return {"state_dict": load_file(str(path))}
-        except Exception as err:  # safetensors' own error types; a damaged or truncated file
-            raise ValueError(f"checkpoint '{path}' is not a readable safetensors file ({err}): download or save it "
-                             f"again") from err
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:  # unreadable (permissions, I/O): the caller names the path and the reason
-        raise
-    except Exception as err:  # pickle errors are long and deep; the user needs the file name and the cause
-        if isinstance(err, pickle.UnpicklingError) and "allowed global" in str(err):
-            raise ValueError(f"checkpoint '{path}' holds objects other than tensors and plain containers, which "
-                             f"edgeseg does not unpickle (weights_only=True): save its state_dict instead") from err
-        if "zip archive" in str(err):
-            raise ValueError(f"checkpoint '{path}' is damaged or truncated (not a complete zip archive): download or "
-                             f"save it again") from err
-        raise ValueError(f"checkpoint '{path}' is not a PyTorch checkpoint ({type(err).__name__}): pass a "
-                         f".pth/.pt/.safetensors file of weights") from err
+    obj = read_weights(path)
+    if Path(path).suffix == ".safetensors":
+        return {"state_dict": obj}
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint '{path}' holds a {type(obj).__name__}, not a state dict")
     return obj
@@ -105,6 +77,9 @@ def detect_layout(sd: dict[str, Tensor], source: str = "checkpoint") -> tuple[st
         converted = fam.convert_state_dict(sd)
         if converted is not None:
             return fam_name, converted[0], converted[1]
+    if not any(isinstance(v, Tensor) for v in sd.values()):
+        raise ValueError(f"{source} holds no weights (no tensors among its {len(sd)} entries): pass a checkpoint of "
+                         f"a model")
     sample = ", ".join(list(sd)[:3])
     raise ValueError(f"{source}: keys ({sample}, ...) match no supported layout "
                      f"({', '.join(FAMILIES)} in official, Hugging Face or edgeseg form)")
@@ -202,7 +177,8 @@ def set_labels(model: nn.Module, class_names: Any = None, palette: Any = None) -
     k = getattr(model, "num_classes", None)
     if class_names is not None and len(class_names) == k:
         model.class_names = [str(c) for c in class_names]
-    if palette is not None and len(palette) == k and all(len(c) == 3 for c in palette):
+    if palette is not None and len(palette) == k and all(
+            len(c) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c) for c in palette):
         model.palette = [tuple(int(v) for v in c) for c in palette]
     return model
 

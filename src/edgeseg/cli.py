@@ -174,6 +174,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint import load_model, save_checkpoint
 
+    src, dst = Path(args.src).resolve(), Path(args.dst).resolve()
+    if args.to == "edgeseg" and (dst == src or src in dst.parents):
+        raise ValueError(f"{args.dst} would overwrite {args.src}, the checkpoint being converted: write elsewhere")
+    if args.to == "edgeseg" and dst.suffix not in (".pth", ".pt"):
+        raise ValueError(f"{args.dst}: an edgeseg checkpoint is a .pth file (for .safetensors, convert --to hf)")
     model = load_model(args.src)
     if args.to == "hf":
         from .models.hf_segformer import save_hf_folder
@@ -269,6 +274,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .data import save_label_png
 
         out, palette = Path(args.out), getattr(model, "palette", None) or dataset.palette
+        dataset_files = {Path(p).resolve() for files in (getattr(dataset, "ann_files", ()),
+                                                          getattr(dataset, "img_files", ())) for p in files}
+        for i in range(len(dataset)):
+            written = out / f"{dataset.sample_name(i)}.png"
+            if written.resolve() in dataset_files:
+                raise ValueError(f"--out {out}: {written} is a file of the evaluated dataset and would be overwritten "
+                                 f"by a prediction: choose another --out folder")
         out.mkdir(parents=True, exist_ok=True)
 
         def save(name: str, pred: Any, gt: Any) -> None:

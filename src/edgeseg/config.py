@@ -322,10 +322,19 @@ def validate(cfg: Config, source: str = "config") -> Config:
     positive = [("data.crop_size", d.crop_size), ("data.scale", d.scale), ("data.test_scale", d.test_scale),
                 ("data.ratio_range", d.ratio_range), ("eval.crop_size", e.crop_size or (1,)),
                 ("eval.stride", e.stride or (1,)), ("eval.tta_ratios", e.tta_ratios or (1,)),
-                ("data.size_divisor", (d.size_divisor or 1,))]
+                ("data.size_divisor", (1 if d.size_divisor is None else d.size_divisor,)),
+                ("model.num_classes", (1 if cfg.model.num_classes is None else cfg.model.num_classes,))]
     for name, values in positive:
         if not all(v > 0 for v in values):
             raise ValueError(f"{source}: {name} must be positive, got {list(values)}")
+    if e.crop_size is not None and e.stride is not None and any(s > c for s, c in zip(e.stride, e.crop_size)):
+        raise ValueError(f"{source}: eval.stride {list(e.stride)} must not exceed eval.crop_size {list(e.crop_size)}: "
+                         f"windows would leave pixels unseen")
+    for name, val in (("data.flip_prob", d.flip_prob), ("data.cat_max_ratio", d.cat_max_ratio)):
+        if not 0 <= val <= 1:
+            raise ValueError(f"{source}: {name} must be in [0, 1], got {val}")
+    if cfg.schedule.power < 0:
+        raise ValueError(f"{source}: schedule.power must be >= 0, got {cfg.schedule.power}")
     if d.ratio_range[0] > d.ratio_range[1]:
         raise ValueError(f"{source}: data.ratio_range is (low, high), got {list(d.ratio_range)}")
     if not all(s != 0 for s in d.std):
@@ -346,6 +355,12 @@ def validate(cfg: Config, source: str = "config") -> Config:
             raise ValueError(f"{source}: distill.stage1_iters and distill.anneal_iters must be >= 0")
         if d.temperature <= 0:
             raise ValueError(f"{source}: distill.temperature must be > 0, got {d.temperature}")
+        if d.lambda_gate < 0 or d.lambda_soft < 0:
+            raise ValueError(f"{source}: distill.lambda_gate and lambda_soft weigh losses: they must be >= 0")
+        total = d.stage1_iters + cfg.schedule.iters
+        if d.anneal_iters > total:
+            raise ValueError(f"{source}: distill.anneal_iters ({d.anneal_iters}) exceeds the run's stage1_iters + "
+                             f"schedule.iters ({total}): the student would never reach its sparsity")
     return cfg
 
 

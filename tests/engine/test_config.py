@@ -60,9 +60,13 @@ def test_bad_values_name_the_field(tmp_path):
                          ("data.ratio_range=[2.0, 0.5]", r"data.ratio_range is \(low, high\)"),
                          ("data.std=[0, 1, 1]", "data.std divides the pixels"),
                          ("optim.lr=-0.01", "optim.lr must be >= 0"),
-                         ("data.workers=-1", "data.workers must be >= 0")]:
+                         ("data.workers=-1", "data.workers must be >= 0"),
+                         ("data.flip_prob=5", r"data.flip_prob must be in \[0, 1\]"),
+                         ("model.num_classes=-2", "model.num_classes must be positive")]:
         with pytest.raises(ValueError, match=message):
             load_config(None, [bad])
+    with pytest.raises(ValueError, match=r"eval.stride \[100, 100\] must not exceed eval.crop_size \[32, 32\]"):
+        load_config(None, ["eval.mode=slide", "eval.crop_size=[32, 32]", "eval.stride=[100, 100]"])
     with pytest.raises(ValueError, match=r"with --set: data.batch_size must be >= 1"):
         load_config(_write(tmp_path, "data:\n  batch_size: 2\n"), ["data.batch_size=-4"])
     with pytest.raises(ValueError, match="not valid YAML at line 2, column 8: mapping values are not allowed"):

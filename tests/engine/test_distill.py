@@ -133,6 +133,11 @@ def test_recipe_errors_name_the_key(tmp_path):
         load_config(path)
     with pytest.raises(ValueError, match="unknown config key 'distill.lamda_soft'.*did you mean 'distill.lambda_soft'"):
         load_config(CONFIGS / "dynasegformer_b0_ade20k_30.yaml", ["distill.lamda_soft=1"])
+    with pytest.raises(ValueError, match=r"distill.anneal_iters \(50\) exceeds the run's stage1_iters"):
+        load_config(CONFIGS / "dynasegformer_b0_ade20k_30.yaml",
+                    ["distill.anneal_iters=50", "distill.stage1_iters=1", "schedule.iters=1"])
+    with pytest.raises(ValueError, match="lambda_gate and lambda_soft weigh losses"):
+        load_config(CONFIGS / "dynasegformer_b0_ade20k_30.yaml", ["distill.lambda_gate=-1"])
     with pytest.raises(ValueError, match="distill.temperature: expected float"):
         load_config(CONFIGS / "dynasegformer_b0_ade20k_30.yaml", ["distill.temperature=warm"])
     with pytest.raises(FileNotFoundError, match="does not exist"):

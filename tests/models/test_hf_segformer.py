@@ -171,3 +171,15 @@ def test_bad_folders_fail_with_one_line_messages_and_placeholder_labels_are_drop
     assert not hasattr(load_hf_folder(tmp_path / "placeholders"), "class_names")
     with pytest.raises(ValueError, match="before fuse"):
         save_hf_folder(S.segformer_b0().fuse(), tmp_path / "fused")
+
+
+def test_config_json_that_contradicts_the_weights_is_one_line(tmp_path):
+    hf = _hf_segmentation("b0", num_labels=4)
+    hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "decoder_hidden_size": 128}))
+    with pytest.raises(ValueError, match="weights do not match config.json .*size mismatch"):
+        load_hf_folder(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "id2label": ["road", "car", "sky", "tree"]}))
+    with pytest.raises(ValueError, match="id2label must map class ids to names"):
+        load_hf_folder(tmp_path)

@@ -105,15 +105,25 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
         with warnings.catch_warnings():  # shape-dependent Python branches are fixed at export: shapes are fixed
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
-            if exporter == "dynamo":
-                _export_dynamo(model, x, tmp, opset)
-            else:
-                axes = {"image": {0: "batch", 2: "height", 3: "width"},
-                        "logits": {0: "batch", 2: "logits_height", 3: "logits_width"}} if dynamic else None
-                torch.onnx.export(model, (x,), tmp, dynamo=False, opset_version=opset, input_names=["image"],
-                                  output_names=["logits"], dynamic_axes=axes)
-        stride = -(-input_size[0] // reference.shape[2])
-        _write_metadata(onnx, tmp, {**model_metadata(model), "logits_stride": str(stride)})
+            try:
+                if exporter == "dynamo":
+                    _export_dynamo(model, x, tmp, opset)
+                else:
+                    axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}}
+                    if reference.dim() == 4:  # segmentation logits; a classifier's are (batch, classes)
+                        axes["logits"].update({2: "logits_height", 3: "logits_width"})
+                    torch.onnx.export(model, (x,), tmp, dynamo=False, opset_version=opset, input_names=["image"],
+                                      output_names=["logits"], dynamic_axes=axes if dynamic else None)
+            except torch.onnx.OnnxExporterError as err:  # e.g. an operator newer than the opset asked for
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+                raise ValueError(f"{getattr(model, 'model_name', 'the model')} does not export at opset {opset} "
+                                 f"({first}): try --opset 17 (TorchScript) or 18 (dynamo)") from None
+        meta = model_metadata(model)
+        if reference.dim() == 4:  # segmentation logits; a classifier's (batch, classes) scores have no stride
+            meta["logits_stride"] = str(-(-input_size[0] // reference.shape[2]))
+        else:
+            meta["logits"] = "(batch, classes): class scores of the whole image"
+        _write_metadata(onnx, tmp, meta)
 
     path = atomic_write(path, write)
 

@@ -334,6 +334,9 @@ def find_resume(resume: str | None, work_dir: Path, command: str = "train") -> P
         path = work_dir / "latest.pth"
         return path if path.is_file() else None
     path = Path(resume)
+    if path.is_dir():
+        raise ValueError(f"--resume {resume} is a folder: pass {path / 'latest.pth'}, or --resume auto with "
+                         f"--work-dir {resume}")
     if not path.is_file():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint; pass a .pth written by edgeseg {command} "
                                 f"or 'auto'")

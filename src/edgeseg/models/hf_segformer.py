@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..fileio import atomic_write, write_text
+from ..fileio import atomic_write, read_weights, write_text
 from .segformer import (HF_LN_EPS, SHARED, VARIANTS, MiTClassifier, MLPDecoder, MMSegMLPDecoder, SegFormer,
                         closest_variant, convert_state_dict)
 
@@ -33,22 +33,11 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_json(path: Path) -> Any:
     try:
-        from safetensors.torch import load_file
-    except ImportError as err:
-        raise ImportError(f"reading '{path}' needs safetensors: pip install safetensors") from err
-    return load_file(str(path))
-
-
-def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return _load_safetensors(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"'{path}' could not be read as a torch file ({type(err).__name__}); "
-                         f"re-save the folder with save_pretrained") from err
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"'{path}' is not valid JSON ({err.msg} at line {err.lineno})") from err
 
 
 def read_hf_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -59,12 +48,15 @@ def read_hf_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
         if not path.is_file():
             continue
         if name.endswith(".index.json"):
-            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+            index = _read_json(path)
+            if not isinstance(index.get("weight_map") if isinstance(index, dict) else None, dict):
+                raise ValueError(f"'{path}' has no weight_map: save the folder again with save_pretrained")
+            shards = sorted(set(index["weight_map"].values()))
             sd: dict[str, torch.Tensor] = {}
             for shard in shards:
-                sd.update(_load_weight_file(folder / shard))
+                sd.update(read_weights(folder / shard))
             return sd
-        return _load_weight_file(path)
+        return read_weights(path)
     raise FileNotFoundError(f"'{folder}' has config.json but no weights: expected one of {', '.join(_WEIGHT_FILES)}")
 
 
@@ -107,10 +99,7 @@ def load_hf_folder(path: str | os.PathLike) -> nn.Module:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"'{folder}' is not a Hugging Face model folder (no config.json): check the path")
-    try:
-        cfg = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"'{config_path}' is not valid JSON ({err.msg} at line {err.lineno})") from err
+    cfg = _read_json(config_path)
     if not isinstance(cfg, dict) or cfg.get("model_type") != "segformer":
         found = repr(cfg.get("model_type")) if isinstance(cfg, dict) else f"missing (a JSON {type(cfg).__name__})"
         raise ValueError(f"'{config_path}': model_type is {found}, not 'segformer'; "
@@ -121,7 +110,10 @@ def load_hf_folder(path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"'{folder}': the weights are not in a SegFormer layout")
     sd, _ = converted
     seg = "decode_head.linear_pred.weight" in sd
-    id2label = {int(k): v for k, v in (cfg.get("id2label") or {}).items()}
+    id2label = cfg.get("id2label") or {}
+    if not isinstance(id2label, dict) or not all(str(k).isdigit() for k in id2label):
+        raise ValueError(f"'{config_path}': id2label must map class ids to names, e.g. {{\"0\": \"road\"}}")
+    id2label = {int(k): v for k, v in id2label.items()}
     if seg:
         num_classes = sd["decode_head.linear_pred.weight"].shape[0]
     else:
@@ -129,7 +121,11 @@ def load_hf_folder(path: str | os.PathLike) -> nn.Module:
     from .segformer import MODELS  # late: the builders are the family's public entry points
 
     model = MODELS[f"{'segformer' if seg else 'mit'}-{variant}"](num_classes=num_classes, **args)
-    result = model.load_state_dict(sd, strict=False)
+    try:
+        result = model.load_state_dict(sd, strict=False)
+    except RuntimeError as err:  # a shape config.json states but the weights do not have
+        mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err)[:200])
+        raise ValueError(f"'{folder}': weights do not match config.json ({mismatch})") from None
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"'{folder}': weights do not match config.json ({len(result.missing_keys)} missing, e.g. "
                          f"{result.missing_keys[:2]}; {len(result.unexpected_keys)} unexpected, e.g. "
