@@ -47,10 +47,11 @@ def rescale_size(h: int, w: int, scale: Sequence[int]) -> tuple[int, int]:
     """New ``(h, w)`` for mmcv's ``imrescale(img, scale)`` (``Resize(keep_ratio=True)``).
 
     The long image side may reach ``max(scale)`` and the short side ``min(scale)``; the factor is
-    ``min(max(scale) / max(h, w), min(scale) / min(h, w))`` and each side is rounded as ``int(x * f + 0.5)``.
+    ``min(max(scale) / max(h, w), min(scale) / min(h, w))`` and each side is rounded as ``int(x * f + 0.5)``, kept at
+    one pixel at least (a 4000×1 strip would round to no pixels, where mmcv fails).
     """
     factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
-    return int(h * factor + 0.5), int(w * factor + 0.5)
+    return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
 
 
 def _linear_taps(in_size: int, out_size: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
