@@ -111,9 +111,11 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
     return _load_state_dict(model, sd, path, strict, drop_head)
 
 
-def _load_state_dict(model: nn.Module, sd: dict[str, Tensor], path: Path, strict: bool,
-                     drop_head: bool) -> LoadReport:
-    """:func:`load_checkpoint` of a state dict already read from ``path`` (named in the errors)."""
+def _load_state_dict(model: nn.Module, sd: dict[str, Tensor], path: Path, strict: bool, drop_head: bool,
+                     fix: str | None = None) -> LoadReport:
+    """:func:`load_checkpoint` of a state dict already read from ``path`` (named in the errors); ``fix`` ends the
+    error of a strict load that leaves keys missing or unexpected."""
+    fix = fix or f"build it with edgeseg.load_model('{path}'), or pass strict=False to load the rest"
     family, sd, notes = detect_layout(sd, source=f"checkpoint '{path}'")
     target = _model_family(model)
     if family != target:
@@ -165,8 +167,7 @@ def _load_state_dict(model: nn.Module, sd: dict[str, Tensor], path: Path, strict
         raise ValueError(f"checkpoint '{path}' does not match {model.model_name}: "
                          f"{len(report.missing_keys)} missing keys (e.g. {report.missing_keys[:2]}), "
                          f"{len(report.unexpected_keys)} unexpected (e.g. {report.unexpected_keys[:2]}); "
-                         f"it holds {src_name} {src_args}: build it with edgeseg.load_model('{path}'), "
-                         f"or pass strict=False to load the rest")
+                         f"it holds {src_name} {src_args}: {fix}")
     return report
 
 
@@ -237,7 +238,8 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
                          f"model.pretrained)")
     model = create_model(name, **{**args, **overrides})
     try:
-        _load_state_dict(model, raw, path, strict=True, drop_head=False)
+        _load_state_dict(model, raw, path, strict=True, drop_head=False,
+                         fix="its tensors are not those of that model (a damaged or edited file?)")
     except ValueError as err:
         changed = {k: v for k, v in overrides.items() if args.get(k) != v}
         if not changed:

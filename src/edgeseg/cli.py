@@ -74,7 +74,9 @@ def _build(args: argparse.Namespace):
     try:
         return (load_model if _is_checkpoint(args.model) else create_model)(args.model, **kwargs)
     except TypeError as err:  # a builder argument of the wrong name or type (--arg, --num-classes, --sparsity)
-        raise ValueError(f"{args.model}: {err}; check the --arg values ({', '.join(kwargs) or 'none given'})") from err
+        given = f"check the --arg values ({', '.join(kwargs)})" if kwargs else \
+            "the model_args the file names do not fit the builder"
+        raise ValueError(f"{args.model}: {err}; {given}") from err
 
 
 DEVICE_HELP = "where the model runs: auto (the GPU where there is one, else the CPU), cpu, cuda, cuda:N"
