@@ -26,3 +26,15 @@ def test_cli_applies_it_unless_disabled(monkeypatch, capsys):
         assert main(["info", "topformer-tiny", "--json"]) == 0
     assert calls == [1]
     capsys.readouterr()
+
+
+def test_switches_read_off_words_and_say_what_they_do_not_know(monkeypatch, caplog):
+    from edgeseg.models.native import env_switch
+
+    for value, on in [("0", False), ("off", False), ("No", False), ("1", True), ("yes", True), ("", True)]:
+        monkeypatch.setenv("EDGESEG_TEST_SWITCH", value)
+        assert env_switch("EDGESEG_TEST_SWITCH") is on, value
+    assert not caplog.records
+    monkeypatch.setenv("EDGESEG_TEST_SWITCH", "disable")
+    assert env_switch("EDGESEG_TEST_SWITCH") and env_switch("EDGESEG_TEST_SWITCH")
+    assert len(caplog.records) == 1 and "'disable' is not one of" in caplog.records[0].getMessage()

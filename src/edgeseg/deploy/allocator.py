@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
 
 # glibc <malloc.h> parameter numbers
@@ -43,9 +42,9 @@ def keep_freed_memory() -> bool:
 
 def keep_freed_memory_unless_disabled() -> bool:
     """:func:`keep_freed_memory` unless the environment sets ``EDGESEG_KEEP_FREED_MEMORY=0`` (the CLI's default)."""
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    return keep_freed_memory()
+    from ..models.native import env_switch
+
+    return keep_freed_memory() if env_switch(ENV_SWITCH) else False
 
 
 __all__ = ["ENV_SWITCH", "keep_freed_memory", "keep_freed_memory_unless_disabled"]

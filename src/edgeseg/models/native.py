@@ -91,8 +91,20 @@ class _Site(ctypes.Structure):
                 ("outputs", ctypes.POINTER(_Output)), ("n_outputs", _I64)]
 
 
-def _enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+def env_switch(name: str) -> bool:
+    """An on/off environment variable, on unless set to 0/false/no/off; another value is said once and left on
+    (``EDGESEG_NATIVE=disable`` would otherwise pass for "on" unnoticed)."""
+    value = os.environ.get(name, "1").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value not in ("", "1", "true", "yes", "on") and name not in _warned:
+        _warned.add(name)
+        log.warning("edgeseg: %s=%r is not one of 0/1, false/true, no/yes, off/on: taken as on", name, value)
+    return True
+
+
+_warned: set[str] = set()
+
 
 
 def cache_dir() -> Path:
@@ -124,7 +136,7 @@ def _compile(compiler: str, target: Path) -> None:
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, built on first call; None (once logged) where they cannot be built or are switched
     off."""
-    if not _enabled() or not sys.platform.startswith("linux"):
+    if not env_switch(ENV_SWITCH) or not sys.platform.startswith("linux"):
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
