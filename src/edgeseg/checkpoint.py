@@ -219,9 +219,11 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
             return hf
         name, args, raw = hf.model_name, dict(hf.model_args), hf.state_dict()
         labels = (getattr(hf, "class_names", None), getattr(hf, "palette", None))
+        normalization = (None, None)  # HF keeps it in preprocessor_config.json, which edgeseg does not read
     else:
         ckpt = read_checkpoint(path)
         raw, labels = unwrap_state_dict(ckpt), checkpoint_labels(ckpt)
+        normalization = (ckpt.get("input_mean"), ckpt.get("input_std"))
         if ckpt.get("format") == EDGESEG_FORMAT and ckpt.get("model_name") in MODELS:
             name, args = ckpt["model_name"], dict(ckpt.get("model_args", {}))
         else:  # foreign layouts, and models saved without a registered name (built from their class)
@@ -247,8 +249,7 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
         hint = "; a sparsity needs a dynamic checkpoint (edgeseg distill makes one)" if "sparsity" in changed else ""
         raise ValueError(f"checkpoint '{path}' holds {name} {args}, which {changed} does not fit: leave it "
                          f"out{hint}") from err
-    if not _is_hf_folder(path):
-        set_normalization(model, ckpt.get("input_mean"), ckpt.get("input_std"))
+    set_normalization(model, *normalization)
     return set_labels(model, *labels).eval()
 
 
