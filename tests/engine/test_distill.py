@@ -274,7 +274,7 @@ def test_distill_resume_errors_name_the_file_and_the_fix(tmp_path, capsys, tiny_
     missing = tmp_path / "missing.pth"
     assert f"--resume {missing}: no such checkpoint; pass a .pth written by edgeseg distill or 'auto'" in \
         resume_error(missing)
-    assert not (tmp_path / "run" / "log.jsonl").exists()  # refused before the first step
+    assert not (tmp_path / "run").exists()  # refused before the work folder is made
 
 
 def _free_port() -> int:

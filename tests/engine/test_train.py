@@ -110,8 +110,10 @@ def test_bf16_and_grad_accum_run(tmp_path):
     assert list(losses) == [1, 2] and all(0 < v < 10 for v in losses.values())
     with pytest.raises(ValueError, match="not divisible"):
         train(tiny_cfg("train.grad_accum=3"), tmp_path / "bad", progress=False, log=lambda *a: None)
+    assert not (tmp_path / "bad").exists()  # refused runs leave no work folder behind
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         train(cfg, tmp_path / "bad", resume=str(tmp_path / "missing.pth"), progress=False, log=lambda *a: None)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_sampler_stream_is_independent_of_world_size():

@@ -184,7 +184,7 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
         raise ValueError("no teacher: pass --teacher CKPT (the dense model of the student's size: a SegFormer, or "
                          "the TopFormer variant of a dynamic TopFormer recipe)")
     info = init_distributed(cfg.train.device)
-    work_dir = open_work_dir(cfg, work_dir) if info.main else Path(work_dir)
+    work_dir = Path(work_dir)  # created once the run can start: a refused run leaves no folder behind
     log = log if info.main else (lambda *a, **k: None)
 
     # Identical students on every rank (new gates draw from torch's generator); then per-rank streams for dropout.
@@ -217,6 +217,8 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
     accum, dev = cfg.train.grad_accum, info.device
     batches = iter(build_train_loader(cfg, train_set, info, start_batch=step * accum))
     val_set = build_val_dataset(cfg) if cfg.train.eval_interval > 0 else None
+    if info.main:
+        open_work_dir(cfg, work_dir)
     logger = RunLogger(work_dir, info.main)
     schedule = SparsitySchedule(dcfg.sparsity, dcfg.anneal_iters)
     bar = progress_bar(stages[2][1], step, desc="distill") if progress and info.main else None

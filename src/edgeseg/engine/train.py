@@ -392,7 +392,7 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
         raise ValueError("this config has a distill: section (a DynaSegFormer recipe): run it with "
                          "`edgeseg distill CONFIG --teacher CKPT`")
     info = init_distributed(cfg.train.device)
-    work_dir = open_work_dir(cfg, work_dir) if info.main else Path(work_dir)
+    work_dir = Path(work_dir)  # created once the run can start: a refused run leaves no folder behind
     log = log if info.main else (lambda *a, **k: None)
 
     # Identical initial weights on every rank (DDP also broadcasts rank 0's); then per-rank streams for dropout.
@@ -429,6 +429,8 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
     accum, iters, dev = cfg.train.grad_accum, cfg.schedule.iters, info.device
     batches = iter(build_train_loader(cfg, train_set, info, start_batch=start * accum))
     val_set = build_val_dataset(cfg) if cfg.train.eval_interval > 0 else None
+    if info.main:
+        open_work_dir(cfg, work_dir)
     logger = RunLogger(work_dir, info.main)
     bar = progress_bar(iters, start) if progress and info.main else None
     last_eval: dict[str, Any] | None = None
