@@ -158,6 +158,8 @@ def test_tiny_distill_run_on_scenes(tmp_path, capsys, tiny_distill_recipe):
     train_rows = [r for r in rows if r["mode"] == "train"]
     assert [(r["stage"], r["iter"], r["sparsity"]) for r in train_rows] == [(1, 1, 0.0), (1, 2, 0.25),
                                                                               (2, 3, 0.5), (2, 4, 0.5)]
+    # each stage its own poly schedule over its own 2 steps (no warm-up): 1e-3, then 1e-3·(1 − 1/2)
+    assert [r["lr"] for r in train_rows] == pytest.approx([1e-3, 5e-4, 1e-3, 5e-4], rel=1e-9)
     assert all({"mse", "l1"} <= r.keys() for r in train_rows[:2]) and all(
         {"ce", "soft", "l1"} <= r.keys() for r in train_rows[2:])
     assert train_rows[0]["mse"] < 1e-10 < train_rows[1]["mse"]  # pruning starts at the second step

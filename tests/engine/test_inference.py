@@ -35,22 +35,46 @@ class Pointwise(nn.Module):
 
 
 def test_slide_grid_is_mmseg():
-    # H=10, crop 4, stride 3: max(10-4+3-1, 0)//3 + 1 = 3 rows, the last shifted back inside the image
-    wins = slide_windows(10, 13, (4, 4), (3, 3))
-    assert sorted({(y1, y2) for y1, y2, _, _ in wins}) == [(0, 4), (3, 7), (6, 10)]
-    assert sorted({(x1, x2) for _, _, x1, x2 in wins}) == [(0, 4), (3, 7), (6, 10), (9, 13)]
+    # H=10, crop 4, stride 3: max(10-4+3-1, 0)//3 + 1 = 3 rows, the last shifted back inside the image; W=13: 4 columns
+    rows, cols = [(0, 4), (3, 7), (6, 10)], [(0, 4), (3, 7), (6, 10), (9, 13)]
+    assert slide_windows(10, 13, (4, 4), (3, 3)) == [(y1, y2, x1, x2) for y1, y2 in rows for x1, x2 in cols]
+    # (H − crop) a multiple of the stride: no window repeated at the border (2 rows × 3 columns)
+    assert slide_windows(96, 128, (64, 64), (32, 32)) == [
+        (0, 64, 0, 64), (0, 64, 32, 96), (0, 64, 64, 128), (32, 96, 0, 64), (32, 96, 32, 96), (32, 96, 64, 128)]
+    # ADE20K's 512 × 683 at crop 512, stride 341: one row, the second window ending at the right edge
+    assert slide_windows(512, 683, (512, 512), (341, 341)) == [(0, 512, 0, 512), (0, 512, 171, 683)]
     assert slide_windows(5, 5, (8, 8), (6, 6)) == [(0, 5, 0, 5)]  # crop larger than the image: the image
+
+
+class WindowMean(nn.Module):
+    """Every output pixel is the mean of the whole input (per channel, then mixed): each window predicts its own
+    constant, so the slide's average shows how often each window counts."""
+
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        self.mix = nn.Linear(3, num_classes)
+        self.num_classes = num_classes
+
+    def forward(self, x):
+        return self.mix(x.mean(dim=(2, 3)))[:, :, None, None].expand(-1, -1, *x.shape[2:])
 
 
 def test_slide_count_normalisation():
     torch.manual_seed(0)
     model = Pointwise().eval()
     img = torch.randn(2, 3, 10, 13)
-    whole = whole_inference(model, img)
+    torch.testing.assert_close(slide_inference(model, img, (4, 4), (3, 3)), whole_inference(model, img),
+                               rtol=0, atol=1e-6)
+    # mmseg's loop, written out: each pixel averages the windows over it, each window counted once
+    model = WindowMean().eval().requires_grad_(False)
+    total, count = torch.zeros(2, 5, 10, 13), torch.zeros(1, 1, 10, 13)
+    for y in (0, 3, 6):
+        for x in (0, 3, 6, 9):
+            total[:, :, y:y + 4, x:x + 4] += model(img[:, :, y:y + 4, x:x + 4])
+            count[:, :, y:y + 4, x:x + 4] += 1
     slide = slide_inference(model, img, (4, 4), (3, 3))
-    torch.testing.assert_close(slide, whole, rtol=0, atol=1e-6)
-    # a plain sum of windows (no division by the coverage count) would differ where windows overlap
-    assert not torch.allclose(slide * 2, whole)
+    torch.testing.assert_close(slide, total / count, rtol=0, atol=1e-6)
+    assert not torch.allclose(slide, total)  # the average over the windows, not their sum
 
 
 def test_slide_equals_whole_when_crop_covers_image():

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from edgeseg.checkpoint import load_model
 from edgeseg.config import load_config
 from edgeseg.data.classes import SCENES_CLASSES, SCENES_PALETTE
-from edgeseg.engine.train import InfiniteBatchSampler, train
+from edgeseg.engine.train import InfiniteBatchSampler, seg_loss, train
 
 
 def tiny_cfg(*extra: str):
@@ -60,6 +60,9 @@ def test_train_writes_artefacts_and_resumes_exactly(tmp_path):
     rows = [json.loads(line) for line in (first / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows if r["mode"] == "train"] == [1, 2, 3, 4]
     assert [r["iter"] for r in rows if r["mode"] == "val"] == [2, 4]
+    # mmcv's poly (power 1, to 0 over 4 iterations) with a 1-iteration linear warm-up from ratio 1e-6, at the
+    # 0-based iteration each logged step ran: 1e-3·1·1e-6, then 1e-3·(1 − it/4)
+    assert [r["lr"] for r in rows if r["mode"] == "train"] == pytest.approx([1e-9, 7.5e-4, 5e-4, 2.5e-4], rel=1e-9)
     assert out["best_mIoU"] == max(r["mIoU"] for r in rows if r["mode"] == "val")
     _assert_tensorboard_scalars_match(first, rows)
     ckpt = torch.load(first / "iter_2.pth", map_location="cpu", weights_only=True)
@@ -114,6 +117,20 @@ def test_bf16_and_grad_accum_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         train(cfg, tmp_path / "bad", resume=str(tmp_path / "missing.pth"), progress=False, log=lambda *a: None)
     assert not (tmp_path / "bad").exists()
+
+
+def test_seg_loss_averages_over_all_pixels_ignored_ones_included():
+    """mmseg ≤ 0.23's reduction (no avg_non_ignore): the sum of the kept pixels' CE over every pixel of the map."""
+    logits = torch.tensor([[[[2.0, 0.0], [1.0, -1.0]], [[0.0, 1.0], [3.0, 0.5]]]])  # (1, 2 classes, 2, 2)
+    gt = torch.tensor([[[0, 1], [255, 1]]])
+    kept = [(0, 0, 0), (1, 0, 1), (1, 1, 1)]  # (class, row, col) of the three labelled pixels
+    ce = [-torch.log_softmax(logits[0, :, r, c], 0)[k] for k, r, c in kept]
+    assert torch.allclose(seg_loss(logits, gt), sum(ce) / 4)
+    assert not torch.allclose(seg_loss(logits, gt), sum(ce) / 3)
+    # logits at half the label size are upsampled bilinearly (align_corners=False) before the loss
+    small = torch.tensor([[[[1.0]], [[-1.0]]]])
+    assert torch.allclose(seg_loss(small, torch.zeros(1, 2, 2, dtype=torch.long)),
+                          -torch.log_softmax(torch.tensor([1.0, -1.0]), 0)[0])
 
 
 def test_sampler_stream_is_independent_of_world_size():
