@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from edgeseg import create_model, save_checkpoint
 from edgeseg.cli import main
@@ -121,6 +122,9 @@ def test_convert_official_to_edgeseg(reference_dir, tmp_path, capsys):
 
     model = edgeseg.load_model(tmp_path / "t.pth")
     assert model.model_name == "topformer-tiny"
+    official = edgeseg.load_model(src).state_dict()  # the same tensors, BN statistics included
+    converted = model.state_dict()
+    assert converted.keys() == official.keys() and all(torch.equal(converted[k], official[k]) for k in official)
 
 
 def test_python_dash_m_works():

@@ -34,6 +34,7 @@ def test_rescale_size_follows_mmcv_rule():
     assert rescale_size(1024, 2048, (1024, 512)) == (512, 1024)
     assert rescale_size(100, 1000, (2048, 512)) == (205, 2048)  # long side binds: f = 2.048
     assert rescale_size(300, 400, (512, 512)) == (384, 512)  # both bounds given by the same number
+    assert rescale_size(70, 100, (200, 96)) == (96, 137)  # 100 · 96/70 = 137.14: rounded, not ceiled
     assert rescale_size(1, 4000, (128, 64)) == (1, 128)  # a strip keeps one row (0 in mmcv, which then fails)
 
 

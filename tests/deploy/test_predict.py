@@ -99,8 +99,8 @@ def test_predict_and_eval_take_a_device(tmp_path, capsys):
         assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_predict_cli_writes_palette_pngs(tmp_path):
-    model = edgeseg.create_model("topformer-tiny", num_classes=4)
+def test_predict_cli_writes_palette_pngs(tmp_path, random_weights):
+    model = random_weights(edgeseg.create_model("topformer-tiny", num_classes=4))  # a fresh head: one class
     ckpt = edgeseg.save_checkpoint(tmp_path / "m.pth", model)
     img = tmp_path / "a.jpg"
     Image.fromarray((np.random.default_rng(1).random((64, 80, 3)) * 255).astype(np.uint8)).save(img)
@@ -108,6 +108,14 @@ def test_predict_cli_writes_palette_pngs(tmp_path):
     label = Image.open(tmp_path / "out" / "a.png")
     assert label.mode == "P" and label.size == (80, 64) and np.array(label).max() < 4
     assert (tmp_path / "out" / "a_overlay.jpg").is_file()
+    # the labels are the Segmenter's on the same image: fuse()'s form by default, the eager model with --no-fuse
+    loaded = edgeseg.load_model(ckpt)
+    assert np.array_equal(np.array(label), Segmenter(loaded, scale=(128, 64))(img))
+    assert main(["predict", str(ckpt), str(img), "--out", str(tmp_path / "eager"), "--scale", "128", "64",
+                 "--no-fuse"]) == 0
+    eager = np.array(Image.open(tmp_path / "eager" / "a.png"))
+    assert np.array_equal(eager, Segmenter(loaded, scale=(128, 64), fuse=False)(img))
+    assert len(np.unique(eager)) > 1  # a map with something in it to compare
 
 
 def test_predict_cli_takes_a_folder(tmp_path, capsys):
