@@ -111,7 +111,8 @@ def test_imagenet_backbone_into_segmentation_model(tmp_path: Path):
 
 def test_ddp_prefix_and_wrappers_are_unwrapped():
     sd = {"module.a": torch.zeros(1), "module.b": torch.ones(1)}
-    assert set(unwrap_state_dict({"state_dict": sd})) == {"a", "b"}
+    out = unwrap_state_dict({"state_dict": sd})
+    assert set(out) == {"a", "b"} and torch.equal(out["b"], torch.ones(1)) and torch.equal(out["a"], torch.zeros(1))
 
 
 @pytest.mark.parametrize("content", [b"not a torch file", None])

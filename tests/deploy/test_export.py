@@ -46,7 +46,8 @@ def test_dynamic_models_export_their_gathered_path(tmp_path):
         set_labels(model, list("abcde"), [(i, 2 * i, 3 * i) for i in range(5)])
         res = export_onnx(model.eval(), tmp_path / f"{model.model_name}.onnx", input_size=(128, 128))
         assert {"TopK", "Gather"} <= set(res.ops), model.model_name
-        assert res.max_abs_diff <= 1e-4, model.model_name
+        # fused DynaSegFormer ~1e-6 from ONNX Runtime, the fused TopFormer's folded BNs ~1e-5
+        assert res.max_abs_diff <= (1e-5 if "segformer" in model.model_name else 5e-5), model.model_name
         # what a runtime needs beside the graph travels in it (the fused form kept the model's labels)
         meta = onnxruntime.InferenceSession(str(res.path)).get_modelmeta().custom_metadata_map
         assert json.loads(meta["class_names"]) == list("abcde") and json.loads(meta["palette"])[4] == [4, 8, 12]

@@ -44,7 +44,7 @@ def test_train_then_eval_cli(tmp_path, capsys):
     assert main(["eval", str(cfg), "--checkpoint", str(work / "latest.pth"), "--json", "--fuse", "--out",
                  str(tmp_path / "preds"), "--device", "cpu"]) == 0
     fused = json.loads(capsys.readouterr().out)  # the inference form: the same logits to ~1e-5, the same metrics
-    assert abs(fused["mIoU"] - out["mIoU"]) < 0.5 and fused["num_images"] == 2
+    assert abs(fused["mIoU"] - out["mIoU"]) < 0.01 and fused["num_images"] == 2  # a few pixels at most
     written = sorted((tmp_path / "preds").glob("*.png"))  # --out: every prediction as a palette PNG
     assert len(written) == 2 and Image.open(written[0]).mode == "P" and Image.open(written[0]).size == (64, 64)
     assert Image.open(written[0]).getpalette()[:3] == list(SCENES_PALETTE[0])

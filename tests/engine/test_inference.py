@@ -160,6 +160,9 @@ def test_evaluate_whole_slide_and_tta():
     assert slide == whole
     tta = evaluate(model, val, EvalCfg(tta=True, tta_ratios=(0.5, 1.0)))
     assert tta["num_images"] == 3 and tta["mIoU"] is not None
+    # a flip-equivariant model at ratio 1: the flipped view predicts what the view does, so TTA changes nothing
+    pointwise = Pointwise(val.num_classes).eval()
+    assert evaluate(pointwise, val, EvalCfg(tta=True, tta_ratios=(1.0,))) == evaluate(pointwise, val, EvalCfg())
     assert "mIoU" in metrics_table(whole)
     with pytest.raises(ValueError, match="slide"):
         predict_probs(model, torch.zeros(1, 3, 8, 8), (8, 8), mode="slide")

@@ -98,7 +98,7 @@ def test_sparsity_annealing_schedule():
     model = create_model("dynasegformer-b0", num_classes=4, sparsity=0.5)
     set_sparsity(model, sched(30))
     assert {g.sparsity for g in dynamic.dynamic_gates(model)} == {0.15}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\), got 1.2"):
         SparsitySchedule(1.2, 10)
 
 
@@ -111,7 +111,7 @@ def test_dgl_at_sparsity_zero_is_the_dense_layer():
     dense = fc2(F.gelu(fc1(x)))
     assert torch.equal(dgl.train()(x), dense)  # masked form: G ≡ 1 at initialisation multiplies exactly
     with torch.no_grad():
-        assert (dgl.eval()(x) - dense).abs().max() <= 1e-5  # gathered form: same products, other summation order
+        assert (dgl.eval()(x) - dense).abs().max() <= 1e-6  # gathered form: same products, other summation order
 
 
 def test_student_from_dense_segformer_at_sparsity_zero_reproduces_teacher():
@@ -146,7 +146,7 @@ def test_masked_equals_gathered_layers(sparsity):
         attn = DynamicEfficientSelfAttention.from_dense(dense, sparsity).eval()
         random_gates_(attn)
         masked, gathered = both_forms(attn, x, hw)
-        assert (masked - gathered).abs().max() <= 1e-5
+        assert (masked - gathered).abs().max() <= 1e-6
         # the two images keep different channels, and each runs alone the same as in the batch
         _, idx = attn.qk_gate(x.mean(1), attn.q.weight, attn.kv.weight)
         assert not torch.equal(idx[0], idx[1])
@@ -343,7 +343,7 @@ def test_onnx_export_matches(tmp_path, fused, gates):
     assert {"TopK", "Gather"} <= ops
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    assert abs(out - ref.numpy()).max() <= 1e-4
+    assert abs(out - ref.numpy()).max() <= 1e-5
 
 
 def test_folded_gates_compute_the_predictors():
