@@ -215,6 +215,30 @@ def test_photometric_distortion_ranges():
     assert max(abs(s) for s in shifts) <= 32 and len(shifts) > 5
 
 
+def test_photometric_distortion_contrast_saturation_and_hue_each_alone():
+    rng = np.random.default_rng(0)
+    # Contrast alone multiplies every value by one α in [0.5, 1.5] (truncated to uint8, as mmseg's astype)
+    only_contrast = PhotoMetricDistortion(brightness_delta=0, saturation_range=(1, 1), hue_delta=0)
+    img = np.array([[[50, 50, 50], [100, 100, 100]]], np.uint8)  # greys: the HSV round trips leave them alone
+    outs = [only_contrast(img, rng)[0, :, 0].astype(int) for _ in range(40)]
+    assert all(25 <= a <= 75 and 0 <= b - 2 * a <= 1 for a, b in outs)  # ⌊100α⌋ − 2⌊50α⌋ ∈ {0, 1}
+    assert len({a for a, _ in outs}) > 5
+    # Saturation alone scales HSV's S by [0.5, 1.5] and keeps V; a grey pixel (S = 0) stays grey
+    only_saturation = PhotoMetricDistortion(brightness_delta=0, contrast_range=(1, 1), hue_delta=0)
+    img = np.array([[[200, 100, 100], [90, 90, 90]]], np.uint8)
+    s0 = int(rgb_to_hsv(img)[0, 0, 1])
+    for _ in range(40):
+        out = only_saturation(img, rng)
+        hsv = rgb_to_hsv(out)[0].astype(int)
+        assert 0.5 * s0 - 1 <= hsv[0, 1] <= 1.5 * s0 + 1 and abs(hsv[0, 2] - 200) <= 1
+        assert (out[0, 1] == 90).all()
+    # Hue alone shifts OpenCV's hue (0..179) by an integer in [-18, 18), wrapping: pure red lands in 162..179, 0..17
+    only_hue = PhotoMetricDistortion(brightness_delta=0, contrast_range=(1, 1), saturation_range=(1, 1))
+    red = np.array([[[255, 0, 0]]], np.uint8)
+    hues = {int(rgb_to_hsv(only_hue(red, rng))[0, 0, 0]) for _ in range(200)}
+    assert hues <= set(range(162, 180)) | set(range(0, 18)) and min(hues) < 10 and max(hues) > 170
+
+
 def test_convert_table_equals_mmseg_float_formula():
     from edgeseg.data.transforms import _convert
 
