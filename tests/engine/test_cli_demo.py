@@ -10,7 +10,7 @@ from PIL import Image
 from edgeseg.cli import main
 from edgeseg.config import load_config
 from edgeseg.data.classes import SCENES_PALETTE
-from edgeseg.engine.demo import demo_config, run_demo
+from edgeseg.engine.demo import demo_config, iters_for_budget, run_demo
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,3 +81,10 @@ def test_demo_writes_report(tmp_path):
     assert len(overlays) == 2 and Image.open(overlays[0]).width == 3 * 64
     val_rows = [json.loads(r) for r in (tmp_path / "log.jsonl").read_text().splitlines() if '"val"' in r]
     assert [r["iter"] for r in val_rows] == [1, 2, 3, 4]  # four evaluations make the mIoU curve
+
+
+def test_demo_minutes_pick_iterations_for_the_budget():
+    # 1 minute at 0.1 s per bare step, each real iteration ~1.4 steps: 60 / 0.14 = 428.6 -> 420 (multiples of 10)
+    assert iters_for_budget(1, 0.1) == 420
+    assert iters_for_budget(10, 0.1) == 4280
+    assert iters_for_budget(0.01, 0.1) == 50 and iters_for_budget(600, 0.1) == 5000  # clamped to [50, 5000]
