@@ -43,6 +43,25 @@ def test_class_count_mismatch_is_one_clear_line_and_drop_head_loads_the_rest(ref
     assert all(torch.equal(model.state_dict()[k], official.state_dict()[k]) for k in kept)
 
 
+def test_drop_head_keeps_the_models_own_head_where_the_files_does_not_fit(reference_dir):
+    """The README's fine-tuning example: the ADE20K TopFormer-Tiny into the Tiny-Cityscapes config (19 classes, a
+    dense fuse conv where the ADE20K head's is depthwise)."""
+    path = reference_dir / TOPFORMER / "checkpoint.pth"
+    model = edgeseg.create_model("topformer-tiny", num_classes=19, head_depthwise=False)
+    with pytest.raises(ValueError, match=r"has 150 classes but the model has 19 and another decode head \(e.g. "
+                                         r"head.linear_fuse.conv.weight: "
+                                         r"\[128, 1, 1, 1\] vs \[128, 128, 1, 1\]\): pass drop_head=True"):
+        edgeseg.load_checkpoint(model, path)
+    report = edgeseg.load_checkpoint(model, path, drop_head=True)
+    assert sorted(report.skipped_keys) == ["head.conv_seg.bias", "head.conv_seg.weight", "head.linear_fuse.conv.weight"]
+    assert report.missing_keys == [] and report.unexpected_keys == []
+    official = edgeseg.load_model(path).state_dict()
+    assert all(torch.equal(v, official[k]) for k, v in model.state_dict().items() if k not in report.skipped_keys)
+    # a backbone that does not fit is never dropped
+    with pytest.raises(ValueError, match="does not fit topformer-small"):
+        edgeseg.load_checkpoint(edgeseg.create_model("topformer-small", num_classes=19), path, drop_head=True)
+
+
 def test_drop_head_stays_strict_about_the_rest(tmp_path):
     sd = edgeseg.create_model("topformer-tiny", num_classes=150).state_dict()
     sd = {k: v for k, v in sd.items() if not k.startswith("injection.1.")}  # a backbone block missing

@@ -85,6 +85,10 @@ def detect_layout(sd: dict[str, Tensor], source: str = "checkpoint") -> tuple[st
                      f"({', '.join(FAMILIES)} in official, Hugging Face or edgeseg form)")
 
 
+# Where each family keeps its decode head (TopFormer ``head.``, SegFormer ``decode_head.``): what drop_head may skip.
+HEAD_PREFIXES = ("head.", "decode_head.")
+
+
 def _model_family(model: nn.Module) -> str:
     if getattr(model, "model_name", None) is None:
         raise TypeError("load_checkpoint expects an edgeseg model (built by edgeseg.create_model)")
@@ -98,7 +102,10 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
     - The layout (official, ImageNet backbone, Hugging Face, edgeseg) is detected from the keys.
     - An ImageNet classification checkpoint given to a segmentation model loads the backbone; the classifier head
       and the model's decode head are reported (skipped / missing) rather than failing: that is its purpose.
-    - A class-count mismatch fails with both counts, unless ``drop_head=True`` keeps the model's own classifier.
+    - A class-count mismatch, or another decode head (TopFormer-Tiny's Cityscapes head is dense where its ADE20K
+      head is depthwise), fails naming both, unless ``drop_head=True``: the model then keeps its own head tensors
+      where the file's do not fit, as mmseg's ``load_from`` starts from another dataset's model. The backbone
+      must fit either way.
     - ``strict=False`` tolerates missing/unexpected keys (still reported); shape mismatches always fail.
     """
     path = Path(path)
@@ -142,23 +149,33 @@ def _load_state_dict(model: nn.Module, sd: dict[str, Tensor], path: Path, strict
 
     mismatched = [k for k in sd if k in own and sd[k].shape != own[k].shape]
     src_classes = src_args.get("num_classes")
-    head = [k for k in mismatched if sd[k].ndim >= 1 and own[k].ndim >= 1
-            and sd[k].shape[0] == src_classes and own[k].shape[0] == model.num_classes]
-    if head and len(head) == len(mismatched):
+    classifier = [k for k in mismatched if sd[k].ndim >= 1 and own[k].ndim >= 1
+                  and sd[k].shape[0] == src_classes and own[k].shape[0] == model.num_classes]
+    in_head = [k for k in mismatched if k.startswith(HEAD_PREFIXES)]
+    if mismatched and (len(classifier) == len(mismatched) or len(in_head) == len(mismatched)):
+        differs = f"has {src_classes} classes but the model has {model.num_classes}" if classifier else ""
+        if classifier != mismatched:  # named by a head tensor other than the classifier's
+            k = next(k for k in in_head if k not in classifier)
+            differs += (" and" if differs else "has") + (f" another decode head (e.g. {k}: {list(sd[k].shape)} vs "
+                                                         f"{list(own[k].shape)})")
         if not drop_head:
-            raise ValueError(f"checkpoint '{path}' has {src_classes} classes but the model has {model.num_classes}: "
-                             f"pass drop_head=True to load all but the classifier (a config's model.pretrained "
-                             f"does)")
-        report.skipped_keys += head
-        report.layout_notes.append(f"classifier ({src_classes} classes) dropped; the model keeps its own "
-                                   f"{model.num_classes}-class classifier")
-        sd = {k: v for k, v in sd.items() if k not in head}
+            raise ValueError(f"checkpoint '{path}' {differs}: pass drop_head=True to load all but the head tensors "
+                             f"that do not fit (a config's model.pretrained does)")
+        dropped = classifier if classifier == mismatched else in_head
+        report.skipped_keys += dropped
+        report.layout_notes.append(
+            f"classifier ({src_classes} classes) dropped; the model keeps its own {model.num_classes}-class "
+            f"classifier" if classifier == mismatched else
+            f"{len(dropped)} decode-head tensors that do not fit dropped ({', '.join(dropped)}): the model keeps "
+            f"its own")
+        sd = {k: v for k, v in sd.items() if k not in dropped}
         mismatched = []
     if mismatched:
         k = mismatched[0]
         raise ValueError(f"checkpoint '{path}' does not fit {model.model_name}: {len(mismatched)} tensors differ in "
                          f"shape (e.g. {k}: {list(sd[k].shape)} vs {list(own[k].shape)}); it holds {src_name} "
-                         f"{src_args}: build it with edgeseg.load_model('{path}')")
+                         f"{src_args}, the model is {model.model_name} {model.model_args}: build it with "
+                         f"edgeseg.load_model('{path}')")
 
     result = model.load_state_dict(sd, strict=False)
     report.missing_keys = [k for k in result.missing_keys if k not in report.skipped_keys]
