@@ -210,6 +210,17 @@ def set_normalization(model: nn.Module, mean: Any = None, std: Any = None) -> nn
     return model
 
 
+def set_test_resize(model: nn.Module, scale: Any = None, size_divisor: int | None = None) -> nn.Module:
+    """Attach the test resize the model's recipe evaluates with (``data.test_scale``, ``data.size_divisor``, as
+    ``model.test_scale``, ``model.test_size_divisor``): it travels into checkpoints, so ``predict`` and the
+    ``Segmenter`` see images at the scale the model was trained for (ADE20K's 2048×512 bound would shrink a
+    Cityscapes image and enlarge a small one). Models without it get ADE20K's, as the official releases test."""
+    if scale is not None:
+        model.test_scale = tuple(int(v) for v in scale)
+        model.test_size_divisor = int(size_divisor) if size_divisor else None
+    return model
+
+
 def checkpoint_labels(ckpt: dict[str, Any]) -> tuple[Any, Any]:
     """The class names and palette a checkpoint carries, or None: edgeseg's ``class_names``/``palette``, mmseg 0.x's
     ``meta.CLASSES``/``meta.PALETTE`` (official releases), mmseg 1.x's ``meta.dataset_meta``."""
@@ -236,11 +247,12 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
             return hf
         name, args, raw = hf.model_name, dict(hf.model_args), hf.state_dict()
         labels = (getattr(hf, "class_names", None), getattr(hf, "palette", None))
-        normalization = (None, None)  # HF keeps it in preprocessor_config.json, which edgeseg does not read
+        normalization = resize = (None, None)  # HF keeps them in preprocessor_config.json, which edgeseg does not read
     else:
         ckpt = read_checkpoint(path)
         raw, labels = unwrap_state_dict(ckpt), checkpoint_labels(ckpt)
         normalization = (ckpt.get("input_mean"), ckpt.get("input_std"))
+        resize = (ckpt.get("test_scale"), ckpt.get("test_size_divisor"))
         if ckpt.get("format") == EDGESEG_FORMAT and ckpt.get("model_name") in MODELS:
             name, args = ckpt["model_name"], dict(ckpt.get("model_args", {}))
         else:  # foreign layouts, and models saved without a registered name (built from their class)
@@ -267,6 +279,7 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
         raise ValueError(f"checkpoint '{path}' holds {name} {args}, which {changed} does not fit: leave it "
                          f"out{hint}") from err
     set_normalization(model, *normalization)
+    set_test_resize(model, *resize)
     return set_labels(model, *labels).eval()
 
 
@@ -284,8 +297,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, extra: dict[str, 
         "model_args": dict(model.model_args),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    for key in ("class_names", "palette", "input_mean", "input_std"):
-        if getattr(model, key, None):
-            obj[key] = [list(c) if isinstance(c, tuple) else c for c in getattr(model, key)]
+    for key in ("class_names", "palette", "input_mean", "input_std", "test_scale", "test_size_divisor"):
+        value = getattr(model, key, None)
+        if value:  # plain lists and numbers: weights_only loading reads them
+            obj[key] = [list(c) if isinstance(c, tuple) else c for c in value] if isinstance(value, (list, tuple)) \
+                else value
     obj.update(extra or {})
     return atomic_save(obj, path)

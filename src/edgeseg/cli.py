@@ -420,10 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files or folders of them, or videos (.mp4, .mov, .avi, .mkv, "
                                              ".webm...; the [video] extra): label PNGs per frame and an overlay .mp4")
     p.add_argument("--out", default="predictions", help="output folder")
-    p.add_argument("--scale", nargs=2, type=POSITIVE_INT, default=[2048, 512], metavar=("LONG", "SHORT"),
-                   help="keep-ratio test resize bound (default: the ADE20K recipe's 2048 512)")
+    p.add_argument("--scale", nargs=2, type=POSITIVE_INT, metavar=("LONG", "SHORT"),
+                   help="keep-ratio test resize bound (default: the training recipe's data.test_scale, which edgeseg "
+                        "checkpoints carry, else ADE20K's 2048 512)")
     p.add_argument("--size-divisor", type=POSITIVE_INT,
-                   help="round the resized image up to a multiple (SegFormer: 32)")
+                   help="round the resized image up to a multiple (default: the recipe's data.size_divisor with its "
+                        "scale, else none; SegFormer's ADE20K recipe: 32)")
     p.add_argument("--num-classes", type=POSITIVE_INT)
     p.add_argument("--no-fuse", action="store_true", help="run the eager model instead of fuse()'s inference form")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)

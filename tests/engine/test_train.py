@@ -236,16 +236,25 @@ def test_pretrained_segmentation_model_of_another_dataset_gives_all_but_its_clas
     assert "classifier (150 classes) dropped" in messages[0]
 
 
-def test_a_recipes_normalisation_travels_to_prediction_and_export(tmp_path):
+def test_a_recipes_normalisation_and_test_resize_travel_to_prediction_and_export(tmp_path):
     from edgeseg.deploy.export import model_metadata
     from edgeseg.deploy.predict import Segmenter
 
-    cfg = tiny_cfg("schedule.iters=1", "train.eval_interval=0", "data.mean=[100, 110, 120]", "data.std=[50, 60, 70]")
+    cfg = tiny_cfg("schedule.iters=1", "train.eval_interval=0", "data.mean=[100, 110, 120]", "data.std=[50, 60, 70]",
+                   "data.size_divisor=16")
     train(cfg, tmp_path, progress=False, log=lambda *a: None)
     model = load_model(tmp_path / "latest.pth")
     assert model.input_mean == (100.0, 110.0, 120.0) and model.input_std == (50.0, 60.0, 70.0)
+    assert model.test_scale == (128, 64) and model.test_size_divisor == 16  # tiny_cfg's data.test_scale
     transform = Segmenter(model).transform
     assert transform.mean == (100.0, 110.0, 120.0) and transform.std == (50.0, 60.0, 70.0)
-    assert json.loads(model_metadata(model)["input_std_rgb"]) == [50.0, 60.0, 70.0]
-    del model.input_mean, model.input_std  # a model without it (an official file) normalises as ImageNet
-    assert Segmenter(model).transform.mean == (123.675, 116.28, 103.53)
+    assert transform.scale == (128, 64) and transform.size_divisor == 16
+    assert Segmenter(model, scale=(2048, 512)).transform.size_divisor is None  # a scale given: the caller's pipeline
+    meta = model_metadata(model)
+    assert json.loads(meta["input_std_rgb"]) == [50.0, 60.0, 70.0]
+    assert json.loads(meta["test_scale"]) == [128, 64] and json.loads(meta["test_size_divisor"]) == 16
+    del model.input_mean, model.input_std  # a model without them (an official file): ImageNet's, ADE20K's resize
+    del model.test_scale, model.test_size_divisor
+    transform = Segmenter(model).transform
+    assert transform.mean == (123.675, 116.28, 103.53) and transform.scale == (2048, 512)
+    assert transform.size_divisor is None and "test_scale" not in model_metadata(model)

@@ -169,8 +169,8 @@ def _check_dynamic(model: nn.Module, pool_stride: int | None, exporter: str) -> 
 def model_metadata(model: nn.Module) -> dict[str, str]:
     """What a runtime needs beside the graph, as ONNX ``metadata_props`` (onnxruntime:
     ``session.get_modelmeta().custom_metadata_map``): the model's name, the input normalisation the graph expects
-    (RGB, 0–255, ``(x − mean) / std``), what the logits are, and the class names and palette when the model has
-    them (``export_onnx`` adds ``logits_stride``)."""
+    (RGB, 0–255, ``(x − mean) / std``), what the logits are, and the test resize, class names and palette when the
+    model has them (``export_onnx`` adds ``logits_stride``)."""
     from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     mean, std = getattr(model, "input_mean", IMAGENET_MEAN), getattr(model, "input_std", IMAGENET_STD)
@@ -178,6 +178,9 @@ def model_metadata(model: nn.Module) -> dict[str, str]:
             "input_mean_rgb": json.dumps(list(mean)), "input_std_rgb": json.dumps(list(std)),
             "logits": "(batch, classes, ceil(H/logits_stride), ceil(W/logits_stride)): upsample bilinearly "
                       "(align_corners=False) to (H, W), then argmax over classes"}
+    if getattr(model, "test_scale", None):  # the recipe's keep-ratio test resize bound (long, short)
+        meta["test_scale"] = json.dumps(list(model.test_scale))
+        meta["test_size_divisor"] = json.dumps(getattr(model, "test_size_divisor", None))
     if getattr(model, "class_names", None):
         meta["class_names"] = json.dumps(list(model.class_names))
     if getattr(model, "palette", None):

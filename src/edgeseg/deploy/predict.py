@@ -52,19 +52,24 @@ class Segmenter:
 
     Args:
         model: any edgeseg segmentation model (eval mode is set here).
-        scale: ``(long, short)`` keep-ratio bound of the test resize (ADE20K recipes: ``(2048, 512)``).
-        size_divisor: round the resized image up to a multiple of this (SegFormer's ADE20K pipeline: 32).
+        scale: ``(long, short)`` keep-ratio bound of the test resize; default: the model's recipe's
+            (``model.test_scale``, which edgeseg checkpoints carry), else ADE20K's ``(2048, 512)``.
+        size_divisor: round the resized image up to a multiple of this (SegFormer's ADE20K pipeline: 32); default:
+            the recipe's (``model.test_size_divisor``), else none.
         class_names, palette: for reports and colour maps; default to the model's own (``model.class_names``,
             ``model.palette``: from its checkpoint or training set), else to the dataset with its class count.
         fuse: run the model's inference form (``model.fuse()``: BN and SegFormer's decoder folded, DGL gates
             folded; a copy, ``model`` itself is left as it is) — the same logits to ~1e-5, about twice as fast.
     """
 
-    def __init__(self, model: nn.Module, scale: Sequence[int] = (2048, 512), size_divisor: int | None = None,
+    def __init__(self, model: nn.Module, scale: Sequence[int] | None = None, size_divisor: int | None = None,
                  class_names: Sequence[str] | None = None,
                  palette: Sequence[Sequence[int]] | None = None, fuse: bool = True) -> None:
         self.model = model.fuse().eval() if fuse and callable(getattr(model, "fuse", None)) else model.eval()
-        # the normalisation the model was trained with (its checkpoint carries it), else ImageNet's
+        # the test resize and normalisation the model was trained with (its checkpoint carries them), else ADE20K's
+        if scale is None:
+            scale = getattr(model, "test_scale", None) or (2048, 512)
+            size_divisor = size_divisor or getattr(model, "test_size_divisor", None)
         self.transform = TestTransform(tuple(scale), size_divisor, mean=getattr(model, "input_mean", IMAGENET_MEAN),
                                        std=getattr(model, "input_std", IMAGENET_STD))
         num_classes = model.num_classes

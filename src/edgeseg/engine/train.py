@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, set_labels, set_normalization
+from ..checkpoint import (load_checkpoint, read_checkpoint, save_checkpoint, set_labels, set_normalization,
+                          set_test_resize)
 from ..config import Config
 from ..data import SegDataset, TrainTransform, build_dataset, collate
 from ..models import create_model
@@ -400,6 +401,7 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
     train_set = build_train_set(cfg)
     model = set_labels(build_model(cfg, train_set.num_classes, log), train_set.classes, train_set.palette)
     set_normalization(model, cfg.data.mean, cfg.data.std)
+    set_test_resize(model, cfg.data.test_scale, cfg.data.size_divisor)
     ignore_index = train_set.ignore_index
     model = sync_batchnorm(model, cfg, info).to(info.device)
     optimizer = build_optimizer(model, cfg.optim)
