@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +44,30 @@ def test_info_sparsity_compares_only_figures_published_for_it(capsys):
     assert main(["info", "topformer-tiny", "--sparsity", "0.3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)  # a dynamic extractor: TopFormer's figures are the dense model's
     assert out["paper"] is None and out["params"] > 1_389_654 and out["gmacs"] < 0.58
+    assert main(["info", "dynasegformer-b0", "--json"]) == 0  # the builder's default sparsity, said as counted
+    assert json.loads(capsys.readouterr().out)["sparsity"] == 0.3
+    assert main(["info", "topformer-tiny", "--sparsity", "0.5"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("topformer-tiny @50% ")  # the table says it too
+    assert main(["info", "segformer-b0", "--sparsity", "0.3"]) == 2  # a dense-only family: the flag is named
+    assert capsys.readouterr().err.strip() == ("edgeseg info: error: --sparsity prunes dynamic models "
+                                               "(dynasegformer-*, topformer-*), not segformer-b0")
+
+
+def test_info_table_compares_paper_figures_at_their_own_input_size(capsys):
+    assert main(["info", "topformer-tiny", "--size", "448", "448"]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[:2] == ["topformer-tiny", "448x448"] and row[-1] == "-"  # the 512² figure is not this size's
+    assert main(["info", "topformer-tiny"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[-1] == "0.6"
+
+
+def test_a_reader_that_goes_away_stops_the_output_quietly():
+    """``edgeseg info | head -1``: the pipe closes before edgeseg writes; no error message, exit 1."""
+    proc = subprocess.Popen([sys.executable, "-m", "edgeseg", "info", "topformer-tiny"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and err == ""
 
 
 def test_info_reads_the_architecture_of_a_checkpoint(tmp_path, capsys):
@@ -205,3 +230,20 @@ def test_an_imagenet_classifier_exports(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     assert main(["export", "mit-b0", str(tmp_path / "mit.onnx"), "--size", "64", "64", "--num-classes", "10"]) == 0
     assert "-> 1x10" in capsys.readouterr().out
+
+
+def test_predict_with_a_model_name_warns_of_untrained_weights(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    assert main(["predict", "topformer-tiny", str(tmp_path / "a.png"), "--out", str(tmp_path / "out"),
+                 "--scale", "64", "32"]) == 0
+    assert "'topformer-tiny' is a model name, not a checkpoint: its weights are untrained" in capsys.readouterr().err
+
+
+def test_eval_mode_slide_without_a_window_names_the_flag_and_the_keys(capsys):
+    recipe = Path(__file__).parents[1] / "configs" / "demo_scenes.yaml"
+    assert main(["eval", str(recipe), "--checkpoint", "unused.pth", "--mode", "slide"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--mode slide with {recipe}: eval.mode 'slide' needs eval.crop_size and " \
+        "eval.stride" in err and "--set eval.crop_size=" in err

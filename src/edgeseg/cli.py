@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,10 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "num_classes", None) is not None:
         kwargs["num_classes"] = args.num_classes
     if getattr(args, "sparsity", None) is not None:
+        name = getattr(args, "model", None)
+        if name and not _is_checkpoint(name) and not (name.startswith("dynasegformer-") or (
+                name.startswith("topformer-") and not name.endswith("-cls"))):
+            raise ValueError(f"--sparsity prunes dynamic models (dynasegformer-*, topformer-*), not {name}")
         kwargs["sparsity"] = args.sparsity
     return kwargs
 
@@ -90,7 +95,6 @@ def _info_row(name: str, size: tuple[int, int], kwargs: dict[str, Any]) -> dict[
     from .deploy.benchmark import count_gmacs, count_params
     from .models import PAPER, create_model
 
-    sparsity = kwargs.get("sparsity")
     try:  # shapes are all a count needs: building on the meta device skips initialising 85 M parameters
         with torch.device("meta"):
             model = create_model(name, **kwargs).eval()
@@ -98,10 +102,11 @@ def _info_row(name: str, size: tuple[int, int], kwargs: dict[str, Any]) -> dict[
     except (RuntimeError, NotImplementedError):  # a builder or forward that needs real tensors
         model = create_model(name, **kwargs).eval()
         gmacs = (count_gmacs(model, size), count_gmacs(model, size, convention="macs"))
+    sparsity = model.model_args.get("sparsity")  # as built: a DynaSegFormer's default too
     paper = PAPER.get(name)
     if set(kwargs) - {"num_classes", "sparsity"}:
         paper = None  # a changed architecture: the published figures are not its own
-    if sparsity is not None and paper is not None and "gmacs_at_sparsity" not in paper:
+    if "sparsity" in kwargs and paper is not None and "gmacs_at_sparsity" not in paper:
         paper = None  # published figures of the dense model (e.g. a TopFormer with a dynamic extractor)
     paper_out = None
     if paper is not None:
@@ -139,9 +144,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     for r in rows:
         p = r["paper"] or {}
         pm = f"{p['params_m']:.2f}" if p.get("params_m") is not None else "-"
-        pg = f"{p['gmacs']:g}" if p.get("gmacs") is not None else "-"
+        same_size = p.get("input_size") in (None, r["input_size"])  # a figure published at another size does not compare
+        pg = f"{p['gmacs']:g}" if p.get("gmacs") is not None and same_size else "-"
         size_s = "x".join(map(str, r["input_size"]))
-        print(f"{r['model']:<22} {size_s:>9} {r['num_classes']:>7} {r['params']:>12,} {pm:>8} {r['gmacs']:>8.3f} {pg:>7}")
+        name = r["model"] if r["sparsity"] is None else f"{r['model']} @{r['sparsity']:.0%}"
+        print(f"{name:<22} {size_s:>9} {r['num_classes']:>7} {r['params']:>12,} {pm:>8} {r['gmacs']:>8.3f} {pg:>7}")
     print(f"GMACs: {MAC_CONVENTION}.")
     return 0
 
@@ -220,6 +227,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     inputs = expand_inputs(args.images)
     check_outputs(inputs, out)
+    if not _is_checkpoint(args.model):  # a name builds a fresh model: fine for bench and export, noise here
+        print(f"edgeseg predict: warning: '{args.model}' is a model name, not a checkpoint: its weights are "
+              f"untrained (pass a .pth or a Hugging Face folder)", file=sys.stderr)
     segmenter = Segmenter(_build(args).to(_device(args.device)), scale=args.scale, size_divisor=args.size_divisor,
                           fuse=not args.no_fuse)
     out.mkdir(parents=True, exist_ok=True)
@@ -254,15 +264,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
-    from .config import load_config
+    from .config import load_config, validate
     from .engine.evaluate import build_val_dataset, evaluate, metrics_table
 
-    overrides = list(args.set or [])
-    if args.mode:
-        overrides.append(f"eval.mode={args.mode}")
-    if args.tta:
-        overrides.append("eval.tta=true")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, list(args.set or []))
+    if args.mode or args.tta:  # checked as flags: the recipe may lack what --mode slide needs
+        cfg.eval.mode, cfg.eval.tta = args.mode or cfg.eval.mode, cfg.eval.tta or args.tta
+        validate(cfg, f"--mode {cfg.eval.mode} with {args.config}")
     dataset = build_val_dataset(cfg)
     model = load_model(args.checkpoint)
     if model.num_classes != dataset.num_classes:
@@ -442,7 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory_unless_disabled()  # the command owns its process: reuse freed tensor memory (see allocator.py)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe fails here, inside the handler below, not as Python exits
+        return code
+    except BrokenPipeError:  # the reader went away (`edgeseg info | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 1
     except (OSError, ValueError, ImportError) as err:  # user errors: one line, no traceback
         print(f"edgeseg {args.command}: error: {_explain(err, args)}", file=sys.stderr)
         return 2

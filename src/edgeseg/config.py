@@ -308,7 +308,8 @@ def validate(cfg: Config, source: str = "config") -> Config:
     if cfg.eval.mode not in ("whole", "slide"):
         raise ValueError(f"{source}: eval.mode must be 'whole' or 'slide', got '{cfg.eval.mode}'")
     if cfg.eval.mode == "slide" and (cfg.eval.crop_size is None or cfg.eval.stride is None):
-        raise ValueError(f"{source}: eval.mode 'slide' needs eval.crop_size and eval.stride, e.g. [1024, 1024] / [768, 768]")
+        raise ValueError(f"{source}: eval.mode 'slide' needs eval.crop_size and eval.stride (the window and its "
+                         f"step, e.g. --set eval.crop_size=[1024,1024] --set eval.stride=[768,768])")
     if cfg.train.amp not in ("none", "bf16", "fp16"):
         raise ValueError(f"{source}: train.amp must be none, bf16 or fp16, got '{cfg.train.amp}'")
     if cfg.train.device not in ("auto", "cpu", "cuda"):
