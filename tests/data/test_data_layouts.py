@@ -51,19 +51,19 @@ def test_layout_lengths_shapes_and_classes(make_tree, name):
 
 def test_dataset_table_names():
     assert set(DATASETS) == {
-        "ade20k", "cityscapes", "pascal_context", "pascal_context_60", "coco_stuff164k", "coco_stuff10k", "folder",
+        "ade20k", "cityscapes", "pascal_context", "pascal_context_59", "coco_stuff164k", "coco_stuff10k", "folder",
         "scenes",
     }
 
 
 def test_class_tables_match_mmseg_sizes_and_order():
-    sizes = {"ade20k": 150, "cityscapes": 19, "pascal_context": 59, "pascal_context_60": 60, "coco_stuff": 171}
+    sizes = {"ade20k": 150, "cityscapes": 19, "pascal_context": 60, "pascal_context_59": 59, "coco_stuff": 171}
     for key, n in sizes.items():
         assert len(CLASSES[key]) == len(PALETTES[key]) == n
         assert all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in PALETTES[key])
     assert CLASSES["ade20k"][:3] == ("wall", "building", "sky") and CLASSES["ade20k"][-1] == "flag"
     assert CLASSES["cityscapes"][0] == "road" and CLASSES["cityscapes"][-1] == "bicycle"
-    assert CLASSES["pascal_context_60"] == ("background",) + CLASSES["pascal_context"]
+    assert CLASSES["pascal_context"] == ("background",) + CLASSES["pascal_context_59"]  # mmseg's two names
     assert CLASSES["coco_stuff"][0] == "person" and PALETTES["cityscapes"][0] == (128, 64, 128)
 
 
@@ -89,10 +89,10 @@ def test_root_may_be_the_parent_folder(make_tree):
 
 def test_pascal_context_59_vs_60_and_split_files(make_tree):
     root = make_tree("pascal_context")
-    c59 = build_dataset("pascal_context", root, "train")
-    c60 = build_dataset("pascal_context_60", root, "train")
+    c59 = build_dataset("pascal_context_59", root, "train")
+    c60 = build_dataset("pascal_context", root, "train")
     assert [c59.sample_name(i) for i in range(3)] == ["2008_000000", "2008_000001", "2008_000002"]
-    val = build_dataset("pascal_context", root, "val")
+    val = build_dataset("pascal_context_59", root, "val")
     assert [val.sample_name(i) for i in range(2)] == ["2008_000003", "2008_000004"]
     raw = label_values(0, 48)
     np.testing.assert_array_equal(c60.load_label(0), raw)  # background kept as class 0

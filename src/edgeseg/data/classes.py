@@ -143,8 +143,8 @@ SCENES_PALETTE: list[tuple[int, int, int]] = [
 CLASSES: dict[str, tuple[str, ...]] = {
     "ade20k": ADE20K_CLASSES,
     "cityscapes": CITYSCAPES_CLASSES,
-    "pascal_context": PASCAL_CONTEXT_59_CLASSES,
-    "pascal_context_60": PASCAL_CONTEXT_60_CLASSES,
+    "pascal_context": PASCAL_CONTEXT_60_CLASSES,
+    "pascal_context_59": PASCAL_CONTEXT_59_CLASSES,
     "coco_stuff": COCO_STUFF_CLASSES,
     "coco_stuff164k": COCO_STUFF_CLASSES,
     "scenes": SCENES_CLASSES,
@@ -152,8 +152,8 @@ CLASSES: dict[str, tuple[str, ...]] = {
 PALETTES: dict[str, list[tuple[int, int, int]]] = {
     "ade20k": ADE20K_PALETTE,
     "cityscapes": CITYSCAPES_PALETTE,
-    "pascal_context": PASCAL_CONTEXT_59_PALETTE,
-    "pascal_context_60": PASCAL_CONTEXT_60_PALETTE,
+    "pascal_context": PASCAL_CONTEXT_60_PALETTE,
+    "pascal_context_59": PASCAL_CONTEXT_59_PALETTE,
     "coco_stuff": COCO_STUFF_PALETTE,
     "coco_stuff164k": COCO_STUFF_PALETTE,
     "scenes": SCENES_PALETTE,

@@ -327,9 +327,9 @@ class CityscapesDataset(FileSegDataset):
 
 
 class PascalContextDataset(FileSegDataset):
-    """Pascal-Context, 59 classes (mmseg's ``PascalContextDataset59``): VOC2010 ``JPEGImages/*.jpg`` with
-    ``SegmentationClassContext/*.png`` and ``ImageSets/SegmentationContext/{train,val}.txt``; label 0
-    (background) is ignored via reduce_zero_label."""
+    """Pascal-Context, 60 classes (mmseg's ``PascalContextDataset``, background kept as class 0): VOC2010
+    ``JPEGImages/*.jpg`` with ``SegmentationClassContext/*.png`` and
+    ``ImageSets/SegmentationContext/{train,val}.txt``."""
 
     LAYOUT = (
         "<root>/JPEGImages/*.jpg, <root>/SegmentationClassContext/*.png and "
@@ -337,7 +337,7 @@ class PascalContextDataset(FileSegDataset):
     )
     img_suffix = ".jpg"
     _key = "pascal_context"
-    _reduce = True
+    _reduce = False
 
     def __init__(self, root: str | Path | None, split: str = "train", transform: Transform | None = None) -> None:
         path = _root(self._key, root, self.LAYOUT)
@@ -350,11 +350,12 @@ class PascalContextDataset(FileSegDataset):
         super().__init__(pairs, CLASSES[self._key], PALETTES[self._key], self._reduce, transform=transform)
 
 
-class PascalContext60Dataset(PascalContextDataset):
-    """Pascal-Context with 60 classes: same files, background kept as class 0 (no reduce_zero_label)."""
+class PascalContext59Dataset(PascalContextDataset):
+    """Pascal-Context, 59 classes (mmseg's ``PascalContextDataset59``): the same files, label 0 (background)
+    ignored via reduce_zero_label."""
 
-    _key = "pascal_context_60"
-    _reduce = False
+    _key = "pascal_context_59"
+    _reduce = True
 
 
 class COCOStuff164kDataset(FileSegDataset):
