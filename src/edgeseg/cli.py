@@ -333,7 +333,7 @@ def _engine_parsers(sub: Any) -> None:
     p = sub.add_parser("demo", help="train TopFormer-Tiny from scratch on procedural scenes on the CPU, then report")
     p.add_argument("--work-dir", default="work_dirs/demo", help="output folder (default: work_dirs/demo)")
     p.add_argument("--iters", type=POSITIVE_INT,
-                   help="training iterations (default 900, about 3 min on 2 idle cores)")
+                   help="training iterations (default 900, about 2.5 min of training on 2 idle cores)")
     p.add_argument("--minutes", type=POSITIVE_FLOAT,
                    help="instead of --iters: fit the iteration count to this time budget")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
