@@ -242,12 +242,13 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     if _is_hf_folder(path):
         from .models.hf_segformer import load_hf_folder
 
-        hf = load_hf_folder(path)
+        hf = load_hf_folder(path)  # with what the folder keeps beside the weights (labels, normalisation, resize)
         if not overrides:
             return hf
         name, args, raw = hf.model_name, dict(hf.model_args), hf.state_dict()
         labels = (getattr(hf, "class_names", None), getattr(hf, "palette", None))
-        normalization = resize = (None, None)  # HF keeps them in preprocessor_config.json, which edgeseg does not read
+        normalization = (getattr(hf, "input_mean", None), getattr(hf, "input_std", None))
+        resize = (getattr(hf, "test_scale", None), getattr(hf, "test_size_divisor", None))
     else:
         ckpt = read_checkpoint(path)
         raw, labels = unwrap_state_dict(ckpt), checkpoint_labels(ckpt)

@@ -133,7 +133,30 @@ def load_hf_folder(path: str | os.PathLike) -> nn.Module:
     names = [id2label.get(i) for i in range(num_classes)]
     if all(names) and names != [f"LABEL_{i}" for i in range(num_classes)]:  # transformers' placeholders say nothing
         model.class_names = names
+    _read_extras(model, folder, cfg)
     return model.eval()
+
+
+def _read_extras(model: nn.Module, folder: Path, cfg: dict[str, Any]) -> None:
+    """What :func:`save_hf_folder` keeps beside the weights: the normalisation from ``preprocessor_config.json``
+    (transformers' own place for it, 0–1 units there), the palette and test resize from config.json's ``edgeseg``
+    entry. Missing or malformed entries are left out: the model then takes the defaults, as an official file does."""
+    from ..checkpoint import set_labels, set_normalization, set_test_resize  # checkpoint imports this module
+
+    processor = folder / "preprocessor_config.json"
+    pre = _read_json(processor) if processor.is_file() else {}
+    mean, std = (pre.get(k) if isinstance(pre, dict) else None for k in ("image_mean", "image_std"))
+    if isinstance(pre, dict) and pre.get("do_normalize", True) and pre.get("do_rescale", True) and all(
+            isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v) for v in (mean, std)):
+        scale = 1.0 / float(pre.get("rescale_factor", 1 / 255))  # transformers normalises pixels / 255
+        # rounded to 1e-4 of a pixel value: 0.485 · 255 is 123.67499999999998 in floats, 123.675 in every recipe
+        set_normalization(model, [round(m * scale, 4) for m in mean], [round(s * scale, 4) for s in std])
+    extras = cfg.get("edgeseg") if isinstance(cfg.get("edgeseg"), dict) else {}
+    set_labels(model, None, extras.get("palette"))
+    scale_ = extras.get("test_scale")
+    if isinstance(scale_, list) and len(scale_) == 2 and all(isinstance(v, int) and v > 0 for v in scale_):
+        divisor = extras.get("test_size_divisor")
+        set_test_resize(model, scale_, divisor if isinstance(divisor, int) and divisor > 0 else None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -238,12 +261,29 @@ def hf_config(model: nn.Module) -> dict[str, Any]:
     if num_classes:
         cfg["id2label"] = {str(i): n for i, n in enumerate(names)}
         cfg["label2id"] = {n: i for i, n in enumerate(names)}
+    extras = {key: [list(v) for v in value] if key == "palette" else list(value) if isinstance(value, tuple) else value
+              for key in ("palette", "test_scale", "test_size_divisor") if (value := getattr(model, key, None))}
+    if extras:  # what transformers has no field for; it keeps unknown config entries as they are
+        cfg["edgeseg"] = extras
     return cfg
+
+
+def hf_preprocessor_config(model: nn.Module) -> dict[str, Any]:
+    """``preprocessor_config.json`` for ``AutoImageProcessor``: the model's input normalisation (ImageNet's unless it
+    was trained with another), in transformers' units (pixels / 255). Its fixed-size resize is transformers'
+    default; edgeseg's keep-ratio test resize travels in config.json."""
+    from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = getattr(model, "input_mean", IMAGENET_MEAN), getattr(model, "input_std", IMAGENET_STD)
+    return {"image_processor_type": "SegformerImageProcessor", "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True, "image_mean": [m / 255 for m in mean], "image_std": [s / 255 for s in std]}
 
 
 def save_hf_folder(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (``pytorch_model.bin`` when safetensors is not installed)
-    that ``transformers`` loads with ``from_pretrained``; each file is written atomically. Returns the folder."""
+    that ``transformers`` loads with ``from_pretrained``, and ``preprocessor_config.json`` for its
+    ``AutoImageProcessor``; each file is written atomically. Class names, palette, normalisation and test resize
+    come back with :func:`load_hf_folder`. Returns the folder."""
     folder = Path(path)
     cfg = hf_config(model)  # first: a model transformers cannot hold leaves no empty folder behind
     folder.mkdir(parents=True, exist_ok=True)
@@ -258,4 +298,5 @@ def save_hf_folder(model: nn.Module, path: str | os.PathLike) -> Path:
         atomic_write(folder / written, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
     (folder / stale).unlink(missing_ok=True)  # an older save in the other format would shadow this one
     write_text(folder / "config.json", json.dumps(cfg, indent=2) + "\n")
+    write_text(folder / "preprocessor_config.json", json.dumps(hf_preprocessor_config(model), indent=2) + "\n")
     return folder
