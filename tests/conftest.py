@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from torch import nn
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
@@ -90,28 +88,3 @@ def tiny_distill_recipe(tmp_path: Path):
 
     return write
 
-
-def _random_weights(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random, non-trivial weights everywhere (incl. norm affines and BN running stats), like the fixtures."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif name.endswith("weight") and t.ndim == 1:  # norm scales
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif t.ndim >= 2:
-                fan_in = t[0].numel()
-                t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(fan_in))
-            else:
-                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
-    return model
-
-
-@pytest.fixture(scope="session")
-def random_weights():
-    """``random_weights(model, seed=0)``: :func:`_random_weights`, for tests that need outputs a fresh model's
-    near-constant head would not give."""
-    return _random_weights

@@ -13,6 +13,7 @@ from PIL import Image
 import edgeseg
 from edgeseg.checkpoint import set_labels
 from edgeseg.cli import main
+from edgeseg.deploy.benchmark import random_weights_
 from edgeseg.deploy.predict import Segmenter
 from edgeseg.engine.inference import whole_inference
 
@@ -99,8 +100,8 @@ def test_predict_and_eval_take_a_device(tmp_path, capsys):
         assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_predict_cli_writes_palette_pngs(tmp_path, random_weights):
-    model = random_weights(edgeseg.create_model("topformer-tiny", num_classes=4))  # a fresh head: one class
+def test_predict_cli_writes_palette_pngs(tmp_path):
+    model = random_weights_(edgeseg.create_model("topformer-tiny", num_classes=4))  # a fresh head: one class
     ckpt = edgeseg.save_checkpoint(tmp_path / "m.pth", model)
     img = tmp_path / "a.jpg"
     Image.fromarray((np.random.default_rng(1).random((64, 80, 3)) * 255).astype(np.uint8)).save(img)

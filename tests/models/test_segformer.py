@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from edgeseg.deploy.benchmark import random_weights_
 from edgeseg.models import segformer as S
 from edgeseg.models.layers import upsample_logits
 
@@ -179,10 +180,10 @@ def test_layernorm_eps(ln_eps):
     assert all_norms == checked
 
 
-def test_attention_scale_and_kv_order(random_weights):
+def test_attention_scale_and_kv_order():
     """softmax(q kᵀ / √d) v with K = first C rows of ``kv``, V = last C rows, keys from the sr conv + LayerNorm."""
     torch.manual_seed(0)
-    attn = random_weights(S.EfficientSelfAttention(dim=16, num_heads=2, sr_ratio=2)).eval()
+    attn = random_weights_(S.EfficientSelfAttention(dim=16, num_heads=2, sr_ratio=2)).eval()
     hw = (6, 4)
     x = torch.randn(2, 24, 16)
     red = nn.functional.conv2d(x.transpose(1, 2).reshape(2, 16, *hw), attn.sr.weight, attn.sr.bias, stride=2)
@@ -200,9 +201,9 @@ def test_attention_scale_and_kv_order(random_weights):
         assert torch.allclose(attn.fuse()(x, hw), expected, atol=1e-5)
 
 
-def test_mixffn_uses_depthwise_conv_and_exact_gelu(random_weights):
+def test_mixffn_uses_depthwise_conv_and_exact_gelu():
     torch.manual_seed(0)
-    ffn = random_weights(S.MixFFN(8, 32)).eval()
+    ffn = random_weights_(S.MixFFN(8, 32)).eval()
     hw = (5, 3)
     x = torch.randn(1, 15, 8)
     h = x @ ffn.fc1.weight.T + ffn.fc1.bias
@@ -284,8 +285,8 @@ def test_gmacs_match_paper(variant):
 
 
 @pytest.fixture(scope="module")
-def random_b0(random_weights):
-    return random_weights(S.segformer_b0(num_classes=19), seed=1).eval()
+def random_b0():
+    return random_weights_(S.segformer_b0(num_classes=19), seed=1).eval()
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 65, 97), (2, 3, 64, 64)])
@@ -310,9 +311,9 @@ def test_shapes_and_fuse_equivalence(random_b0, shape):
     assert isinstance(random_b0.decode_head, S.MLPDecoder)  # fuse() leaves the original untouched
 
 
-def test_additive_decoder_folds_its_batchnorm(random_weights):
+def test_additive_decoder_folds_its_batchnorm():
     torch.manual_seed(0)
-    dec = random_weights(S.AdditiveMLPDecoder([8, 16, 24, 32], 12, 5, batch_norm=True), seed=3).eval()
+    dec = random_weights_(S.AdditiveMLPDecoder([8, 16, 24, 32], 12, 5, batch_norm=True), seed=3).eval()
     feats = [torch.randn(2, c, 12 // 2**i + 1, 20 // 2**i) for i, c in enumerate([8, 16, 24, 32])]
     fused = dec.fuse()
     assert isinstance(fused.bn, nn.Identity) and fused.linear_pred.out_channels == 8  # 5 classes padded to 8
@@ -337,8 +338,8 @@ def test_resize_rows_equals_rows_of_the_whole_resize(scale):
     ((48, 24, 16, 6), False),  # 48 / 16 = 3 is not a power of two: whole
     ((8, 4, 2, 1), False),  # no taller than one band: whole
 ])
-def test_decoder_runs_in_row_bands_in_eval_mode_only(heights, banded, random_weights):
-    dec = random_weights(S.AdditiveMLPDecoder([8, 16, 24, 32], 12, 5, batch_norm=True), seed=5).eval()
+def test_decoder_runs_in_row_bands_in_eval_mode_only(heights, banded):
+    dec = random_weights_(S.AdditiveMLPDecoder([8, 16, 24, 32], 12, 5, batch_norm=True), seed=5).eval()
     dec.row_band = 8
     gen = torch.Generator().manual_seed(6)
     feats = [torch.randn(2, c, h, 3 + h // 2, generator=gen) for c, h in zip([8, 16, 24, 32], heights)]
@@ -358,10 +359,10 @@ def test_decoder_runs_in_row_bands_in_eval_mode_only(heights, banded, random_wei
     assert not calls
 
 
-def test_decoder_in_eval_mode_backpropagates_to_its_input(random_weights):
+def test_decoder_in_eval_mode_backpropagates_to_its_input():
     # Saliency maps and attacks differentiate an eval-mode model: the decoder then runs whole (its bands write
     # the logits in place, which autograd refuses) and gives the banded logits.
-    dec = random_weights(S.AdditiveMLPDecoder([8, 16, 24, 32], 12, 5, batch_norm=True), seed=5).eval().fuse()
+    dec = random_weights_(S.AdditiveMLPDecoder([8, 16, 24, 32], 12, 5, batch_norm=True), seed=5).eval().fuse()
     dec.row_band = 8
     gen = torch.Generator().manual_seed(6)
     feats = [torch.randn(1, c, h, h, generator=gen) for c, h in zip([8, 16, 24, 32], (40, 20, 10, 5))]
@@ -374,9 +375,9 @@ def test_decoder_in_eval_mode_backpropagates_to_its_input(random_weights):
     assert feats[0].grad is not None and feats[0].grad.abs().sum() > 0
 
 
-def test_mit_classifier_pools_the_normed_last_stage(random_weights):
+def test_mit_classifier_pools_the_normed_last_stage():
     torch.manual_seed(0)
-    mit = random_weights(S.mit_b0(num_classes=10), seed=4).eval()
+    mit = random_weights_(S.mit_b0(num_classes=10), seed=4).eval()
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         last = mit.encoder.stages[3]
