@@ -363,8 +363,9 @@ def _distill_parser(sub: Any) -> None:
     p = sub.add_parser("distill", help="two-stage distillation of a dense model into its dynamic (DGL) form "
                        "(torchrun --nproc-per-node N -m edgeseg distill ... for DDP)")
     p.add_argument("config", help="recipe YAML with a distill: section, e.g. configs/dynasegformer_b0_ade20k_30.yaml")
-    p.add_argument("--teacher", help="dense teacher checkpoint (any layout): a SegFormer of the DynaSegFormer's size, "
-                   "or the TopFormer variant of a dynamic TopFormer recipe")
+    p.add_argument("--teacher", metavar="CKPT", help="dense teacher checkpoint (any layout), needed unless the recipe "
+                   "sets distill.teacher: a SegFormer of the DynaSegFormer's size, or the TopFormer variant of a "
+                   "dynamic TopFormer recipe")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. distill.sparsity=0.5")
     p.add_argument("--work-dir", help="output folder (default: work_dirs/<config name>)")
     p.add_argument("--resume", metavar="auto|PATH", help="continue exactly: 'auto' = <work-dir>/latest.pth if present")
