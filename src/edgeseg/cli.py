@@ -270,7 +270,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, list(args.set or []))
     if args.mode or args.tta:  # checked as flags: the recipe may lack what --mode slide needs
         cfg.eval.mode, cfg.eval.tta = args.mode or cfg.eval.mode, cfg.eval.tta or args.tta
-        validate(cfg, f"--mode {cfg.eval.mode} with {args.config}")
+        flags = " ".join(f for f in (args.mode and f"--mode {args.mode}", args.tta and "--tta") if f)
+        validate(cfg, f"{flags} with {args.config}")
     dataset = build_val_dataset(cfg)
     model = load_model(args.checkpoint)
     if model.num_classes != dataset.num_classes:
