@@ -124,11 +124,12 @@ def test_gmacs_match_paper(name):
 
 def test_gmacs_tiny_448_scale_with_pixels():
     """Every map at 448² is exactly (7/8)² of its 512² size (448 is a multiple of 64), so the cost scales with
-    pixels. The README's 0.5 GFLOPs for Tiny-448 is not reproduced by either count: 0.443 in the paper's
+    pixels, all but the extractor's attention over the 1/64 tokens, which scales with their square (0.13 % off
+    here). The README's 0.5 GFLOPs for Tiny-448 is not reproduced by either count: 0.443 in the paper's
     convention, 0.408 conv+matmul only."""
     model = MODELS["topformer-tiny"]()
     ratio = count_gmacs(model, (448, 448)) / count_gmacs(model, (512, 512))
-    assert ratio == pytest.approx((448 / 512) ** 2, rel=1e-2)
+    assert ratio == pytest.approx((448 / 512) ** 2, rel=5e-3)
 
 
 @pytest.mark.parametrize("name", ["topformer-tiny-cls", "topformer-small-cls", "topformer-base-cls"])
