@@ -144,7 +144,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     for r in rows:
         p = r["paper"] or {}
         pm = f"{p['params_m']:.2f}" if p.get("params_m") is not None else "-"
-        same_size = p.get("input_size") in (None, r["input_size"])  # a figure published at another size does not compare
+        same_size = p.get("input_size") in (None, r["input_size"])  # a figure at another size does not compare
         pg = f"{p['gmacs']:g}" if p.get("gmacs") is not None and same_size else "-"
         size_s = "x".join(map(str, r["input_size"]))
         name = r["model"] if r["sparsity"] is None else f"{r['model']} @{r['sparsity']:.0%}"
