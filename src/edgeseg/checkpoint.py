@@ -284,6 +284,11 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     return set_labels(model, *labels).eval()
 
 
+def _plain(value: Any) -> Any:
+    """Tuples as lists, all the way down: checkpoints hold only plain lists, strings and numbers."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves half a file."""
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
@@ -299,9 +304,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, extra: dict[str, 
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     for key in ("class_names", "palette", "input_mean", "input_std", "test_scale", "test_size_divisor"):
-        value = getattr(model, key, None)
-        if value:  # plain lists and numbers: weights_only loading reads them
-            obj[key] = [list(c) if isinstance(c, tuple) else c for c in value] if isinstance(value, (list, tuple)) \
-                else value
+        if getattr(model, key, None):
+            obj[key] = _plain(getattr(model, key))
     obj.update(extra or {})
     return atomic_save(obj, path)

@@ -261,9 +261,9 @@ def hf_config(model: nn.Module) -> dict[str, Any]:
     if num_classes:
         cfg["id2label"] = {str(i): n for i, n in enumerate(names)}
         cfg["label2id"] = {n: i for i, n in enumerate(names)}
-    extras = {key: [list(v) for v in value] if key == "palette" else list(value) if isinstance(value, tuple) else value
-              for key in ("palette", "test_scale", "test_size_divisor") if (value := getattr(model, key, None))}
-    if extras:  # what transformers has no field for; it keeps unknown config entries as they are
+    extras = {key: getattr(model, key) for key in ("palette", "test_scale", "test_size_divisor")
+              if getattr(model, key, None)}
+    if extras:  # what transformers has no field for; it keeps unknown config entries as they are (JSON: tuples → lists)
         cfg["edgeseg"] = extras
     return cfg
 
