@@ -145,19 +145,22 @@ def _read_extras(model: nn.Module, folder: Path, cfg: dict[str, Any]) -> None:
 
     processor = folder / "preprocessor_config.json"
     pre = _read_json(processor) if processor.is_file() else {}
-    mean, std = (pre.get(k) if isinstance(pre, dict) else None for k in ("image_mean", "image_std"))
-    if isinstance(pre, dict) and pre.get("do_normalize", True) and pre.get("do_rescale", True) and all(
-            isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v) for v in (mean, std)):
-        scale = 1.0 / float(pre.get("rescale_factor", 1 / 255))  # transformers normalises pixels / 255
-        # rounded to 1e-4 of a pixel value: 0.485 · 255 is 123.67499999999998 in floats, 123.675 in every recipe
-        set_normalization(model, [round(m * scale, 4) for m in mean], [round(s * scale, 4) for s in std])
+    pre = pre if isinstance(pre, dict) else {}
+    mean, std, factor = pre.get("image_mean"), pre.get("image_std"), pre.get("rescale_factor", 1 / 255)
+
+    def three_numbers(v: Any) -> bool:
+        return isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
+
+    if (pre.get("do_normalize", True) and pre.get("do_rescale", True) and three_numbers(mean) and three_numbers(std)
+            and isinstance(factor, (int, float)) and factor > 0):
+        # back to pixel units (transformers normalises pixels · rescale_factor), rounded to 1e-4 of a pixel value:
+        # 0.485 · 255 is 123.67499999999998 in floats, 123.675 in every recipe
+        set_normalization(model, [round(m / factor, 4) for m in mean], [round(s / factor, 4) for s in std])
     extras = cfg.get("edgeseg") if isinstance(cfg.get("edgeseg"), dict) else {}
     set_labels(model, None, extras.get("palette"))
-    scale_ = extras.get("test_scale")
-    if isinstance(scale_, list) and len(scale_) == 2 and all(isinstance(v, int) and v > 0 for v in scale_):
-        divisor = extras.get("test_size_divisor")
-        set_test_resize(model, scale_, divisor if isinstance(divisor, int) and divisor > 0 else None)
-
+    test_scale, divisor = extras.get("test_scale"), extras.get("test_size_divisor")
+    if isinstance(test_scale, list) and len(test_scale) == 2 and all(isinstance(v, int) and v > 0 for v in test_scale):
+        set_test_resize(model, test_scale, divisor if isinstance(divisor, int) and divisor > 0 else None)
 
 # --------------------------------------------------------------------------------------------------------------
 # Writing
