@@ -19,6 +19,8 @@ from .fileio import atomic_write, read_weights
 from .models import FAMILIES, MODELS, create_model, family_of
 
 EDGESEG_FORMAT = "edgeseg"
+# what a recipe's eval sees images with, beside the normalisation: attributes of a model, entries of its checkpoint
+TEST_PIPELINE_KEYS = ("test_scale", "test_size_divisor", "test_crop_size", "test_stride")
 
 
 @dataclass
@@ -221,6 +223,26 @@ def set_test_resize(model: nn.Module, scale: Any = None, size_divisor: int | Non
     return model
 
 
+def set_test_windows(model: nn.Module, crop_size: Any = None, stride: Any = None) -> nn.Module:
+    """Attach the sliding window the model's recipe evaluates with (``eval.mode: slide`` with ``eval.crop_size``
+    and ``eval.stride``, as ``model.test_crop_size``, ``model.test_stride``), or clear it (``None``: whole images).
+    It travels into checkpoints like the test resize: SegFormer's Cityscapes recipe slides 1024×1024 windows every
+    768 pixels over 2048×1024 images, and one forward over the whole image is another computation."""
+    window = crop_size is not None and stride is not None
+    model.test_crop_size = tuple(int(v) for v in crop_size) if window else None
+    model.test_stride = tuple(int(v) for v in stride) if window else None
+    return model
+
+
+def set_test_recipe(model: nn.Module, cfg: Any) -> nn.Module:
+    """Attach everything a recipe (a :class:`~edgeseg.config.Config`) tests with — normalisation, test resize,
+    sliding window — so its checkpoints, ``predict`` and the ONNX metadata see images as its ``eval`` does."""
+    set_normalization(model, cfg.data.mean, cfg.data.std)
+    set_test_resize(model, cfg.data.test_scale, cfg.data.size_divisor)
+    slide = cfg.eval.mode == "slide"
+    return set_test_windows(model, cfg.eval.crop_size if slide else None, cfg.eval.stride if slide else None)
+
+
 def checkpoint_labels(ckpt: dict[str, Any]) -> tuple[Any, Any]:
     """The class names and palette a checkpoint carries, or None: edgeseg's ``class_names``/``palette``, mmseg 0.x's
     ``meta.CLASSES``/``meta.PALETTE`` (official releases), mmseg 1.x's ``meta.dataset_meta``."""
@@ -249,11 +271,13 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
         labels = (getattr(hf, "class_names", None), getattr(hf, "palette", None))
         normalization = (getattr(hf, "input_mean", None), getattr(hf, "input_std", None))
         resize = (getattr(hf, "test_scale", None), getattr(hf, "test_size_divisor", None))
+        windows = (getattr(hf, "test_crop_size", None), getattr(hf, "test_stride", None))
     else:
         ckpt = read_checkpoint(path)
         raw, labels = unwrap_state_dict(ckpt), checkpoint_labels(ckpt)
         normalization = (ckpt.get("input_mean"), ckpt.get("input_std"))
         resize = (ckpt.get("test_scale"), ckpt.get("test_size_divisor"))
+        windows = (ckpt.get("test_crop_size"), ckpt.get("test_stride"))
         if ckpt.get("format") == EDGESEG_FORMAT and ckpt.get("model_name") in MODELS:
             name, args = ckpt["model_name"], dict(ckpt.get("model_args", {}))
         else:  # foreign layouts, and models saved without a registered name (built from their class)
@@ -281,6 +305,7 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
                          f"out{hint}") from err
     set_normalization(model, *normalization)
     set_test_resize(model, *resize)
+    set_test_windows(model, *windows)
     return set_labels(model, *labels).eval()
 
 
@@ -303,7 +328,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, extra: dict[str, 
         "model_args": dict(model.model_args),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    for key in ("class_names", "palette", "input_mean", "input_std", "test_scale", "test_size_divisor"):
+    for key in ("class_names", "palette", "input_mean", "input_std") + TEST_PIPELINE_KEYS:
         if getattr(model, key, None):
             obj[key] = _plain(getattr(model, key))
     obj.update(extra or {})

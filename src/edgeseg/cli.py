@@ -230,9 +230,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not _is_checkpoint(args.model):  # a name builds a fresh model: fine for bench and export, noise here
         print(f"edgeseg predict: warning: '{args.model}' is a model name, not a checkpoint: its weights are "
               f"untrained (pass a .pth or a Hugging Face folder)", file=sys.stderr)
-    segmenter = Segmenter(_build(args).to(_device(args.device)), scale=args.scale, size_divisor=args.size_divisor,
-                          fuse=not args.no_fuse)
+    model = _build(args)
+    if args.config:
+        _apply_recipe(model, args.config)
+    if args.mode == "slide" and not getattr(model, "test_crop_size", None):
+        raise ValueError(f"--mode slide: '{args.model}' carries no sliding window; pass a recipe that has one "
+                         f"(--config with eval.crop_size and eval.stride)")
+    segmenter = Segmenter(model.to(_device(args.device)), scale=args.scale, size_divisor=args.size_divisor,
+                          fuse=not args.no_fuse, mode=args.mode)
     out.mkdir(parents=True, exist_ok=True)
+    if args.scale is None and not getattr(model, "test_scale", None) and _is_checkpoint(args.model):
+        print(f"edgeseg predict: warning: '{args.model}' carries no test pipeline (official files have none): "
+              f"predicting at ADE20K's 2048x512 bound; pass its recipe (--config, e.g. the configs/ file of its "
+              f"model and dataset) or --scale", file=sys.stderr)
     for image in inputs:
         if is_video(image):
             video, labels_dir, frames = segment_video(segmenter, image, out)
@@ -245,6 +255,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
         atomic_write(overlay_path, lambda tmp, im=overlay: im.save(tmp, quality=90))
         print(f"{image} -> {label_path}")
     return 0
+
+
+def _apply_recipe(model: Any, config: str) -> None:
+    """``predict --config``: test a model as its recipe's ``eval`` does (mmseg's config + checkpoint habit), for
+    files that carry no recipe of their own (official releases, Hugging Face folders)."""
+    from .checkpoint import set_labels, set_test_recipe
+    from .config import load_config
+    from .data import CLASSES, PALETTES
+
+    cfg = load_config(config, [])
+    dataset = cfg.data.dataset
+    expected = cfg.model.num_classes or (len(CLASSES[dataset]) if dataset in CLASSES else None)
+    if expected is not None and expected != model.num_classes:
+        raise ValueError(f"{config} is a recipe for {expected} classes but the model predicts {model.num_classes}: "
+                         f"pass the config of the model's dataset")
+    set_test_recipe(model, cfg)
+    if not getattr(model, "class_names", None) and dataset in CLASSES and len(CLASSES[dataset]) == model.num_classes:
+        set_labels(model, CLASSES[dataset], PALETTES.get(dataset))
 
 
 # ------------------------------------------------------------------------------------ train, eval, demo, distill
@@ -436,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size-divisor", type=POSITIVE_INT,
                    help="round the resized image up to a multiple (default: the recipe's data.size_divisor with its "
                         "scale, else none; SegFormer's ADE20K recipe: 32)")
+    p.add_argument("--config", help="a recipe whose test pipeline to use (data.test_scale, size_divisor, mean, std; "
+                                    "eval's sliding window): for files that carry none, e.g. official checkpoints")
+    p.add_argument("--mode", choices=["whole", "slide"],
+                   help="one forward per image, or the recipe's sliding window (default: the recipe's eval.mode)")
     p.add_argument("--num-classes", type=POSITIVE_INT)
     p.add_argument("--no-fuse", action="store_true", help="run the eager model instead of fuse()'s inference form")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)

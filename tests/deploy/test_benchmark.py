@@ -53,5 +53,7 @@ def test_benchmark_and_compare_latency_statistics():
     assert res.fused and res.threads == 1 and res.runs >= 10
     assert 0 < res.latency_ms_median <= res.latency_ms_p90
     assert res.images_per_s == pytest.approx(1e3 / res.latency_ms_median, rel=0.01)
-    times = compare_latency({"a": lambda: torch.ones(8).sum(), "b": lambda: torch.ones(16).sum()}, rounds=5)
-    assert set(times) == {"a", "b"} and all(len(t) == 5 for t in times.values())
+    calls = []
+    times = compare_latency({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=5, warmup=2)
+    assert set(times) == {"a", "b"} and all(len(t) == 5 and min(t) >= 0 for t in times.values())
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 5  # warmed up, then alternated: noise hits both alike

@@ -152,7 +152,8 @@ def test_missing_or_damaged_image_is_one_line(tmp_path, capsys):
     assert main(["predict", str(ckpt), str(tmp_path / "nope.jpg"), "--out", str(tmp_path / "out")]) == 2
     assert "nope.jpg" in capsys.readouterr().err
     (tmp_path / "text.jpg").write_text("not an image")
-    assert main(["predict", str(ckpt), str(tmp_path / "text.jpg"), "--out", str(tmp_path / "out")]) == 2
+    assert main(["predict", str(ckpt), str(tmp_path / "text.jpg"), "--out", str(tmp_path / "out"),
+                 "--scale", "64", "64"]) == 2
     err = capsys.readouterr().err
     assert "text.jpg could not be read" in err and len(err.strip().splitlines()) == 1
 
@@ -205,11 +206,11 @@ def test_video_errors_are_one_line(tmp_path, capsys, monkeypatch, video_io):
     ckpt = edgeseg.save_checkpoint(tmp_path / "m.pth", model)
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video" * 100)
-    assert main(["predict", str(ckpt), str(broken), "--out", str(tmp_path / "out")]) == 2
+    assert main(["predict", str(ckpt), str(broken), "--out", str(tmp_path / "out"), "--scale", "64", "64"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "broken.mp4" in err
     assert not list((tmp_path / "out").iterdir())  # no label folder, no partial video
     monkeypatch.setitem(sys.modules, "imageio", None)  # as without the extra
-    assert main(["predict", str(ckpt), str(broken), "--out", str(tmp_path / "out")]) == 2
+    assert main(["predict", str(ckpt), str(broken), "--out", str(tmp_path / "out"), "--scale", "64", "64"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'edgeseg[video]'" in err

@@ -88,3 +88,43 @@ def test_demo_minutes_pick_iterations_for_the_budget():
     assert iters_for_budget(1, 0.1) == 420
     assert iters_for_budget(10, 0.1) == 4280
     assert iters_for_budget(0.01, 0.1) == 50 and iters_for_budget(600, 0.1) == 5000  # clamped to [50, 5000]
+
+
+def test_predict_slides_the_recipes_windows_as_eval_does(tmp_path, capsys):
+    import torch
+
+    from edgeseg.data import write_scenes
+
+    root = write_scenes(tmp_path / "scenes", 8, 2, size=(96, 128), img_suffix=".png")
+    cfg = tmp_path / "slide.yaml"  # 96×128 test images, 64×64 windows every 48 pixels: 2 × 3 windows
+    cfg.write_text(f"""\
+model: {{name: topformer-tiny}}
+data: {{dataset: folder, root: {root}, crop_size: [64, 64], scale: [128, 96], test_scale: [128, 96], batch_size: 2,
+       workers: 0}}
+schedule: {{iters: 2, warmup_iters: 1}}
+train: {{log_interval: 1, eval_interval: 0, checkpoint_interval: 0}}
+eval: {{mode: slide, crop_size: [64, 64], stride: [48, 48]}}
+""")
+    work = tmp_path / "work"
+    assert main(["train", str(cfg), "--work-dir", str(work), "--no-progress"]) == 0
+    assert main(["eval", str(cfg), "--checkpoint", str(work / "latest.pth"), "--out", str(tmp_path / "eval")]) == 0
+    images = sorted((root / "img_dir" / "val").iterdir())
+
+    def labels(folder: Path) -> list:
+        return [Image.open(folder / f"{image.stem}.png").tobytes() for image in images]
+
+    expected = labels(tmp_path / "eval")
+    # the checkpoint carries the recipe's window: predict slides it with no flags
+    assert main(["predict", str(work / "latest.pth"), *map(str, images), "--out", str(tmp_path / "pred")]) == 0
+    assert labels(tmp_path / "pred") == expected
+    # weights alone (as official releases are): the recipe comes with --config, and without it a warning
+    bare = tmp_path / "bare.pth"
+    torch.save({"state_dict": torch.load(work / "latest.pth", weights_only=True)["state_dict"]}, bare)
+    capsys.readouterr()
+    assert main(["predict", str(bare), *map(str, images), "--out", str(tmp_path / "bare")]) == 0
+    assert "carries no test pipeline" in capsys.readouterr().err
+    assert main(["predict", str(bare), *map(str, images), "--out", str(tmp_path / "recipe"), "--config",
+                 str(cfg)]) == 0
+    assert "warning" not in capsys.readouterr().err and labels(tmp_path / "recipe") == expected
+    assert main(["predict", str(bare), str(images[0]), "--out", str(tmp_path / "x"), "--mode", "slide"]) == 2
+    assert "--mode slide" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from edgeseg.checkpoint import load_model
+from edgeseg.checkpoint import load_model, set_test_recipe
 from edgeseg.config import load_config
 from edgeseg.data.classes import SCENES_CLASSES, SCENES_PALETTE
 from edgeseg.engine.train import InfiniteBatchSampler, seg_loss, train
@@ -236,12 +236,12 @@ def test_pretrained_segmentation_model_of_another_dataset_gives_all_but_its_clas
     assert "classifier (150 classes) dropped" in messages[0]
 
 
-def test_a_recipes_normalisation_and_test_resize_travel_to_prediction_and_export(tmp_path):
+def test_a_recipes_normalisation_test_resize_and_window_travel_to_prediction_and_export(tmp_path):
     from edgeseg.deploy.export import model_metadata
     from edgeseg.deploy.predict import Segmenter
 
     cfg = tiny_cfg("schedule.iters=1", "train.eval_interval=0", "data.mean=[100, 110, 120]", "data.std=[50, 60, 70]",
-                   "data.size_divisor=16")
+                   "data.size_divisor=16", "eval.mode=slide", "eval.crop_size=[64, 48]", "eval.stride=[32, 24]")
     train(cfg, tmp_path, progress=False, log=lambda *a: None)
     model = load_model(tmp_path / "latest.pth")
     assert model.input_mean == (100.0, 110.0, 120.0) and model.input_std == (50.0, 60.0, 70.0)
@@ -250,11 +250,22 @@ def test_a_recipes_normalisation_and_test_resize_travel_to_prediction_and_export
     assert transform.mean == (100.0, 110.0, 120.0) and transform.std == (50.0, 60.0, 70.0)
     assert transform.scale == (128, 64) and transform.size_divisor == 16
     assert Segmenter(model, scale=(2048, 512)).transform.size_divisor is None  # a scale given: the caller's pipeline
+    assert model.test_crop_size == (64, 48) and model.test_stride == (32, 24)  # the recipe's sliding window
+    assert Segmenter(model).mode == "slide" and Segmenter(model).window == ((64, 48), (32, 24))
+    assert Segmenter(model, mode="whole").window is None
     meta = model_metadata(model)
     assert json.loads(meta["input_std_rgb"]) == [50.0, 60.0, 70.0]
     assert json.loads(meta["test_scale"]) == [128, 64] and json.loads(meta["test_size_divisor"]) == 16
+    assert json.loads(meta["test_crop_size"]) == [64, 48] and json.loads(meta["test_stride"]) == [32, 24]
     del model.input_mean, model.input_std  # a model without them (an official file): ImageNet's, ADE20K's resize
-    del model.test_scale, model.test_size_divisor
-    transform = Segmenter(model).transform
+    del model.test_scale, model.test_size_divisor, model.test_crop_size, model.test_stride
+    segmenter = Segmenter(model)
+    transform = segmenter.transform
     assert transform.mean == (123.675, 116.28, 103.53) and transform.scale == (2048, 512)
-    assert transform.size_divisor is None and "test_scale" not in model_metadata(model)
+    assert transform.size_divisor is None and segmenter.mode == "whole"
+    assert not {"test_scale", "test_crop_size"} & set(model_metadata(model))
+    with pytest.raises(ValueError, match="slide inference needs a window"):
+        Segmenter(model, mode="slide")
+    set_test_recipe(model, cfg)  # a recipe applied afresh (predict --config) sets all of it, a whole-image one
+    assert model.test_crop_size == (64, 48) and model.input_std == (50.0, 60.0, 70.0)
+    assert set_test_recipe(model, tiny_cfg()).test_crop_size is None  # clears the window

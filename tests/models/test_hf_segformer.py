@@ -94,18 +94,21 @@ def test_save_hf_folder_round_trips_through_transformers(tmp_path, config):
         assert (reloaded(pixel_values=X).logits - model(X)).abs().max().item() <= 1e-4
 
 
-def test_labels_palette_normalisation_and_test_resize_survive_a_hf_folder(tmp_path):
-    from edgeseg.checkpoint import load_model, set_labels, set_normalization, set_test_resize
+def test_labels_palette_normalisation_test_resize_and_window_survive_a_hf_folder(tmp_path):
+    from edgeseg.checkpoint import load_model, set_labels, set_normalization, set_test_resize, set_test_windows
 
     model = create_model("segformer-b0", num_classes=3, depths=[1, 1, 1, 1]).eval()
     set_labels(model, ["sky", "sea", "sand"], [(0, 0, 255), (0, 128, 255), (255, 220, 150)])
     set_normalization(model, (100.0, 110.0, 120.0), (50.0, 60.0, 70.0))
     set_test_resize(model, (1024, 512), 32)
+    set_test_windows(model, (512, 512), (384, 384))
     save_hf_folder(model, tmp_path / "hf")
     back = load_model(tmp_path / "hf")
     assert back.class_names == ["sky", "sea", "sand"] and back.palette == [(0, 0, 255), (0, 128, 255), (255, 220, 150)]
     assert back.input_mean == (100.0, 110.0, 120.0) and back.input_std == (50.0, 60.0, 70.0)
     assert back.test_scale == (1024, 512) and back.test_size_divisor == 32
+    assert back.test_crop_size == (512, 512) and back.test_stride == (384, 384)
+    assert load_model(tmp_path / "hf", num_classes=3).test_stride == (384, 384)  # rebuilt with overrides: kept too
     # transformers reads the normalisation from preprocessor_config.json, in its units (pixels / 255)
     processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
     assert processor.image_mean == pytest.approx([100 / 255, 110 / 255, 120 / 255])

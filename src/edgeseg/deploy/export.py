@@ -169,8 +169,8 @@ def _check_dynamic(model: nn.Module, pool_stride: int | None, exporter: str) -> 
 def model_metadata(model: nn.Module) -> dict[str, str]:
     """What a runtime needs beside the graph, as ONNX ``metadata_props`` (onnxruntime:
     ``session.get_modelmeta().custom_metadata_map``): the model's name, the input normalisation the graph expects
-    (RGB, 0–255, ``(x − mean) / std``), what the logits are, and the test resize, class names and palette when the
-    model has them (``export_onnx`` adds ``logits_stride``)."""
+    (RGB, 0–255, ``(x − mean) / std``), what the logits are, and the test resize and sliding window, class names
+    and palette when the model has them (``export_onnx`` adds ``logits_stride``)."""
     from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     mean, std = getattr(model, "input_mean", IMAGENET_MEAN), getattr(model, "input_std", IMAGENET_STD)
@@ -181,6 +181,9 @@ def model_metadata(model: nn.Module) -> dict[str, str]:
     if getattr(model, "test_scale", None):  # the recipe's keep-ratio test resize bound (long, short)
         meta["test_scale"] = json.dumps(list(model.test_scale))
         meta["test_size_divisor"] = json.dumps(getattr(model, "test_size_divisor", None))
+    if getattr(model, "test_crop_size", None):  # the recipe slides windows of this size (H, W) every stride pixels
+        meta["test_crop_size"] = json.dumps(list(model.test_crop_size))
+        meta["test_stride"] = json.dumps(list(model.test_stride))
     if getattr(model, "class_names", None):
         meta["class_names"] = json.dumps(list(model.class_names))
     if getattr(model, "palette", None):

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..data import CLASSES, IMAGENET_MEAN, IMAGENET_STD, PALETTES, TestTransform, read_image, save_label_png
 from ..data.classes import default_palette
-from ..engine.inference import predict_probs, whole_inference, whole_labels
+from ..engine.inference import predict_probs, slide_inference, whole_inference, whole_labels
 
 ImageLike = str | os.PathLike | np.ndarray | Image.Image
 
@@ -60,11 +60,16 @@ class Segmenter:
             ``model.palette``: from its checkpoint or training set), else to the dataset with its class count.
         fuse: run the model's inference form (``model.fuse()``: BN and SegFormer's decoder folded, DGL gates
             folded; a copy, ``model`` itself is left as it is) — the same logits to ~1e-5, about twice as fast.
+        mode: ``"whole"`` (one forward per image) or ``"slide"`` (mmseg's sliding window, as SegFormer's Cityscapes
+            recipe evaluates); default: the recipe's — ``"slide"`` where the model carries a window
+            (``model.test_crop_size``, ``model.test_stride``: edgeseg checkpoints of slide recipes), else whole.
+        crop_size, stride: ``(H, W)`` of the sliding window; default: the model's.
     """
 
     def __init__(self, model: nn.Module, scale: Sequence[int] | None = None, size_divisor: int | None = None,
                  class_names: Sequence[str] | None = None,
-                 palette: Sequence[Sequence[int]] | None = None, fuse: bool = True) -> None:
+                 palette: Sequence[Sequence[int]] | None = None, fuse: bool = True, mode: str | None = None,
+                 crop_size: Sequence[int] | None = None, stride: Sequence[int] | None = None) -> None:
         self.model = model.fuse().eval() if fuse and callable(getattr(model, "fuse", None)) else model.eval()
         # the test resize and normalisation the model was trained with (its checkpoint carries them), else ADE20K's
         if scale is None:
@@ -72,6 +77,14 @@ class Segmenter:
             size_divisor = size_divisor or getattr(model, "test_size_divisor", None)
         self.transform = TestTransform(tuple(scale), size_divisor, mean=getattr(model, "input_mean", IMAGENET_MEAN),
                                        std=getattr(model, "input_std", IMAGENET_STD))
+        if crop_size is None or stride is None:
+            crop_size, stride = getattr(model, "test_crop_size", None), getattr(model, "test_stride", None)
+        self.mode = mode or ("slide" if crop_size and stride else "whole")
+        if self.mode not in ("whole", "slide"):
+            raise ValueError(f"inference mode must be 'whole' or 'slide', got '{self.mode}'")
+        if self.mode == "slide" and not (crop_size and stride):
+            raise ValueError("slide inference needs a window: give crop_size and stride (the model's recipe has none)")
+        self.window = (tuple(crop_size), tuple(stride)) if self.mode == "slide" else None
         num_classes = model.num_classes
         names = class_names or getattr(model, "class_names", None)
         dataset = _dataset_for(num_classes)
@@ -96,10 +109,15 @@ class Segmenter:
     def probabilities(self, image: ImageLike) -> torch.Tensor:
         """Class probabilities (K, H, W) at the original image size, on the CPU."""
         img, size = self._network_input(image)
-        return predict_probs(self.model, img, out_size=size)[0].cpu()
+        return self._probs(img, size)[0].cpu()
+
+    def _probs(self, img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return predict_probs(self.model, img, size, self.mode, *(self.window or (None, None)))
 
     def _logits(self, image: ImageLike) -> torch.Tensor:
         img, size = self._network_input(image)
+        if self.window:
+            return slide_inference(self.model, img, *self.window, out_size=size)[0]
         return whole_inference(self.model, img, out_size=size)[0]
 
     @torch.inference_mode()
@@ -112,9 +130,13 @@ class Segmenter:
     def __call__(self, image: ImageLike) -> np.ndarray:
         """Class indices (H, W) as uint8 (int32 beyond 255 classes): the argmax of the logits (the softmax would not
         change it, and costs more than the upsampling at 150 classes), taken where the model runs — on the CPU
-        without the upsampled logits (:func:`~edgeseg.engine.inference.whole_labels`)."""
+        without the upsampled logits (:func:`~edgeseg.engine.inference.whole_labels`); with a sliding window, the
+        argmax of the probabilities, as ``eval`` takes it."""
         img, size = self._network_input(image)
-        labels = whole_labels(self.model, img, size)[0].cpu().numpy()
+        if self.window:
+            labels = self._probs(img, size).argmax(1)[0].cpu().numpy()
+        else:
+            labels = whole_labels(self.model, img, size)[0].cpu().numpy()
         return labels.astype(np.uint8 if self.model.num_classes <= 255 else np.int32)
 
     def colorize(self, labels: np.ndarray) -> np.ndarray:

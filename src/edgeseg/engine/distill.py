@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoint import load_model, save_checkpoint, set_labels, set_normalization, set_test_resize
+from ..checkpoint import load_model, save_checkpoint, set_labels, set_test_recipe
 from ..config import Config, DistillCfg
 from ..models.dynamic import SparsitySchedule, dynamic_gates, from_segformer, gate_l1, set_sparsity
 from ..models.topformer import from_topformer
@@ -193,8 +193,7 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
     teacher = load_model(dcfg.teacher).to(info.device).eval()
     teacher.requires_grad_(False)
     student = set_labels(build_student(cfg, teacher, train_set.num_classes), train_set.classes, train_set.palette)
-    set_normalization(student, cfg.data.mean, cfg.data.std)
-    set_test_resize(student, cfg.data.test_scale, cfg.data.size_divisor)
+    set_test_recipe(student, cfg)  # normalisation, test resize and window travel with the checkpoints
     student = sync_batchnorm(student, cfg, info).to(info.device).train()
     scaler = grad_scaler(cfg, info)
     seed_everything(cfg.train.seed + info.rank)

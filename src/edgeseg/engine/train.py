@@ -32,8 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoint import (load_checkpoint, read_checkpoint, save_checkpoint, set_labels, set_normalization,
-                          set_test_resize)
+from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, set_labels, set_test_recipe
 from ..config import Config
 from ..data import SegDataset, TrainTransform, build_dataset, collate
 from ..models import create_model
@@ -400,8 +399,7 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
     seed_everything(cfg.train.seed)
     train_set = build_train_set(cfg)
     model = set_labels(build_model(cfg, train_set.num_classes, log), train_set.classes, train_set.palette)
-    set_normalization(model, cfg.data.mean, cfg.data.std)
-    set_test_resize(model, cfg.data.test_scale, cfg.data.size_divisor)
+    set_test_recipe(model, cfg)  # normalisation, test resize and window travel with the checkpoints
     ignore_index = train_set.ignore_index
     model = sync_batchnorm(model, cfg, info).to(info.device)
     optimizer = build_optimizer(model, cfg.optim)

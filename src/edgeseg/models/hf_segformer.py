@@ -139,9 +139,11 @@ def load_hf_folder(path: str | os.PathLike) -> nn.Module:
 
 def _read_extras(model: nn.Module, folder: Path, cfg: dict[str, Any]) -> None:
     """What :func:`save_hf_folder` keeps beside the weights: the normalisation from ``preprocessor_config.json``
-    (transformers' own place for it, 0–1 units there), the palette and test resize from config.json's ``edgeseg``
-    entry. Missing or malformed entries are left out: the model then takes the defaults, as an official file does."""
-    from ..checkpoint import set_labels, set_normalization, set_test_resize  # checkpoint imports this module
+    (transformers' own place for it, 0–1 units there), the palette, test resize and sliding window from
+    config.json's ``edgeseg`` entry. Missing or malformed entries are left out: the model then takes the defaults, as
+    an official file does."""
+    from ..checkpoint import (set_labels, set_normalization, set_test_resize,  # checkpoint imports this module
+                              set_test_windows)
 
     processor = folder / "preprocessor_config.json"
     pre = _read_json(processor) if processor.is_file() else {}
@@ -158,9 +160,15 @@ def _read_extras(model: nn.Module, folder: Path, cfg: dict[str, Any]) -> None:
         set_normalization(model, [round(m / factor, 4) for m in mean], [round(s / factor, 4) for s in std])
     extras = cfg.get("edgeseg") if isinstance(cfg.get("edgeseg"), dict) else {}
     set_labels(model, None, extras.get("palette"))
+
+    def two_sizes(v: Any) -> bool:
+        return isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v)
+
     test_scale, divisor = extras.get("test_scale"), extras.get("test_size_divisor")
-    if isinstance(test_scale, list) and len(test_scale) == 2 and all(isinstance(v, int) and v > 0 for v in test_scale):
+    if two_sizes(test_scale):
         set_test_resize(model, test_scale, divisor if isinstance(divisor, int) and divisor > 0 else None)
+    crop, stride = extras.get("test_crop_size"), extras.get("test_stride")
+    set_test_windows(model, *((crop, stride) if two_sizes(crop) and two_sizes(stride) else (None, None)))
 
 # --------------------------------------------------------------------------------------------------------------
 # Writing
@@ -224,6 +232,8 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def hf_config(model: nn.Module) -> dict[str, Any]:
     """The ``config.json`` transformers needs to rebuild ``model`` (read off the modules, not the name)."""
+    from ..checkpoint import TEST_PIPELINE_KEYS  # checkpoint imports this module
+
     if not isinstance(model, (SegFormer, MiTClassifier)):
         raise ValueError(f"{getattr(model, 'model_name', type(model).__name__)}: Hugging Face's SegFormer holds "
                          f"SegFormer and MiT models only; keep it in the edgeseg layout (edgeseg convert SRC DST "
@@ -264,8 +274,7 @@ def hf_config(model: nn.Module) -> dict[str, Any]:
     if num_classes:
         cfg["id2label"] = {str(i): n for i, n in enumerate(names)}
         cfg["label2id"] = {n: i for i, n in enumerate(names)}
-    extras = {key: getattr(model, key) for key in ("palette", "test_scale", "test_size_divisor")
-              if getattr(model, key, None)}
+    extras = {key: getattr(model, key) for key in ("palette",) + TEST_PIPELINE_KEYS if getattr(model, key, None)}
     if extras:  # what transformers has no field for; it keeps unknown config entries as they are (JSON: tuples → lists)
         cfg["edgeseg"] = extras
     return cfg
