@@ -252,6 +252,29 @@ def test_distill_resumes_exactly_in_either_stage(tmp_path, tiny_distill_recipe):
                 resume=str(first / "iter_3.pth"), progress=False, log=lambda *a: None)
 
 
+def test_annealing_over_the_whole_run_evaluates_at_the_current_sparsity_and_keeps_best_for_the_target(
+        tmp_path, tiny_distill_recipe, monkeypatch):
+    import edgeseg.engine.distill as distill_module
+
+    # T = every step of both stages (the second summary's "total number of training steps"): stage 2 still anneals
+    recipe = tiny_distill_recipe({"name": "dynasegformer-b0", "overrides": {"drop_path_rate": 0.0}})
+    cfg = load_config(recipe, [f"distill.teacher={_teacher(tmp_path)}", "distill.anneal_iters=4",
+                               "train.eval_interval=1"])
+    scores = iter([50.0, 40.0])  # mid-annealing, the less pruned student scores higher, as it would
+
+    def evaluate(model, *args):
+        sparsities = {gate.sparsity for gate in dynamic_gates(model)}
+        return {"mIoU": next(scores), "mAcc": 0.0, "aAcc": 0.0, "sparsity": sparsities.pop()}
+
+    monkeypatch.setattr(distill_module, "evaluate_during_training", evaluate)
+    out = distill(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    val = [(r["iter"], r["sparsity"], r["mIoU"]) for r in _rows(tmp_path / "run") if r["mode"] == "val"]
+    assert val == [(3, 0.375, 50.0), (4, 0.5, 40.0)]  # the student after each step, at that step's s_t
+    assert out["last_eval"]["sparsity"] == 0.5  # what the gates were set to when evaluated
+    best = torch.load(tmp_path / "run" / "best.pth", weights_only=True)
+    assert best["iteration"] == 4 and best["mIoU"] == out["best_mIoU"] == 40.0  # 50 at s = 0.375 did not compete
+
+
 def test_distill_resume_errors_name_the_file_and_the_fix(tmp_path, capsys, tiny_distill_recipe):
     recipe = tiny_distill_recipe({"name": "dynasegformer-b0"})
     teacher = _teacher(tmp_path)

@@ -174,7 +174,8 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
 
     Writes ``config.yaml`` (with its ``distill`` section), ``log.jsonl``, ``iter_N.pth`` and ``latest.pth`` (every
     ``train.checkpoint_interval`` steps and at the end of each stage), ``stage1.pth`` after stage 1, ``best.pth``
-    and ``final.pth`` (the student at its target sparsity, loadable by ``edgeseg.load_model``).
+    (the best stage-2 evaluation once annealing is over) and ``final.pth`` (both at the target sparsity, loadable
+    by ``edgeseg.load_model``).
     """
     dcfg = cfg.distill
     if dcfg is None:
@@ -263,10 +264,14 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
             if bar is not None:
                 bar.update(1)
             if stage == 2 and val_set is not None and ((it + 1) % cfg.train.eval_interval == 0 or step == last):
+                # the model as it now stands, at the sparsity its next step trains with (the target once annealed)
+                set_sparsity(student, val_sparsity := schedule(step))
                 last_eval = evaluate_during_training(student, val_set, cfg)
-                logger({"mode": "val", "stage": 2, "iter": step, "sparsity": sparsity, "mIoU": last_eval["mIoU"],
-                        "mAcc": last_eval["mAcc"], "aAcc": last_eval["aAcc"]})
-                if last_eval["mIoU"] is not None and last_eval["mIoU"] > best:
+                logger({"mode": "val", "stage": 2, "iter": step, "sparsity": val_sparsity,
+                        "mIoU": last_eval["mIoU"], "mAcc": last_eval["mAcc"], "aAcc": last_eval["aAcc"]})
+                # best.pth is a model of the recipe's sparsity: scores at a lower one, mid-annealing, do not compete
+                if (val_sparsity == dcfg.sparsity and last_eval["mIoU"] is not None
+                        and last_eval["mIoU"] > best):
                     best = last_eval["mIoU"]
                     if info.main:
                         save_checkpoint(work_dir / "best.pth", student, {"iteration": step, "mIoU": best})
