@@ -15,7 +15,7 @@ from edgeseg.checkpoint import set_labels
 from edgeseg.cli import main
 from edgeseg.deploy.benchmark import random_weights_
 from edgeseg.deploy.predict import Segmenter
-from edgeseg.engine.inference import whole_inference
+from edgeseg.engine.inference import predict_probs, slide_inference, whole_inference
 
 
 def test_segmenter_matches_resize_then_model_then_resize_back(tmp_path):
@@ -31,6 +31,22 @@ def test_segmenter_matches_resize_then_model_then_resize_back(tmp_path):
         expected = whole_inference(model, img[None], (70, 100)).argmax(1)[0].numpy()
     assert np.array_equal(labels, expected)
     assert seg.overlay(rgb, labels).shape == rgb.shape
+
+
+def test_segmenter_slides_windows_as_mmseg_slide_inference():
+    torch.manual_seed(0)
+    model = edgeseg.create_model("topformer-tiny", num_classes=5).eval()
+    rgb = (np.random.default_rng(0).random((70, 100, 3)) * 255).astype(np.uint8)
+    seg = Segmenter(model, scale=(200, 96), fuse=False, crop_size=(64, 64), stride=(40, 40))
+    img, _, _ = seg.transform(rgb)  # 96 × 137: 2 × 3 windows
+    with torch.inference_mode():
+        logits = slide_inference(model, img[None], (64, 64), (40, 40), (70, 100))
+        probs = predict_probs(model, img[None], (70, 100), "slide", (64, 64), (40, 40))
+        whole = whole_inference(model, img[None], (70, 100))
+    assert seg.mode == "slide" and torch.equal(seg.logits(rgb), logits[0])
+    assert torch.equal(seg.probabilities(rgb), probs[0])
+    assert np.array_equal(seg(rgb), probs.argmax(1)[0].numpy())
+    assert not torch.allclose(logits, whole, atol=1e-3)  # the windows see other context than the whole image
 
 
 @pytest.mark.parametrize("name", ["topformer-tiny", "segformer-b0"])

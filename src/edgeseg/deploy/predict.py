@@ -122,8 +122,8 @@ class Segmenter:
 
     @torch.inference_mode()
     def logits(self, image: ImageLike) -> torch.Tensor:
-        """Class logits (K, H, W) at the original image size (upsampled as mmseg does, :func:`whole_inference`), on
-        the CPU."""
+        """Class logits (K, H, W) at the original image size (upsampled as mmseg does, :func:`whole_inference`; or
+        averaged over the sliding windows, :func:`slide_inference`), on the CPU."""
         return self._logits(image).cpu()
 
     @torch.inference_mode()
