@@ -66,7 +66,8 @@ class OptimCfg:
     the decode head learns 10× faster; LayerNorms (named ``norm*``) get no weight decay; BatchNorms are named ``bn``
     there, so they *keep* weight decay; no MiT/TopFormer parameter contains ``pos_block``. edgeseg reproduces that
     meaning rather than the substring: head = names starting with one of ``head_prefixes``, norm = parameters of
-    LayerNorm/GroupNorm modules, pos = names containing ``pos_block``/``pos_embed``. mmcv checks ``head`` first.
+    LayerNorm/GroupNorm modules, pos = names containing ``pos_block``/``pos_embed``. mmcv tries the longest key
+    first (``pos_block``, then ``head``, then ``norm``).
     """
 
     lr: float = 6e-5

@@ -66,6 +66,15 @@ def test_resize_nearest_is_opencv_nearest(dst):
     assert set(np.unique(resize_nearest(lab, dst))) <= set(np.unique(lab))
 
 
+def test_resize_nearest_takes_opencvs_taps_where_rounding_decides():
+    # 6 → 34: tap 17 is at exactly 3.0, which OpenCV's inverted scale puts at 2.99…: it takes pixel 2 (from
+    # cv2.resize(..., interpolation=INTER_NEAREST), OpenCV 4.5.5); floor(17 · 6 / 34) would take pixel 3
+    opencv = [0] * 6 + [1] * 6 + [2] * 6 + [3] * 5 + [4] * 6 + [5] * 5
+    lab = (np.arange(6)[:, None] * 10 + np.arange(6)[None, :]).astype(np.uint8)
+    expected = np.array(opencv)[:, None] * 10 + np.array(opencv)[None, :]
+    np.testing.assert_array_equal(resize_nearest(lab, (34, 34)), expected)
+
+
 # ------------------------------------------------------------------------------------------------ test time
 def test_test_transform_keeps_ratio_and_label_size():
     img, gt = _image(32, 48), np.ones((32, 48), np.uint8)
@@ -194,11 +203,31 @@ def test_hsv_matches_colorsys_in_opencv_units():
     hsv = rgb_to_hsv(px)[0].astype(np.float64)
     ref = np.array([colorsys.rgb_to_hsv(*(c / 255.0)) for c in px[0].astype(np.float64)])
     dh = np.abs((hsv[:, 0] / 180.0 - ref[:, 0] + 0.5) % 1.0 - 0.5) * 180.0
-    assert dh.max() <= 0.5 + 1e-6
-    assert np.abs(hsv[:, 1] - ref[:, 1] * 255).max() <= 0.5 + 1e-6
+    # OpenCV's 12-bit fixed point: rounding (0.5) plus the reciprocal tables' error, ≤ 5·255 · 0.5 / 2¹² for the hue
+    # numerator (≤ 5·diff) and 255 · 0.5 / 2¹² for the saturation
+    assert dh.max() <= 0.5 + 5 * 255 * 0.5 / 4096
+    assert np.abs(hsv[:, 1] - ref[:, 1] * 255).max() <= 0.5 + 255 * 0.5 / 4096
     assert np.array_equal(hsv[:, 2], px[0].max(axis=1))
     back = np.array([colorsys.hsv_to_rgb(h / 180.0, s / 255.0, v / 255.0) for h, s, v in hsv]) * 255.0
-    assert np.abs(hsv_to_rgb(hsv.astype(np.uint8)[None])[0] - back).max() <= 0.5 + 1e-6
+    err = hsv_to_rgb(hsv.astype(np.uint8)[None])[0] - back  # OpenCV truncates: within one level below
+    assert -1.0 - 1e-4 < err.min() and err.max() < 1e-4
+
+
+# (input, cv2.cvtColor output) from OpenCV 4.5.5 on an AVX2/FMA CPU, in 256-pixel rows; each pair is one the
+# rounding conversions before got wrong
+HSV_TO_RGB_OPENCV = [((136, 112, 182), (144, 102, 182)), ((92, 124, 76), (39, 73, 76)),
+                     ((171, 36, 225), (225, 193, 202)), ((85, 227, 81), (8, 81, 68)),
+                     ((26, 67, 214), (214, 206, 157)), ((6, 150, 240), (240, 127, 98))]
+RGB_TO_HSV_OPENCV = [((134, 12, 210), (139, 240, 210)), ((46, 7, 218), (125, 247, 218)),
+                     ((190, 165, 133), (17, 76, 190)), ((75, 15, 159), (132, 231, 159)),
+                     ((77, 213, 129), (72, 163, 213)), ((43, 22, 200), (123, 227, 200))]
+
+
+@pytest.mark.parametrize("convert, pairs", [(hsv_to_rgb, HSV_TO_RGB_OPENCV), (rgb_to_hsv, RGB_TO_HSV_OPENCV)])
+def test_hsv_conversions_are_opencvs(convert, pairs):
+    """mmseg's saturation and hue steps go through OpenCV's uint8 conversions (mmcv's bgr2hsv / hsv2bgr)."""
+    inputs, expected = (np.array([[p[i] for p in pairs]], dtype=np.uint8) for i in (0, 1))
+    np.testing.assert_array_equal(convert(inputs), expected)
 
 
 def test_photometric_distortion_ranges():

@@ -39,6 +39,19 @@ def test_segformer_groups():
     assert lrs == [1.0, 10.0]
 
 
+def test_rules_apply_in_mmcvs_key_order():
+    """mmcv tries the longest custom key first: a head parameter named like a position embedding takes the pos rule
+    (no decay, no head lr), and a head LayerNorm the head rule (head lr, decay kept)."""
+    model = torch.nn.Module()
+    model.head = torch.nn.Module()
+    model.head.pos_block = torch.nn.Parameter(torch.zeros(2))
+    model.head.norm = torch.nn.LayerNorm(2)
+    model.norm = torch.nn.LayerNorm(2)
+    groups = _groups_by_name(model, OptimCfg(lr=1e-3, weight_decay=0.01))
+    assert groups["head.pos_block"] == (1.0, 0.0)
+    assert groups["head.norm.weight"] == (10.0, 0.01) and groups["norm.weight"] == (1.0, 0.0)
+
+
 def test_poly_warmup_schedule_values():
     cfg = ScheduleCfg(iters=160_000, warmup_iters=1500, warmup_ratio=1e-6, power=1.0, min_lr=0.0)
     base = 6e-5

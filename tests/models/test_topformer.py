@@ -287,3 +287,14 @@ def test_builder_rejects_unknown_override():
         MODELS["topformer-tiny"](head_chanels=64)
     with pytest.raises(ValueError, match="head_channels"):
         MODELS["topformer-tiny-cls"](head_channels=64)
+
+
+def test_init_follows_the_official_code_part_by_part():
+    torch.manual_seed(0)
+    model = MODELS["topformer-tiny"](num_classes=150)  # depthwise head fuse conv, 128 channels
+    std = {name: p.std().item() for name, p in model.named_parameters()}
+    # the backbone's own rule divides the fan-out by the groups: a 3×3 depthwise conv gets N(0, 2/9)
+    assert std["token_pyramid.layers.0.depthwise.conv.weight"] == pytest.approx((2 / 9) ** 0.5, rel=0.2)
+    # the decode head's ConvModule: mmcv's kaiming_init, fan-out 1·1·128 whatever the groups
+    assert std["head.linear_fuse.conv.weight"] == pytest.approx((2 / 128) ** 0.5, rel=0.2)
+    assert std["head.conv_seg.weight"] == pytest.approx(0.01, rel=0.1)

@@ -14,7 +14,8 @@ The label is *not* resized at test time: mIoU is computed at the original resolu
 Images are ``H×W×3`` uint8 RGB numpy arrays until ``Normalize``; labels ``H×W`` integer arrays with 255 = ignore.
 Only numpy and torch are used (no OpenCV). Resizing follows OpenCV's ``INTER_LINEAR`` (what mmcv's ``imresize``
 calls) rather than Pillow's bilinear filter, which low-pass filters when shrinking and so shifts mIoU: see
-:func:`resize_bilinear`. Label resizing follows ``INTER_NEAREST`` exactly.
+:func:`resize_bilinear`. Label resizing follows ``INTER_NEAREST`` exactly, and the photometric steps' HSV
+round trips are OpenCV's uint8 conversions value for value (:func:`rgb_to_hsv`, :func:`hsv_to_rgb`).
 
 Randomness comes from a :class:`numpy.random.Generator`. Pass one explicitly, or let :func:`worker_rng` derive one
 per call from torch's default generator: a ``DataLoader`` worker's torch generator is seeded with
@@ -70,8 +71,9 @@ def _linear_taps(in_size: int, out_size: int, start: int, stop: int) -> tuple[np
 
 
 def _nearest_taps(in_size: int, out_size: int, start: int, stop: int) -> np.ndarray:
-    """OpenCV ``INTER_NEAREST``: ``src = floor(dst * in / out)`` (no half-pixel offset, as mmcv's labels get)."""
-    src = np.floor(np.arange(start, stop, dtype=np.float64) * (in_size / out_size)).astype(np.int64)
+    """OpenCV ``INTER_NEAREST``: ``src = floor(dst · (1 / (out / in)))``, the scale inverted as OpenCV does it (no
+    half-pixel offset, as mmcv's labels get); ``in / out`` would pick the neighbouring pixel at a few taps."""
+    src = np.floor(np.arange(start, stop, dtype=np.float64) * (1.0 / (out_size / in_size))).astype(np.int64)
     return np.minimum(src, in_size - 1)
 
 
@@ -136,52 +138,69 @@ def normalize_to_chw(
 
 
 # ----------------------------------------------------------------------------------------------- photometric
+# OpenCV's 8-bit RGB -> HSV in 12-bit fixed point: S = diff · ⌊255·2¹²/V⌉, H = hue numerator · ⌊180·2¹²/(6·diff)⌉,
+# each rounded back (+2¹¹, >> 12). Index 0 is 0 (black: S = 0; grey: H = 0).
+_HSV_SHIFT = 12
+_SDIV = np.concatenate([[0], np.rint((255 << _HSV_SHIFT) / np.arange(1.0, 256.0))]).astype(np.int32)
+_HDIV = np.concatenate([[0], np.rint((180 << _HSV_SHIFT) / (6.0 * np.arange(1.0, 256.0)))]).astype(np.int32)
+
+
 def rgb_to_hsv(img: np.ndarray) -> np.ndarray:
-    """uint8 RGB → uint8 HSV with OpenCV's 8-bit ranges (H in 0..179 = degrees / 2, S and V in 0..255)."""
-    r, g, b = (img[..., c].astype(np.float32) for c in range(3))
+    """uint8 RGB → uint8 HSV with OpenCV's 8-bit ranges (H in 0..179 = degrees / 2, S and V in 0..255): OpenCV's
+    ``COLOR_RGB2HSV`` (what mmcv's ``bgr2hsv`` calls), integer for integer, including its fixed-point rounding."""
+    r, g, b = (img[..., c].astype(np.int32) for c in range(3))
     v = np.maximum(np.maximum(r, g), b)
     diff = v - np.minimum(np.minimum(r, g), b)
-    s = diff * np.float32(255.0)
-    s /= np.maximum(v, np.float32(1.0))
-    s += np.float32(0.5)  # rounds half up once truncated below
-    # Hue in sextants of 30 units, with OpenCV's precedence: V == R first, then V == G, else V == B.
-    num = r - g + 4.0 * diff
-    np.copyto(num, b - r + 2.0 * diff, where=v == g)
+    half = 1 << (_HSV_SHIFT - 1)
+    s = (diff * _SDIV[v] + half) >> _HSV_SHIFT
+    # Hue numerator in sextants of diff, with OpenCV's precedence: V == R first, then V == G, else V == B.
+    num = r - g + 4 * diff
+    np.copyto(num, b - r + 2 * diff, where=v == g)
     np.copyto(num, g - b, where=v == r)
-    num *= np.float32(30.0)
-    num /= np.maximum(diff, np.float32(1.0))
-    h = np.floor(num + np.float32(0.5))
-    h += np.float32(180.0) * (h < 0)
+    h = (num * _HDIV[diff] + half) >> _HSV_SHIFT
+    h += 180 * (h < 0)
     out = np.empty(img.shape, dtype=np.uint8)
     out[..., 0], out[..., 1], out[..., 2] = h, s, v
     return out
 
 
-def _hue_weights() -> list[np.ndarray]:
-    """Per channel R, G, B: ``clip(min(k, 4 − k), 0, 1)`` with ``k = (n + H/30) mod 6``, n = 5, 3, 1, for every
-    8-bit hue."""
-    k = np.mod(np.arange(256, dtype=np.float32)[:, None] / 30.0 + np.array([5.0, 3.0, 1.0], dtype=np.float32), 6.0)
-    w = np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0).astype(np.float32)
-    return [np.ascontiguousarray(w[:, c]) for c in range(3)]
+def _hsv_factors() -> np.ndarray:
+    """``F[c, H, S]`` (float32) with OpenCV's uint8 HSV → RGB channel ``c`` = trunc(V/255 · F · 255), every step in
+    float32 as OpenCV's vectorised path computes it: F is 1, ``1 − s``, ``1 − s·h`` or ``1 − s·(1 − h)`` by sector,
+    with s = S/255, h the hue's fraction of its sextant, the last two as fused multiply-adds (AVX2/FMA builds)."""
+    f32 = np.float32
+    hue = np.arange(256, dtype=f32)[:, None] * (f32(6.0) / f32(180.0))
+    sector_start = np.trunc(hue)
+    frac = np.broadcast_to(hue - sector_start, (256, 256))
+    s = np.broadcast_to(np.arange(256, dtype=f32)[None, :] * (f32(1.0) / f32(255.0)), (256, 256))
+
+    def one_minus(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # 1 − a·b rounded once, as an FMA does
+        return (1.0 - a.astype(np.float64) * b.astype(np.float64)).astype(f32)
+
+    tabs = [np.ones((256, 256), f32), f32(1.0) - s, one_minus(s, frac), one_minus(s, f32(1.0) - frac)]
+    sector = (sector_start - np.trunc(sector_start * (f32(1.0) / f32(6.0))) * f32(6.0)).astype(np.int64)
+    sector = np.broadcast_to(sector, (256, 256))
+    # which tab each of R, G, B takes in sectors 0..5 (OpenCV's sector_data, read per channel)
+    choice = {0: (0, 2, 1, 1, 3, 0), 1: (3, 0, 0, 2, 1, 1), 2: (1, 1, 3, 0, 0, 2)}
+    return np.stack([np.choose(sector, [tabs[t] for t in choice[c]]) for c in range(3)])
 
 
-_HUE_WEIGHTS = _hue_weights()
+_HSV_FACTORS = _hsv_factors()
 
 
 def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`rgb_to_hsv` (OpenCV ``COLOR_HSV2RGB`` for uint8), in the closed form
-    ``channel_n = V − V·S·clip(min(k, 4 − k), 0, 1)`` with ``k = (n + H/30) mod 6``; the hue factor is a table."""
-    h = np.ascontiguousarray(hsv[..., 0])
+    """Inverse of :func:`rgb_to_hsv`: OpenCV's uint8 ``COLOR_HSV2RGB`` (mmcv's ``hsv2bgr``) as its vectorised path
+    computes it on AVX2/FMA CPUs — float32, *truncated* to uint8 (OpenCV rounds only the few pixels at the end of
+    a row that its vector loop leaves over). One table gather per channel (:func:`_hsv_factors`)."""
+    flat = hsv[..., 0].astype(np.intp) * 256 + hsv[..., 1]
     v = hsv[..., 2].astype(np.float32)
-    vs = hsv[..., 1].astype(np.float32)
-    vs *= v
-    vs *= np.float32(1.0 / 255.0)
+    v *= np.float32(1.0) / np.float32(255.0)
     out = np.empty(hsv.shape, dtype=np.uint8)
     for c in range(3):
-        ch = np.take(_HUE_WEIGHTS[c], h)  # np.take: several times faster than fancy indexing
-        ch *= vs
-        np.subtract(v, ch, out=ch)
-        out[..., c] = np.rint(ch, out=ch)
+        ch = np.take(_HSV_FACTORS[c].reshape(-1), flat)  # np.take: several times faster than fancy indexing
+        ch *= v
+        ch *= np.float32(255.0)
+        out[..., c] = ch  # float → uint8 truncates, as OpenCV's v_trunc
     return out
 
 

@@ -13,9 +13,10 @@ _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm)
 def param_groups(model: nn.Module, cfg: OptimCfg) -> list[dict]:
     """Split the trainable parameters into AdamW groups by (lr multiplier, weight-decay multiplier).
 
-    The official ``paramwise_cfg`` rules in the order mmcv applies them (first match wins, ``head`` before ``norm``):
-    a name starting with one of ``cfg.head_prefixes`` → ``lr × head_lr_mult``; a LayerNorm/GroupNorm parameter →
-    ``weight_decay × norm_decay_mult``; a name containing ``pos_block``/``pos_embed`` → ``× pos_decay_mult``.
+    The official ``paramwise_cfg`` rules in the order mmcv applies them (first match wins; mmcv tries the longest key
+    first, ties alphabetically: ``pos_block``, ``head``, ``norm``): a name containing ``pos_block``/``pos_embed`` →
+    ``weight_decay × pos_decay_mult``; a name starting with one of ``cfg.head_prefixes`` → ``lr × head_lr_mult``; a
+    LayerNorm/GroupNorm parameter → ``weight_decay × norm_decay_mult``.
     BatchNorm keeps its decay: in the official models BN modules are named ``bn`` and the ``'norm'`` key never
     matched them. Each group carries ``lr_mult`` so the schedule can scale it.
     """
@@ -24,12 +25,12 @@ def param_groups(model: nn.Module, cfg: OptimCfg) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith(tuple(cfg.head_prefixes)):
+        if "pos_block" in name or "pos_embed" in name:
+            lr_mult, decay_mult = 1.0, cfg.pos_decay_mult
+        elif name.startswith(tuple(cfg.head_prefixes)):
             lr_mult, decay_mult = cfg.head_lr_mult, 1.0
         elif id(p) in norm_params:
             lr_mult, decay_mult = 1.0, cfg.norm_decay_mult
-        elif "pos_block" in name or "pos_embed" in name:
-            lr_mult, decay_mult = 1.0, cfg.pos_decay_mult
         else:
             lr_mult, decay_mult = 1.0, 1.0
         group = groups.setdefault((lr_mult, decay_mult), {

@@ -491,12 +491,19 @@ class ClassifierHead(nn.Module):
 
 
 def init_weights(model: nn.Module) -> None:
-    """Training-from-scratch init of the official backbone: conv ~ N(0, 2/(k²·C_out/groups)), BN = (1, 0),
-    Linear ~ N(0, 0.01²); the segmentation classifier ``conv_seg`` ~ N(0, 0.01²) as mmseg's decode heads."""
+    """Training-from-scratch init as the official code gives it: the backbone's own rule, conv ~ N(0, 2/(k²·C_out/
+    groups)), BN = (1, 0), Linear ~ N(0, 0.01²); the decode head's ConvModule mmcv's ``kaiming_init`` (fan-out
+    k²·C_out, groups not divided out: std 0.125, not √2, for Tiny's depthwise fuse conv); its classifier
+    ``conv_seg`` ~ N(0, 0.01²) as mmseg's decode heads."""
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
-            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-            nn.init.normal_(m.weight, 0, (2.0 / fan_out) ** 0.5 if not name.endswith("conv_seg") else 0.01)
+            if name.endswith("conv_seg"):
+                nn.init.normal_(m.weight, 0, 0.01)
+            elif name.startswith("head."):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            else:
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+                nn.init.normal_(m.weight, 0, (2.0 / fan_out) ** 0.5)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
