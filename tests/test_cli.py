@@ -39,8 +39,10 @@ def test_info_sparsity_compares_only_figures_published_for_it(capsys):
     """A dynamic model's row compares with a paper figure only where one exists for that sparsity."""
     assert main(["info", "dynasegformer-b0", "--sparsity", "0.3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["paper"]["gmacs"] == 3.3
-    assert main(["info", "dynasegformer-b2", "--sparsity", "0.5", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["paper"]["gmacs"] is None  # the paper gives B2 at one setting
+    assert main(["info", "dynasegformer-b0", "--sparsity", "0.4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["paper"]["gmacs"] is None  # nothing published at 40 %
+    assert main(["info", "dynasegformer-b2", "--json"]) == 0  # B2's figure comes at a sparsity nobody states
+    assert json.loads(capsys.readouterr().out)["paper"] is None
     assert main(["info", "topformer-tiny", "--sparsity", "0.3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)  # a dynamic extractor: TopFormer's figures are the dense model's
     assert out["paper"] is None and out["params"] > 1_389_654 and out["gmacs"] < 0.58
@@ -59,6 +61,23 @@ def test_info_table_compares_paper_figures_at_their_own_input_size(capsys):
     assert row[:2] == ["topformer-tiny", "448x448"] and row[-1] == "-"  # the 512² figure is not this size's
     assert main(["info", "topformer-tiny"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split()[-1] == "0.6"
+
+
+def test_info_compares_paper_figures_only_for_their_class_count(capsys, tmp_path):
+    """The published figures are for ADE20K's 150 classes (ImageNet's 1000): another classifier is another model."""
+    assert main(["info", "segformer-b0", "--num-classes", "19", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["paper"] is None
+    path = save_checkpoint(tmp_path / "city.pth", create_model("topformer-tiny", num_classes=19))
+    assert main(["info", str(path)]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[2] == "19" and row[4] == "-" and row[-1] == "-"
+
+
+def test_info_counts_a_model_without_figures_at_its_recipes_size(capsys):
+    assert main(["info", "dynasegformer-b5", "--json"]) == 0  # SegFormer-B5's ADE20K crop, as its dense model
+    assert json.loads(capsys.readouterr().out)["input_size"] == [640, 640]
+    assert main(["info", "mit-b0", "--json"]) == 0  # an ImageNet encoder
+    assert json.loads(capsys.readouterr().out)["input_size"] == [224, 224]
 
 
 def test_a_reader_that_goes_away_stops_the_output_quietly():
@@ -82,9 +101,9 @@ def test_info_reads_the_architecture_of_a_checkpoint(tmp_path, capsys):
 
 def test_info_builder_arguments_change_the_architecture_and_drop_the_paper(capsys):
     """``--arg KEY=VALUE`` reaches the builder (values read as YAML); a changed architecture has no paper figure."""
-    assert main(["info", "topformer-tiny", "--num-classes", "19", "--json"]) == 0
+    assert main(["info", "topformer-tiny", "--json"]) == 0
     depthwise = json.loads(capsys.readouterr().out)
-    assert main(["info", "topformer-tiny", "--num-classes", "19", "--arg", "head_depthwise=false", "--json"]) == 0
+    assert main(["info", "topformer-tiny", "--arg", "head_depthwise=false", "--json"]) == 0
     dense = json.loads(capsys.readouterr().out)  # TopFormer-Tiny's Cityscapes head: a dense 1×1 fuse conv
     assert dense["params"] > depthwise["params"] and dense["gmacs"] > depthwise["gmacs"]
     assert dense["paper"] is None and depthwise["paper"] is not None

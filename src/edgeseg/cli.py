@@ -104,8 +104,8 @@ def _info_row(name: str, size: tuple[int, int], kwargs: dict[str, Any]) -> dict[
         gmacs = (count_gmacs(model, size), count_gmacs(model, size, convention="macs"))
     sparsity = model.model_args.get("sparsity")  # as built: a DynaSegFormer's default too
     paper = PAPER.get(name)
-    if set(kwargs) - {"num_classes", "sparsity"}:
-        paper = None  # a changed architecture: the published figures are not its own
+    if set(kwargs) - {"num_classes", "sparsity"} or (paper and paper["num_classes"] != model.num_classes):
+        paper = None  # a changed architecture or classifier: the published figures are not its own
     if "sparsity" in kwargs and paper is not None and "gmacs_at_sparsity" not in paper:
         paper = None  # published figures of the dense model (e.g. a TopFormer with a dynamic extractor)
     paper_out = None
@@ -113,7 +113,7 @@ def _info_row(name: str, size: tuple[int, int], kwargs: dict[str, Any]) -> dict[
         paper_out = {"params_m": paper.get("params_m"), "gmacs": paper.get("gmacs"),
                      "input_size": paper.get("input_size")}
         if sparsity is not None:  # only a figure published for this sparsity compares
-            paper_out["gmacs"] = paper["gmacs_at_sparsity"].get(str(sparsity))
+            paper_out["gmacs"] = paper.get("gmacs_at_sparsity", {}).get(str(sparsity))
     return {"model": name, "input_size": list(size), "num_classes": model.num_classes,
             "params": count_params(model), "gmacs": round(gmacs[0], 4), "gmacs_macs_only": round(gmacs[1], 4),
             "sparsity": sparsity, "paper": paper_out}
@@ -121,7 +121,7 @@ def _info_row(name: str, size: tuple[int, int], kwargs: dict[str, Any]) -> dict[
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .deploy.benchmark import MAC_CONVENTION
-    from .models import PAPER, list_models
+    from .models import INPUT_SIZES, list_models
 
     size = tuple(args.size) if args.size else None
     kwargs = _model_kwargs(args)
@@ -132,8 +132,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         names = [args.model] if args.model else list_models()
     rows = []
     for name in names:
-        paper_size = tuple(PAPER.get(name, {}).get("input_size") or (512, 512))
-        rows.append(_info_row(name, size or paper_size, kwargs))
+        rows.append(_info_row(name, size or INPUT_SIZES.get(name, (512, 512)), kwargs))
     if args.json:
         out = rows[0] if args.model else rows
         if args.model:

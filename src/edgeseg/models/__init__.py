@@ -1,6 +1,7 @@
 """Model families and the one place that knows them all.
 
-Each family module exposes ``MODELS`` (name → builder), ``PAPER`` (published figures), ``convert_state_dict``
+Each family module exposes ``MODELS`` (name → builder), ``PAPER`` (published figures), ``INPUT_SIZES`` (the size a
+model is counted at unless told), ``convert_state_dict``
 (foreign checkpoint layouts → ours) and ``infer_model`` (architecture from tensor shapes). This module only merges
 those tables: a plain dict of builders, no registry decorators.
 """
@@ -20,6 +21,8 @@ FAMILIES: dict[str, ModuleType] = {"TopFormer": topformer, "SegFormer": segforme
 
 MODELS: dict[str, Any] = {name: build for fam in FAMILIES.values() for name, build in fam.MODELS.items()}
 PAPER: dict[str, dict] = {name: fig for fam in FAMILIES.values() for name, fig in getattr(fam, "PAPER", {}).items()}
+INPUT_SIZES: dict[str, tuple[int, int]] = {name: size for fam in FAMILIES.values()
+                                           for name, size in getattr(fam, "INPUT_SIZES", {}).items()}
 
 
 def list_models() -> list[str]:

@@ -677,15 +677,21 @@ VARIANTS: dict[str, dict] = {
 }
 SHARED: dict = dict(num_heads=(1, 2, 5, 8), sr_ratios=(8, 4, 2, 1), mlp_ratios=(4, 4, 4, 4))
 
-# Paper Table 1 / official README (ADE20K, 150 classes): params (M), GMACs ("FLOPs" in the paper) at the input size
-# of the ADE20K config (640×640 for B5). The paper counts the attention matrix products.
+# Paper Table 1 (ADE20K, 150 classes): params (M, encoder + decoder columns), GMACs ("FLOPs" in the paper) at the
+# input size of the ADE20K config (640×640 for B5). The paper counts the attention matrix products.
 PAPER: dict[str, dict] = {
-    "segformer-b0": {"params_m": 3.8, "gmacs": 8.4, "input_size": [512, 512]},
-    "segformer-b1": {"params_m": 13.7, "gmacs": 15.9, "input_size": [512, 512]},
-    "segformer-b2": {"params_m": 27.5, "gmacs": 62.4, "input_size": [512, 512]},
-    "segformer-b3": {"params_m": 47.3, "gmacs": 79.0, "input_size": [512, 512]},
-    "segformer-b4": {"params_m": 64.1, "gmacs": 95.7, "input_size": [512, 512]},
-    "segformer-b5": {"params_m": 84.7, "gmacs": 183.3, "input_size": [640, 640]},
+    "segformer-b0": {"params_m": 3.8, "gmacs": 8.4, "input_size": [512, 512], "num_classes": 150},
+    "segformer-b1": {"params_m": 13.7, "gmacs": 15.9, "input_size": [512, 512], "num_classes": 150},
+    "segformer-b2": {"params_m": 27.5, "gmacs": 62.4, "input_size": [512, 512], "num_classes": 150},
+    "segformer-b3": {"params_m": 47.3, "gmacs": 79.0, "input_size": [512, 512], "num_classes": 150},
+    "segformer-b4": {"params_m": 64.1, "gmacs": 95.7, "input_size": [512, 512], "num_classes": 150},
+    "segformer-b5": {"params_m": 84.7, "gmacs": 183.3, "input_size": [640, 640], "num_classes": 150},
+}
+# The input size each model is counted at when none is asked for (``edgeseg info``): its ADE20K recipe's crop, and
+# ImageNet's 224² for the bare encoders.
+INPUT_SIZES: dict[str, tuple[int, int]] = {
+    **{f"segformer-{v}": (640, 640) if v == "b5" else (512, 512) for v in VARIANTS},
+    **{f"mit-{v}": (224, 224) for v in VARIANTS},
 }
 
 

@@ -603,7 +603,8 @@ class TopFormerClassifier(nn.Module):
     The official repo ships no classification code; the head follows the checkpoint keys (LeViT's ``BN_Linear``)
     and the PaddleViT port that was checked numerically against these files: it pools the extractor output, and
     its ImageNet configs pool the pyramid with stride 1 (tokens at 1/32, 7×7 at 224²; segmentation uses 2), which
-    is also what reproduces the published 0.13 / 0.24 / 0.37 GFLOPs. (B, 3, H, W) → (B, num_classes).
+    is also what brings the counts to the published 0.13 / 0.24 / 0.37 GFLOPs (between our MACs-only and mmcv-
+    convention counts: 0.120–0.129, 0.228–0.238, 0.364–0.377). (B, 3, H, W) → (B, num_classes).
     """
 
     def __init__(
@@ -721,13 +722,15 @@ VARIANTS: dict[str, dict] = {
 # segmentation the official README (ADE20K), for the ImageNet models the table published with the ported weights
 # (PaddleViT, 224×224). The README also lists Tiny at 448×448 with 0.5 GFLOPs, which no count reproduces (0.44).
 PAPER: dict[str, dict] = {
-    "topformer-tiny": {"params_m": 1.4, "gmacs": 0.6, "input_size": [512, 512]},
-    "topformer-small": {"params_m": 3.1, "gmacs": 1.2, "input_size": [512, 512]},
-    "topformer-base": {"params_m": 5.1, "gmacs": 1.8, "input_size": [512, 512]},
-    "topformer-tiny-cls": {"params_m": 1.5, "gmacs": 0.13, "input_size": [224, 224]},
-    "topformer-small-cls": {"params_m": 3.1, "gmacs": 0.24, "input_size": [224, 224]},
-    "topformer-base-cls": {"params_m": 5.1, "gmacs": 0.37, "input_size": [224, 224]},
+    "topformer-tiny": {"num_classes": 150, "params_m": 1.4, "gmacs": 0.6, "input_size": [512, 512]},
+    "topformer-small": {"num_classes": 150, "params_m": 3.1, "gmacs": 1.2, "input_size": [512, 512]},
+    "topformer-base": {"num_classes": 150, "params_m": 5.1, "gmacs": 1.8, "input_size": [512, 512]},
+    "topformer-tiny-cls": {"num_classes": 1000, "params_m": 1.5, "gmacs": 0.13, "input_size": [224, 224]},
+    "topformer-small-cls": {"num_classes": 1000, "params_m": 3.1, "gmacs": 0.24, "input_size": [224, 224]},
+    "topformer-base-cls": {"num_classes": 1000, "params_m": 5.1, "gmacs": 0.37, "input_size": [224, 224]},
 }
+# The input size each model is counted at when none is asked for (``edgeseg info``): its published figure's.
+INPUT_SIZES: dict[str, tuple[int, int]] = {name: tuple(fig["input_size"]) for name, fig in PAPER.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
