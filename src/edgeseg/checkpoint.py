@@ -228,9 +228,10 @@ def set_test_windows(model: nn.Module, crop_size: Any = None, stride: Any = None
     and ``eval.stride``, as ``model.test_crop_size``, ``model.test_stride``), or clear it (``None``: whole images).
     It travels into checkpoints like the test resize: SegFormer's Cityscapes recipe slides 1024×1024 windows every
     768 pixels over 2048×1024 images, and one forward over the whole image is another computation."""
-    window = crop_size is not None and stride is not None
-    model.test_crop_size = tuple(int(v) for v in crop_size) if window else None
-    model.test_stride = tuple(int(v) for v in stride) if window else None
+    from .engine.inference import check_window
+
+    window = check_window(crop_size, stride) if crop_size is not None and stride is not None else (None, None)
+    model.test_crop_size, model.test_stride = window
     return model
 
 

@@ -204,7 +204,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model = _build(args)
     opset = args.opset or (18 if args.exporter == "dynamo" else 17)
-    res = export_onnx(model, args.out, tuple(args.size), batch=args.batch, opset=opset,
+    size = args.size or getattr(model, "test_crop_size", None) or (512, 512)  # a slide recipe runs its windows
+    res = export_onnx(model, args.out, tuple(size), batch=args.batch, opset=opset,
                       fuse=not args.no_fuse, check=not args.no_check, exporter=args.exporter, dynamic=args.dynamic)
     shapes = f"{'x'.join(map(str, res.input_shape))} -> {'x'.join(map(str, res.output_shape))}"
     if res.dynamic:
@@ -238,10 +239,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     segmenter = Segmenter(model.to(_device(args.device)), scale=args.scale, size_divisor=args.size_divisor,
                           fuse=not args.no_fuse, mode=args.mode)
     out.mkdir(parents=True, exist_ok=True)
-    if args.scale is None and not getattr(model, "test_scale", None) and _is_checkpoint(args.model):
-        print(f"edgeseg predict: warning: '{args.model}' carries no test pipeline (official files have none): "
-              f"predicting at ADE20K's 2048x512 bound; pass its recipe (--config, e.g. the configs/ file of its "
-              f"model and dataset) or --scale", file=sys.stderr)
     for image in inputs:
         if is_video(image):
             video, labels_dir, frames = segment_video(segmenter, image, out)
@@ -253,6 +250,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         overlay = Image.fromarray(segmenter.overlay(image, labels))
         atomic_write(overlay_path, lambda tmp, im=overlay: im.save(tmp, quality=90))
         print(f"{image} -> {label_path}")
+    if args.scale is None and not getattr(model, "test_scale", None) and _is_checkpoint(args.model):
+        # said once the outputs exist: a failing run prints its one-line error alone
+        print(f"edgeseg predict: warning: '{args.model}' carries no test pipeline (official files have none): "
+              f"predicted at ADE20K's 2048x512 bound; pass its recipe (--config, e.g. the configs/ file of its "
+              f"model and dataset) or --scale", file=sys.stderr)
     return 0
 
 
@@ -264,6 +266,9 @@ def _apply_recipe(model: Any, config: str) -> None:
     from .data import CLASSES, PALETTES
 
     cfg = load_config(config, [])
+    if cfg.model.name != getattr(model, "model_name", cfg.model.name):
+        raise ValueError(f"{config} is a recipe for {cfg.model.name} but the model is {model.model_name}: pass the "
+                         f"config of the model's architecture and dataset")
     dataset = cfg.data.dataset
     expected = cfg.model.num_classes or (len(CLASSES[dataset]) if dataset in CLASSES else None)
     if expected is not None and expected != model.num_classes:
@@ -437,8 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="ONNX graph of a model's inference form, checked with onnxruntime")
     p.add_argument("model", help="model name or checkpoint path (any supported layout)")
     p.add_argument("out", help="output .onnx file")
-    p.add_argument("--size", nargs=2, type=POSITIVE_INT, default=[512, 512], metavar=("H", "W"),
-                   help="input size, fixed in the graph unless --dynamic (default 512 512)")
+    p.add_argument("--size", nargs=2, type=POSITIVE_INT, metavar=("H", "W"),
+                   help="input size, fixed in the graph unless --dynamic (default: the window a slide recipe's "
+                        "model carries, else 512 512)")
     p.add_argument("--batch", type=POSITIVE_INT, default=1, help="batch size, fixed in the graph unless --dynamic")
     p.add_argument("--num-classes", type=POSITIVE_INT)
     p.add_argument("--sparsity", type=float, help="dynamic models: fraction of gated neurons pruned")

@@ -213,11 +213,14 @@ def test_hsv_matches_colorsys_in_opencv_units():
     assert -1.0 - 1e-4 < err.min() and err.max() < 1e-4
 
 
-# (input, cv2.cvtColor output) from OpenCV 4.5.5 on an AVX2/FMA CPU, in 256-pixel rows; each pair is one the
-# rounding conversions before got wrong
+# (input, cv2.cvtColor output) from OpenCV 4.5.5 on an AVX2/FMA CPU, in 256-pixel rows (no row tail, which OpenCV
+# converts one pixel at a time and rounds); the first six of each are ones the rounding conversions before got wrong
 HSV_TO_RGB_OPENCV = [((136, 112, 182), (144, 102, 182)), ((92, 124, 76), (39, 73, 76)),
                      ((171, 36, 225), (225, 193, 202)), ((85, 227, 81), (8, 81, 68)),
-                     ((26, 67, 214), (214, 206, 157)), ((6, 150, 240), (240, 127, 98))]
+                     ((26, 67, 214), (214, 206, 157)), ((6, 150, 240), (240, 127, 98)),
+                     # two that only OpenCV's fused multiply-adds give, and two hues past 179 (wrapped by sector)
+                     ((5, 166, 153), (153, 70, 53)), ((115, 51, 30), (24, 25, 30)),
+                     ((197, 255, 98), (98, 55, 0)), ((193, 200, 162), (162, 90, 34))]
 RGB_TO_HSV_OPENCV = [((134, 12, 210), (139, 240, 210)), ((46, 7, 218), (125, 247, 218)),
                      ((190, 165, 133), (17, 76, 190)), ((75, 15, 159), (132, 231, 159)),
                      ((77, 213, 129), (72, 163, 213)), ((43, 22, 200), (123, 227, 200))]

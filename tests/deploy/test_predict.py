@@ -34,8 +34,7 @@ def test_segmenter_matches_resize_then_model_then_resize_back(tmp_path):
 
 
 def test_segmenter_slides_windows_as_mmseg_slide_inference():
-    torch.manual_seed(0)
-    model = edgeseg.create_model("topformer-tiny", num_classes=5).eval()
+    model = random_weights_(edgeseg.create_model("topformer-tiny", num_classes=5)).eval()  # labels that vary
     rgb = (np.random.default_rng(0).random((70, 100, 3)) * 255).astype(np.uint8)
     seg = Segmenter(model, scale=(200, 96), fuse=False, crop_size=(64, 64), stride=(40, 40))
     img, _, _ = seg.transform(rgb)  # 96 × 137: 2 × 3 windows
@@ -47,6 +46,11 @@ def test_segmenter_slides_windows_as_mmseg_slide_inference():
     assert torch.equal(seg.probabilities(rgb), probs[0])
     assert np.array_equal(seg(rgb), probs.argmax(1)[0].numpy())
     assert not torch.allclose(logits, whole, atol=1e-3)  # the windows see other context than the whole image
+    assert (seg(rgb) != whole.argmax(1)[0].numpy()).mean() > 0.01  # ... and their labels differ
+    with pytest.raises(ValueError, match="crop_size and stride together"):
+        Segmenter(model, crop_size=(64, 64))
+    with pytest.raises(ValueError, match="each stride at most its crop"):
+        Segmenter(model, crop_size=(64, 64), stride=(80, 40))
 
 
 @pytest.mark.parametrize("name", ["topformer-tiny", "segformer-b0"])
@@ -168,8 +172,7 @@ def test_missing_or_damaged_image_is_one_line(tmp_path, capsys):
     assert main(["predict", str(ckpt), str(tmp_path / "nope.jpg"), "--out", str(tmp_path / "out")]) == 2
     assert "nope.jpg" in capsys.readouterr().err
     (tmp_path / "text.jpg").write_text("not an image")
-    assert main(["predict", str(ckpt), str(tmp_path / "text.jpg"), "--out", str(tmp_path / "out"),
-                 "--scale", "64", "64"]) == 2
+    assert main(["predict", str(ckpt), str(tmp_path / "text.jpg"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "text.jpg could not be read" in err and len(err.strip().splitlines()) == 1
 
@@ -222,11 +225,11 @@ def test_video_errors_are_one_line(tmp_path, capsys, monkeypatch, video_io):
     ckpt = edgeseg.save_checkpoint(tmp_path / "m.pth", model)
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video" * 100)
-    assert main(["predict", str(ckpt), str(broken), "--out", str(tmp_path / "out"), "--scale", "64", "64"]) == 2
+    assert main(["predict", str(ckpt), str(broken), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "broken.mp4" in err
     assert not list((tmp_path / "out").iterdir())  # no label folder, no partial video
     monkeypatch.setitem(sys.modules, "imageio", None)  # as without the extra
-    assert main(["predict", str(ckpt), str(broken), "--out", str(tmp_path / "out"), "--scale", "64", "64"]) == 2
+    assert main(["predict", str(ckpt), str(broken), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'edgeseg[video]'" in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from edgeseg.cli import main
@@ -128,3 +129,20 @@ eval: {{mode: slide, crop_size: [64, 64], stride: [48, 48]}}
     assert "warning" not in capsys.readouterr().err and labels(tmp_path / "recipe") == expected
     assert main(["predict", str(bare), str(images[0]), "--out", str(tmp_path / "x"), "--mode", "slide"]) == 2
     assert "--mode slide" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    other = tmp_path / "other.yaml"  # another architecture's recipe: its windows and scale are not this model's
+    other.write_text(cfg.read_text().replace("name: topformer-tiny", "name: segformer-b0"))
+    assert main(["predict", str(bare), str(images[0]), "--out", str(tmp_path / "x"), "--config", str(other)]) == 2
+    assert "is a recipe for segformer-b0 but the model is topformer-tiny" in capsys.readouterr().err
+
+
+def test_export_of_a_slide_recipes_model_takes_its_window_as_input_size(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from edgeseg import create_model, save_checkpoint
+    from edgeseg.checkpoint import set_test_windows
+
+    model = set_test_windows(create_model("topformer-tiny", num_classes=4), (64, 128), (48, 96))
+    ckpt = save_checkpoint(tmp_path / "slide.pth", model)
+    assert main(["export", str(ckpt), str(tmp_path / "slide.onnx")]) == 0
+    assert "1x3x64x128 -> 1x4x8x16" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="each stride at most its crop"):
+        set_test_windows(model, (64, 64), (0, 64))

@@ -15,7 +15,9 @@ Images are ``H×W×3`` uint8 RGB numpy arrays until ``Normalize``; labels ``H×W
 Only numpy and torch are used (no OpenCV). Resizing follows OpenCV's ``INTER_LINEAR`` (what mmcv's ``imresize``
 calls) rather than Pillow's bilinear filter, which low-pass filters when shrinking and so shifts mIoU: see
 :func:`resize_bilinear`. Label resizing follows ``INTER_NEAREST`` exactly, and the photometric steps' HSV
-round trips are OpenCV's uint8 conversions value for value (:func:`rgb_to_hsv`, :func:`hsv_to_rgb`).
+round trips are OpenCV's uint8 conversions value for value (:func:`rgb_to_hsv`; :func:`hsv_to_rgb` as OpenCV's
+vector loop computes it — the last few pixels of a row whose width is not a multiple of its vector step, which
+OpenCV converts one by one and rounds, may come out one level higher there).
 
 Randomness comes from a :class:`numpy.random.Generator`. Pass one explicitly, or let :func:`worker_rng` derive one
 per call from torch's default generator: a ``DataLoader`` worker's torch generator is seeded with

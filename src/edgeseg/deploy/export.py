@@ -184,6 +184,8 @@ def model_metadata(model: nn.Module) -> dict[str, str]:
     if getattr(model, "test_crop_size", None):  # the recipe slides windows of this size (H, W) every stride pixels
         meta["test_crop_size"] = json.dumps(list(model.test_crop_size))
         meta["test_stride"] = json.dumps(list(model.test_stride))
+        meta["logits"] += ("; the recipe evaluates windows of test_crop_size every test_stride pixels (the last one "
+                           "moved back inside the image), averaging their upsampled logits")
     if getattr(model, "class_names", None):
         meta["class_names"] = json.dumps(list(model.class_names))
     if getattr(model, "palette", None):

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..data import CLASSES, IMAGENET_MEAN, IMAGENET_STD, PALETTES, TestTransform, read_image, save_label_png
 from ..data.classes import default_palette
-from ..engine.inference import predict_probs, slide_inference, whole_inference, whole_labels
+from ..engine.inference import check_window, predict_probs, slide_inference, whole_inference, whole_labels
 
 ImageLike = str | os.PathLike | np.ndarray | Image.Image
 
@@ -77,14 +77,16 @@ class Segmenter:
             size_divisor = size_divisor or getattr(model, "test_size_divisor", None)
         self.transform = TestTransform(tuple(scale), size_divisor, mean=getattr(model, "input_mean", IMAGENET_MEAN),
                                        std=getattr(model, "input_std", IMAGENET_STD))
-        if crop_size is None or stride is None:
+        if (crop_size is None) != (stride is None):
+            raise ValueError("a sliding window needs crop_size and stride together")
+        if crop_size is None:
             crop_size, stride = getattr(model, "test_crop_size", None), getattr(model, "test_stride", None)
         self.mode = mode or ("slide" if crop_size and stride else "whole")
         if self.mode not in ("whole", "slide"):
             raise ValueError(f"inference mode must be 'whole' or 'slide', got '{self.mode}'")
         if self.mode == "slide" and not (crop_size and stride):
             raise ValueError("slide inference needs a window: give crop_size and stride (the model's recipe has none)")
-        self.window = (tuple(crop_size), tuple(stride)) if self.mode == "slide" else None
+        self.window = check_window(crop_size, stride) if self.mode == "slide" else None
         num_classes = model.num_classes
         names = class_names or getattr(model, "class_names", None)
         dataset = _dataset_for(num_classes)
