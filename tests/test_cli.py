@@ -80,6 +80,21 @@ def test_info_counts_a_model_without_figures_at_its_recipes_size(capsys):
     assert json.loads(capsys.readouterr().out)["input_size"] == [224, 224]
 
 
+def test_an_error_during_a_progress_bar_is_a_line_of_its_own(capsys, monkeypatch):
+    import edgeseg.cli
+    from tqdm import tqdm
+
+    def failing(args):  # as a training run whose data fails halfway
+        bar = tqdm(total=4, desc="train")
+        bar.update(2)
+        raise ValueError("data/x.png could not be read")
+
+    monkeypatch.setattr(edgeseg.cli, "cmd_info", failing)
+    assert main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("\nedgeseg info: error: data/x.png could not be read\n") and "2/4" in err
+
+
 def test_a_reader_that_goes_away_stops_the_output_quietly():
     """``edgeseg info | head -1``: the pipe closes before edgeseg writes; no error message, exit 1."""
     proc = subprocess.Popen([sys.executable, "-m", "edgeseg", "info", "topformer-tiny"], stdout=subprocess.PIPE,

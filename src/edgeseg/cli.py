@@ -496,8 +496,17 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
         return 1
     except (OSError, ValueError, ImportError) as err:  # user errors: one line, no traceback
+        _end_progress_bars()
         print(f"edgeseg {args.command}: error: {_explain(err, args)}", file=sys.stderr)
         return 2
+
+
+def _end_progress_bars() -> None:
+    """Close the tqdm bars a failing command left open: a bar's last state has no newline, and the one-line error
+    would otherwise continue it (in a log file, on the same line)."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def _explain(err: Exception, args: argparse.Namespace) -> str:
