@@ -109,6 +109,10 @@ def test_labels_palette_normalisation_test_resize_and_window_survive_a_hf_folder
     assert back.test_scale == (1024, 512) and back.test_size_divisor == 32
     assert back.test_crop_size == (512, 512) and back.test_stride == (384, 384)
     assert load_model(tmp_path / "hf", num_classes=3).test_stride == (384, 384)  # rebuilt with overrides: kept too
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["edgeseg"]["test_stride"] = [768, 768]  # past its crop: malformed, left out like any other bad entry
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert load_model(tmp_path / "hf").test_crop_size is None
     # transformers reads the normalisation from preprocessor_config.json, in its units (pixels / 255)
     processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
     assert processor.image_mean == pytest.approx([100 / 255, 110 / 255, 120 / 255])

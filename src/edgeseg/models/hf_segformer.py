@@ -168,7 +168,9 @@ def _read_extras(model: nn.Module, folder: Path, cfg: dict[str, Any]) -> None:
     if two_sizes(test_scale):
         set_test_resize(model, test_scale, divisor if isinstance(divisor, int) and divisor > 0 else None)
     crop, stride = extras.get("test_crop_size"), extras.get("test_stride")
-    set_test_windows(model, *((crop, stride) if two_sizes(crop) and two_sizes(stride) else (None, None)))
+    window = (crop, stride) if two_sizes(crop) and two_sizes(stride) and all(
+        s <= c for s, c in zip(stride, crop)) else (None, None)  # a stride past its crop: malformed, left out
+    set_test_windows(model, *window)
 
 # --------------------------------------------------------------------------------------------------------------
 # Writing
