@@ -276,9 +276,7 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     else:
         ckpt = read_checkpoint(path)
         raw, labels = unwrap_state_dict(ckpt), checkpoint_labels(ckpt)
-        normalization = (ckpt.get("input_mean"), ckpt.get("input_std"))
-        resize = (ckpt.get("test_scale"), ckpt.get("test_size_divisor"))
-        windows = (ckpt.get("test_crop_size"), ckpt.get("test_stride"))
+        normalization, resize, windows = _test_pipeline(ckpt)
         if ckpt.get("format") == EDGESEG_FORMAT and ckpt.get("model_name") in MODELS:
             name, args = ckpt["model_name"], dict(ckpt.get("model_args", {}))
         else:  # foreign layouts, and models saved without a registered name (built from their class)
@@ -308,6 +306,25 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     set_test_resize(model, *resize)
     set_test_windows(model, *windows)
     return set_labels(model, *labels).eval()
+
+
+def _test_pipeline(ckpt: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """Normalisation, test resize and sliding window a checkpoint carries, each a pair (or two Nones).
+
+    Checkpoints from ``train``/``distill`` also keep their recipe (``config``). Files written before an entry
+    travelled on its own carry it only there: the recipe's value then stands in, so an older Cityscapes checkpoint
+    still slides its windows in ``predict`` as its ``eval`` did. An entry the file has always wins."""
+    pairs = [(ckpt.get("input_mean"), ckpt.get("input_std")), (ckpt.get("test_scale"), ckpt.get("test_size_divisor")),
+             (ckpt.get("test_crop_size"), ckpt.get("test_stride"))]
+    cfg = ckpt.get("config") if ckpt.get("format") == EDGESEG_FORMAT else None
+    if not isinstance(cfg, dict):
+        return pairs
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+    test = cfg.get("eval") if isinstance(cfg.get("eval"), dict) else {}
+    slide = test.get("mode") == "slide"
+    recipe = [(data.get("mean"), data.get("std")), (data.get("test_scale"), data.get("size_divisor")),
+              (test.get("crop_size"), test.get("stride")) if slide else (None, None)]
+    return [pair if any(v is not None for v in pair) else old for pair, old in zip(pairs, recipe)]
 
 
 def _plain(value: Any) -> Any:

@@ -269,3 +269,23 @@ def test_a_recipes_normalisation_test_resize_and_window_travel_to_prediction_and
     set_test_recipe(model, cfg)  # a recipe applied afresh (predict --config) sets all of it, a whole-image one
     assert model.test_crop_size == (64, 48) and model.input_std == (50.0, 60.0, 70.0)
     assert set_test_recipe(model, tiny_cfg()).test_crop_size is None  # clears the window
+
+
+def test_a_checkpoint_older_than_its_test_pipeline_entries_takes_them_from_its_recipe(tmp_path):
+    from edgeseg.checkpoint import TEST_PIPELINE_KEYS, atomic_save
+
+    cfg = tiny_cfg("schedule.iters=1", "train.eval_interval=0", "data.std=[50, 60, 70]", "eval.mode=slide",
+                   "eval.crop_size=[64, 48]", "eval.stride=[32, 24]")
+    train(cfg, tmp_path, progress=False, log=lambda *a: None)
+    ckpt = torch.load(tmp_path / "latest.pth", weights_only=True)
+    old = {k: v for k, v in ckpt.items() if k not in ("input_mean", "input_std") + TEST_PIPELINE_KEYS}
+    atomic_save(old, tmp_path / "old.pth")  # as train wrote it before these entries travelled
+    model = load_model(tmp_path / "old.pth")
+    assert model.test_crop_size == (64, 48) and model.test_stride == (32, 24)
+    assert model.input_std == (50.0, 60.0, 70.0) and model.test_scale == (128, 64)
+    ckpt["test_crop_size"], ckpt["test_stride"] = [32, 32], [16, 16]  # what the file says wins over its recipe
+    atomic_save(ckpt, tmp_path / "edited.pth")
+    assert load_model(tmp_path / "edited.pth").test_crop_size == (32, 32)
+    whole = {**old, "config": {**old["config"], "eval": {**old["config"]["eval"], "mode": "whole"}}}
+    atomic_save(whole, tmp_path / "whole.pth")
+    assert load_model(tmp_path / "whole.pth").test_crop_size is None
