@@ -19,3 +19,7 @@ def __getattr__(name: str):
 
         return Segmenter
     raise AttributeError(f"module 'edgeseg' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))  # the lazy Segmenter too, for completion and help()
