@@ -281,3 +281,59 @@ def test_eval_mode_slide_without_a_window_names_the_flag_and_the_keys(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--mode slide with {recipe}: eval.mode 'slide' needs eval.crop_size and " \
         "eval.stride" in err and "--set eval.crop_size=" in err
+
+
+def test_a_checkpoint_is_any_file_and_other_files_get_their_own_one_line_answer(tmp_path, capsys):
+    from PIL import Image
+
+    ckpt = save_checkpoint(tmp_path / "tt8.pth", create_model("topformer-tiny", num_classes=8))
+    for renamed in ("best.ckpt", "iter_1000"):  # renamed files are still checkpoints, not model names
+        (tmp_path / renamed).write_bytes(ckpt.read_bytes())
+        assert main(["info", str(tmp_path / renamed), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["num_classes"] == 8
+    (tmp_path / "cut.pth").write_bytes(ckpt.read_bytes()[:10_000])  # an interrupted download
+    (tmp_path / "m.onnx").write_bytes(b"onnx")
+    (tmp_path / "r.yaml").write_text("model: {name: topformer-tiny}\n")
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    cases = [(["info", str(tmp_path / "cut.pth")], f"checkpoint '{tmp_path / 'cut.pth'}' is damaged or truncated"),
+             (["predict", str(tmp_path / "m.onnx"), str(tmp_path / "a.png")], "is an ONNX graph"),
+             (["bench", str(tmp_path / "r.yaml")], "is a recipe, not weights"),
+             (["export", "nvidia/segformer-b0-finetuned-ade-512-512", str(tmp_path / "x.onnx")],
+              "edgeseg downloads nothing"),
+             (["convert", str(ckpt), str(tmp_path / "hf.safetensors"), "--to", "hf"], "--to hf writes a folder")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "warning" not in err, (argv, err)
+    assert not (tmp_path / "hf.safetensors").exists()
+
+
+def test_overrides_come_several_per_flag_and_under_mmsegs_name():
+    from edgeseg.cli import build_parser
+
+    args = build_parser().parse_args(["train", "r.yaml", "--set", "a=1", "b=2", "--cfg-options", "c=3", "--set", "d=4"])
+    assert args.set == ["a=1", "b=2", "c=3", "d=4"]
+
+
+def test_version(capsys):
+    import edgeseg
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"edgeseg {edgeseg.__version__}"
+    assert "Segmenter" in dir(edgeseg)
+
+
+def test_eval_names_the_model_it_scored_and_warns_when_the_recipe_builds_another(tmp_path, capsys):
+    from edgeseg.data import write_scenes
+
+    root = write_scenes(tmp_path / "scenes", 1, 1, size=(64, 64))
+    (tmp_path / "cfg.yaml").write_text(f"model: {{name: topformer-tiny}}\ndata:\n  dataset: folder\n  root: {root}\n"
+                                       f"  test_scale: [64, 64]\n  workers: 0\n")
+    ckpt = save_checkpoint(tmp_path / "b0.pth", create_model("segformer-b0", num_classes=8))
+    assert main(["eval", str(tmp_path / "cfg.yaml"), "--checkpoint", str(ckpt)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"segformer-b0 ({ckpt}) on folder val, whole:\n") and "mIoU" in out
+    assert f"'{ckpt}' holds segformer-b0 but {tmp_path / 'cfg.yaml'} builds topformer-tiny" in err
+    assert main(["eval", str(tmp_path / "cfg.yaml"), "--checkpoint", str(ckpt), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "segformer-b0"

@@ -50,8 +50,28 @@ def _positive(kind: type) -> Any:
 POSITIVE_INT, POSITIVE_FLOAT = _positive(int), _positive(float)
 
 
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+
+
 def _is_checkpoint(arg: str) -> bool:
-    return arg.endswith((".pth", ".pt", ".bin", ".safetensors")) or Path(arg).is_dir()
+    """Whether a MODEL argument names weights rather than an architecture: any file or folder that exists (a
+    checkpoint renamed ``best.ckpt`` or ``iter_1000`` is still one), or a weights suffix (then the loader says it is
+    missing). Files that hold something else, and hub ids, which nothing here downloads, are refused in one line."""
+    path = Path(arg)
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        raise ValueError(f"'{arg}' is an ONNX graph, which edgeseg does not load back: run it with onnxruntime (its "
+                         f"metadata holds the normalisation and labels), or pass the checkpoint it was exported from")
+    if suffix in (".yaml", ".yml", ".py"):
+        raise ValueError(f"'{arg}' is a recipe, not weights: pass a checkpoint (.pth) or a Hugging Face folder "
+                         f"(train and eval take recipes; predict takes one as --config)")
+    if path.exists() or suffix in WEIGHT_SUFFIXES:
+        return True
+    if "/" in arg or os.sep in arg:
+        raise ValueError(f"'{arg}' is neither a file nor a folder here, and edgeseg downloads nothing: check the "
+                         f"path, or for a Hugging Face hub id fetch the folder first (huggingface-cli download "
+                         f"{arg} --local-dir DIR) and pass DIR")
+    return False
 
 
 def _device(name: str):
@@ -186,7 +206,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.to == "edgeseg" and (dst == src or src in dst.parents):
         raise ValueError(f"{args.dst} would overwrite {args.src}, the checkpoint being converted: write elsewhere")
     if args.to == "edgeseg" and dst.suffix not in (".pth", ".pt"):
-        raise ValueError(f"{args.dst}: an edgeseg checkpoint is a .pth file (for .safetensors, convert --to hf)")
+        raise ValueError(f"{args.dst}: an edgeseg checkpoint is a .pth file; for a Hugging Face folder (its weights "
+                         f"in model.safetensors) name a folder and add --to hf")
+    if args.to == "hf" and dst.suffix in (".safetensors", ".pth", ".pt", ".bin"):
+        raise ValueError(f"{args.dst}: --to hf writes a folder (config.json, model.safetensors): name a folder")
     model = load_model(args.src)
     if args.to == "hf":
         from .models.hf_segformer import save_hf_folder
@@ -309,6 +332,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if model.num_classes != dataset.num_classes:
         raise ValueError(f"checkpoint '{args.checkpoint}' predicts {model.num_classes} classes but "
                          f"{cfg.data.dataset} has {dataset.num_classes}: pass the config of the checkpoint's dataset")
+    if model.model_name != cfg.model.name:  # mmseg builds the config's model; here the file's own is scored
+        print(f"edgeseg eval: warning: '{args.checkpoint}' holds {model.model_name} but {args.config} builds "
+              f"{cfg.model.name}: scoring the checkpoint's model with the recipe's data and test pipeline",
+              file=sys.stderr)
+    name = model.model_name
     model = model.to(_device(args.device))
     if args.fuse:
         model = model.fuse()
@@ -330,7 +358,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             save_label_png(pred.numpy(), out / f"{name}.png", palette)
 
     result = evaluate(model, dataset, cfg.eval, workers=cfg.data.workers, progress=not args.json, callback=save)
-    print(json.dumps(result, indent=2) if args.json else metrics_table(result))
+    if args.json:
+        print(json.dumps({"model": name, "checkpoint": args.checkpoint, **result}, indent=2))
+    else:
+        tta = " + TTA" if cfg.eval.tta else ""
+        print(f"{name} ({args.checkpoint}) on {cfg.data.dataset} val, {cfg.eval.mode}{tta}:\n{metrics_table(result)}")
     return 0
 
 
@@ -341,10 +373,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """Recipe overrides: repeatable, several per flag, also under mmseg's name (``--cfg-options a=1 b=2``)."""
+    parser.add_argument("--set", "--cfg-options", dest="set", action="extend", nargs="+", metavar="KEY=VALUE",
+                        help=f"recipe overrides (dotted keys, values read as YAML), e.g. {example}")
+
+
 def _engine_parsers(sub: Any) -> None:
     p = sub.add_parser("train", help="train from a recipe YAML (torchrun --nproc-per-node N -m edgeseg train ... for DDP)")
     p.add_argument("config", help="recipe YAML, e.g. configs/topformer_tiny_ade20k_512x512_160k.yaml")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set optim.lr=1e-4")
+    _set_argument(p, "--set optim.lr=1e-4 schedule.iters=8000")
     p.add_argument("--work-dir", help="output folder (default: work_dirs/<config name>)")
     p.add_argument("--resume", metavar="auto|PATH", help="continue exactly: 'auto' = <work-dir>/latest.pth if present")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -355,7 +393,7 @@ def _engine_parsers(sub: Any) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint in any supported layout")
     p.add_argument("--mode", choices=["whole", "slide"], help="override eval.mode")
     p.add_argument("--tta", action="store_true", help="multi-scale (eval.tta_ratios) + flip test-time augmentation")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set data.root=/data/ade")
+    _set_argument(p, "--set data.root=/data/ade")
     p.add_argument("--out", metavar="DIR", help="also write every prediction as a palette PNG of class indices")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--fuse", action="store_true", help="evaluate fuse()'s inference form (the same logits to ~1e-5, "
@@ -399,7 +437,7 @@ def _distill_parser(sub: Any) -> None:
     p.add_argument("--teacher", metavar="CKPT", help="dense teacher checkpoint (any layout), needed unless the recipe "
                    "sets distill.teacher: a SegFormer of the DynaSegFormer's size, or the TopFormer variant of a "
                    "dynamic TopFormer recipe")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. distill.sparsity=0.5")
+    _set_argument(p, "--set distill.sparsity=0.5")
     p.add_argument("--work-dir", help="output folder (default: work_dirs/<config name>)")
     p.add_argument("--resume", metavar="auto|PATH", help="continue exactly: 'auto' = <work-dir>/latest.pth if present")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -408,7 +446,10 @@ def _distill_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="edgeseg", description="Efficient semantic segmentation on edge devices.")
+    parser.add_argument("--version", action="version", version=f"edgeseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="params, GMACs and the paper's figures of one or all models")

@@ -73,8 +73,12 @@ def read_weights(path: str | os.PathLike) -> Any:
                              f"again") from err
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:  # unreadable (permissions, I/O): the caller names the path and the reason
-        raise
+    except OSError as err:
+        if err.filename is not None:  # unreadable (permissions, I/O): the caller names the path and the reason
+            raise
+        # PyTorch's zip reader fails on some cut points of a truncated file with a bare EINVAL, naming nothing
+        raise ValueError(f"checkpoint '{path}' is damaged or truncated ({err.strerror or err}): download or save it "
+                         f"again") from err
     except Exception as err:  # pickle errors are long and deep; the user needs the file name and the cause
         if isinstance(err, pickle.UnpicklingError) and "allowed global" in str(err):
             raise ValueError(f"checkpoint '{path}' holds objects other than tensors and plain containers, which "
