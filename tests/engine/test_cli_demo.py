@@ -72,6 +72,7 @@ def test_demo_config_matches_yaml():
 def test_demo_writes_report(tmp_path):
     small = ["data.train_kwargs={num_images: 8, size: [64, 64]}", "data.val_kwargs={num_images: 2, size: [64, 64]}",
              "data.crop_size=[64, 64]", "data.batch_size=2", "data.workers=0"]
+    (tmp_path / "log.jsonl").write_text('{"mode": "val", "iter": 30, "mIoU": 9.0}\n')  # a longer demo before
     report = run_demo(tmp_path, iters=4, progress=False, log=lambda *a: None, overrides=small)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved == report and report["iterations"] == 4 and 0 <= report["mIoU"] <= 100
@@ -81,7 +82,7 @@ def test_demo_writes_report(tmp_path):
     overlays = sorted((tmp_path / "overlays").glob("*.png"))
     assert len(overlays) == 2 and Image.open(overlays[0]).width == 3 * 64
     val_rows = [json.loads(r) for r in (tmp_path / "log.jsonl").read_text().splitlines() if '"val"' in r]
-    assert [r["iter"] for r in val_rows] == [1, 2, 3, 4]  # four evaluations make the mIoU curve
+    assert [r["iter"] for r in val_rows] == [1, 2, 3, 4]  # four evaluations make the mIoU curve, this run's only
 
 
 def test_demo_minutes_pick_iterations_for_the_budget():

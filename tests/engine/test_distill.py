@@ -245,6 +245,9 @@ def test_distill_resumes_exactly_in_either_stage(tmp_path, tiny_distill_recipe):
         after = _weights(work / "final.pth")
         assert all(torch.equal(after[name], final[name]) for name in final), k
     assert (tmp_path / "resumed_at_1" / "stage1.pth").is_file()
+    # back to step 3 in the finished run's own folder: its log keeps steps 1..3 and writes step 4 once
+    distill(cfg, first, resume=str(first / "iter_3.pth"), progress=False, log=lambda *a: None)
+    assert _rows(first) == reference
 
     # the stages of another recipe do not hold step 3 in stage 2
     with pytest.raises(ValueError, match="iter_3.pth: written at step 3 of stage 2.*distill.stage1_iters"):

@@ -86,6 +86,24 @@ def test_train_writes_artefacts_and_resumes_exactly(tmp_path):
     assert all(torch.equal(after[k], final[k]) for k in final)
 
 
+def test_log_holds_only_this_run_after_a_resume_from_an_earlier_checkpoint_or_a_fresh_run(tmp_path):
+    def rows() -> list[dict]:
+        lines = (tmp_path / "log.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in ("time_s", "eta_s")} for line in lines]
+
+    train(tiny_cfg(), tmp_path, progress=False, log=lambda *a: None)
+    reference = rows()
+    assert [(r["mode"], r["iter"]) for r in reference] == [("train", 1), ("train", 2), ("val", 2), ("train", 3),
+                                                           ("train", 4), ("val", 4)]
+    # back to iteration 2 of the same run: rows 3 and 4 are written again, not repeated
+    train(tiny_cfg(), tmp_path, resume=str(tmp_path / "iter_2.pth"), progress=False, log=lambda *a: None)
+    assert rows() == reference
+    # a new run (no resume) in the used folder starts a new log
+    train(tiny_cfg("schedule.iters=2"), tmp_path, progress=False, log=lambda *a: None)
+    assert [(r["mode"], r["iter"]) for r in rows()] == [("train", 1), ("train", 2), ("val", 2)]
+    _assert_tensorboard_scalars_match(tmp_path, rows())
+
+
 def test_resuming_another_model_or_training_on_foreign_labels_is_one_line(tmp_path):
     from edgeseg.engine.train import check_labels
 

@@ -220,7 +220,7 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
     val_set = build_val_dataset(cfg) if cfg.train.eval_interval > 0 else None
     if info.main:
         open_work_dir(cfg, work_dir)
-    logger = RunLogger(work_dir, info.main)
+    logger = RunLogger(work_dir, info.main, step)
     schedule = SparsitySchedule(dcfg.sparsity, dcfg.anneal_iters)
     bar = progress_bar(stages[2][1], step, desc="distill") if progress and info.main else None
     last_eval: dict[str, Any] | None = None

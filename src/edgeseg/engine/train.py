@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, set_labels, set_test_recipe
 from ..config import Config
 from ..data import SegDataset, TrainTransform, build_dataset, collate
+from ..fileio import write_text
 from ..models import create_model
 from .evaluate import build_val_dataset, evaluate
 from .optim import build_optimizer, set_lr
@@ -277,19 +278,26 @@ class RunLogger:
 
     Only the main process logs (``enabled``): every rank computes the same rows, one file is enough. Numeric
     fields become scalars under ``<mode>/<field>`` at step ``row["iter"]``.
+
+    The log is the run's own, as its checkpoints are: a run that starts at iteration ``start`` keeps the rows up
+    to it and drops the rest, so a fresh run in a used work dir starts an empty log, and a run resumed from an
+    earlier checkpoint does not repeat the rows after it (TensorBoard hides its later scalars likewise).
     """
 
-    def __init__(self, work_dir: Path, enabled: bool) -> None:
+    def __init__(self, work_dir: Path, enabled: bool, start: int = 0) -> None:
         self.enabled = enabled
-        self.file = open(work_dir / "log.jsonl", "a") if enabled else None
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self.file, self.tb = None, None
+        if not enabled:
+            return
+        path = work_dir / "log.jsonl"
+        write_text(path, "".join(line + "\n" for line in _rows_until(path, start)))  # the old log or the new, whole
+        self.file = open(path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(work_dir / "tb"))
-            except ImportError:
-                pass
+            self.tb = SummaryWriter(str(work_dir / "tb"), purge_step=start + 1)
+        except ImportError:
+            pass
 
     def __call__(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -306,6 +314,21 @@ class RunLogger:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _rows_until(path: Path, start: int) -> list[str]:
+    """The lines of the log at ``path`` (if any) whose row is at iteration ``start`` or before; a line cut short
+    by a crash is dropped."""
+    if start == 0 or not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["iter"] <= start:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    return kept
 
 
 def open_work_dir(cfg: Config, work_dir: str | Path) -> Path:
@@ -431,7 +454,7 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
     val_set = build_val_dataset(cfg) if cfg.train.eval_interval > 0 else None
     if info.main:
         open_work_dir(cfg, work_dir)
-    logger = RunLogger(work_dir, info.main)
+    logger = RunLogger(work_dir, info.main, start)
     bar = progress_bar(iters, start) if progress and info.main else None
     last_eval: dict[str, Any] | None = None
     loss_sum, loss_count, t_start = 0.0, 0, time.perf_counter()
