@@ -40,7 +40,8 @@ def test_train_then_eval_cli(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(cfg), "--checkpoint", str(work / "latest.pth"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"mIoU", "mAcc", "aAcc", "per_class", "num_images"} and out["num_images"] == 2
+    assert set(out) == {"model", "checkpoint", "mIoU", "mAcc", "aAcc", "per_class", "num_images"}
+    assert out["model"] == "topformer-tiny" and out["checkpoint"] == str(work / "latest.pth") and out["num_images"] == 2
     assert set(out["per_class"]["disc"]) == {"IoU", "Acc"}
     assert main(["eval", str(cfg), "--checkpoint", str(work / "latest.pth"), "--json", "--fuse", "--out",
                  str(tmp_path / "preds"), "--device", "cpu"]) == 0
