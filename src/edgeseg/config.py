@@ -377,8 +377,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         path = Path(path)
         source = str(path)
+        if path.is_dir():
+            raise ValueError(f"config '{path}' is a folder: pass a recipe YAML file, e.g. configs/demo_scenes.yaml")
         if not path.is_file():
             raise FileNotFoundError(f"config '{path}' does not exist: pass a YAML file, e.g. configs/demo_scenes.yaml")
+        if path.suffix == ".py":  # an mmseg config: its _base_ inheritance and type= registries are not ours
+            raise ValueError(f"config '{path}' is a Python (mmseg) config: edgeseg reads YAML recipes; start from the "
+                             f"configs/*.yaml of the same model and dataset, whose values follow the official files")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError:

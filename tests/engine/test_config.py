@@ -56,6 +56,11 @@ def test_bad_values_name_the_field(tmp_path):
         load_config(None, ["data.crop_size=[1,2,3]"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(Path("no/such.yaml"))
+    with pytest.raises(ValueError, match="is a folder: pass a recipe YAML file"):
+        load_config(tmp_path)
+    (tmp_path / "mm.py").write_text("_base_ = ['../_base_/models/segformer.py']\n")
+    with pytest.raises(ValueError, match=r"is a Python \(mmseg\) config: edgeseg reads YAML recipes"):
+        load_config(tmp_path / "mm.py")
     for bad, message in [("data.test_scale=[0, 0]", r"data.test_scale must be positive"),
                          ("data.ratio_range=[2.0, 0.5]", r"data.ratio_range is \(low, high\)"),
                          ("data.std=[0, 1, 1]", "data.std divides the pixels"),
