@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -215,3 +216,20 @@ def test_an_override_that_changes_nothing_is_not_blamed(tmp_path):
     torch.save({"state_dict": {**sd, "decode_head.stray.weight": torch.zeros(1)}}, tmp_path / "extra.pth")
     with pytest.raises(ValueError, match="1 unexpected"):
         edgeseg.load_model(tmp_path / "extra.pth", num_classes=5)
+
+
+def test_malformed_entries_beside_sound_weights_name_the_file_and_counts_must_be_positive(tmp_path):
+    from edgeseg.checkpoint import atomic_save, load_model
+
+    ckpt = torch.load(edgeseg.save_checkpoint(tmp_path / "m.pth", edgeseg.create_model("topformer-tiny", num_classes=4)),
+                      weights_only=True)
+    atomic_save({**ckpt, "input_mean": [0, 0, 0], "input_std": [0, 0, 0]}, tmp_path / "std0.pth")
+    with pytest.raises(ValueError, match=r"checkpoint '.*std0.pth': its test pipeline is malformed .*std positive"):
+        load_model(tmp_path / "std0.pth")
+    atomic_save({**ckpt, "model_args": "x"}, tmp_path / "args.pth")
+    with pytest.raises(ValueError, match=r"checkpoint '.*args.pth': model_args is 'x', not a mapping"):
+        load_model(tmp_path / "args.pth")
+    for bad in (0, -3, 2.5, "19", True):
+        with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+            edgeseg.create_model("topformer-tiny", num_classes=bad)
+    assert edgeseg.create_model("topformer-tiny", num_classes=np.int64(7)).num_classes == 7

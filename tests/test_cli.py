@@ -198,6 +198,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
     from PIL import Image
 
     ckpt = save_checkpoint(tmp_path / "tt8.pth", create_model("topformer-tiny", num_classes=8))
+    b0 = save_checkpoint(tmp_path / "b0.pth", create_model("segformer-b0", num_classes=8))
     (tmp_path / "empty.pth").write_bytes(b"")
     (tmp_path / "text.pth").write_text("not a checkpoint")
     (tmp_path / "photos").mkdir()
@@ -208,6 +209,8 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
         (["info", str(tmp_path / "text.pth")], "is not a PyTorch checkpoint"),
         (["bench", str(ckpt), "--num-classes", "19"], "has 8 classes, not 19: leave the class count out"),
         (["info", str(ckpt), "--sparsity", "0.3"], "needs a dynamic checkpoint"),
+        (["bench", str(b0), "--sparsity", "0.3"], "holds segformer-b0, a dense model: a sparsity needs a dynamic"),
+        (["export", str(ckpt), str(tmp_path / "x.txt")], "an ONNX graph is written to a .onnx file"),
         (["predict", str(ckpt), str(tmp_path / "photos"), "--out", str(tmp_path / "photos")], "is an input"),
         (["predict", str(ckpt), str(tmp_path / "photos"), "--out", str(tmp_path / "a_file")], "choose another path"),
         (["info", "topformer-tiny", "--arg", "head_channels=[1,"], "is not a YAML value"),

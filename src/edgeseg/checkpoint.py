@@ -208,7 +208,11 @@ def set_normalization(model: nn.Module, mean: Any = None, std: Any = None) -> nn
     (``model.input_mean``, ``model.input_std``): it travels into checkpoints, so prediction and ONNX metadata
     normalise as training did. Models without it take ImageNet's, as every published recipe does."""
     if mean is not None and std is not None:
-        model.input_mean, model.input_std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):  # a zero std turns every pixel into NaN
+            raise ValueError(f"input normalisation mean {list(mean)}, std {list(std)}: expected three values each "
+                             f"(RGB, 0–255 scale), std positive")
+        model.input_mean, model.input_std = mean, std
     return model
 
 
@@ -278,7 +282,11 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
         raw, labels = unwrap_state_dict(ckpt), checkpoint_labels(ckpt)
         normalization, resize, windows = _test_pipeline(ckpt)
         if ckpt.get("format") == EDGESEG_FORMAT and ckpt.get("model_name") in MODELS:
-            name, args = ckpt["model_name"], dict(ckpt.get("model_args", {}))
+            name, args = ckpt["model_name"], ckpt.get("model_args", {})
+            if not isinstance(args, dict):
+                raise ValueError(f"checkpoint '{path}': model_args is {args!r}, not a mapping of builder arguments "
+                                 f"(an edited file?): save the model again")
+            args = dict(args)
         else:  # foreign layouts, and models saved without a registered name (built from their class)
             family, sd, _ = detect_layout(raw, source=f"checkpoint '{path}'")
             name, args = FAMILIES[family].infer_model(sd)
@@ -291,7 +299,13 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
         raise ValueError(f"checkpoint '{path}' has {args.get('num_classes')} classes, not {overrides['num_classes']}: "
                          f"leave the class count out (to fine-tune for other classes, start a training run from it: "
                          f"model.pretrained)")
-    model = create_model(name, **{**args, **overrides})
+    try:
+        model = create_model(name, **{**args, **overrides})
+    except ValueError as err:
+        if "sparsity" in overrides and "sparsity" not in args:  # a dense family that has no such argument
+            raise ValueError(f"checkpoint '{path}' holds {name}, a dense model: a sparsity needs a dynamic "
+                             f"checkpoint (edgeseg distill makes one)") from err
+        raise
     try:
         _load_state_dict(model, raw, path, strict=True, drop_head=False,
                          fix="its tensors are not those of that model (a damaged or edited file?)")
@@ -302,9 +316,13 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
         hint = "; a sparsity needs a dynamic checkpoint (edgeseg distill makes one)" if "sparsity" in changed else ""
         raise ValueError(f"checkpoint '{path}' holds {name} {args}, which {changed} does not fit: leave it "
                          f"out{hint}") from err
-    set_normalization(model, *normalization)
-    set_test_resize(model, *resize)
-    set_test_windows(model, *windows)
+    try:
+        set_normalization(model, *normalization)
+        set_test_resize(model, *resize)
+        set_test_windows(model, *windows)
+    except (TypeError, ValueError) as err:  # an edited or damaged entry beside sound weights
+        raise ValueError(f"checkpoint '{path}': its test pipeline is malformed ({err}): save the model again, "
+                         f"or delete the entry to fall back to the defaults") from err
     return set_labels(model, *labels).eval()
 
 

@@ -225,6 +225,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .deploy.export import export_onnx
 
+    if Path(args.out).suffix.lower() != ".onnx":  # checked before the export, which takes a while
+        raise ValueError(f"{args.out}: an ONNX graph is written to a .onnx file: name it e.g. model.onnx")
     model = _build(args)
     opset = args.opset or (18 if args.exporter == "dynamo" else 17)
     size = args.size or getattr(model, "test_crop_size", None) or (512, 512)  # a slide recipe runs its windows
@@ -357,7 +359,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         def save(name: str, pred: Any, gt: Any) -> None:
             save_label_png(pred.numpy(), out / f"{name}.png", palette)
 
-    result = evaluate(model, dataset, cfg.eval, workers=cfg.data.workers, progress=not args.json, callback=save)
+    result = evaluate(model, dataset, cfg.eval, workers=cfg.data.workers, progress=not (args.json or args.no_progress), callback=save)
     if args.json:
         print(json.dumps({"model": name, "checkpoint": args.checkpoint, **result}, indent=2))
     else:
@@ -398,7 +400,9 @@ def _engine_parsers(sub: Any) -> None:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--fuse", action="store_true", help="evaluate fuse()'s inference form (the same logits to ~1e-5, "
                                                         "faster) instead of the published computation")
-    p.add_argument("--json", action="store_true", help="one JSON object: mIoU, mAcc, aAcc (%%), per_class, num_images")
+    p.add_argument("--json", action="store_true", help="one JSON object: model, checkpoint, mIoU, mAcc, aAcc (%%), "
+                                                        "per_class, num_images")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="train TopFormer-Tiny from scratch on procedural scenes on the CPU, then report")

@@ -8,6 +8,7 @@ those tables: a plain dict of builders, no registry decorators.
 
 from __future__ import annotations
 
+import operator
 from types import ModuleType
 from typing import Any
 
@@ -57,5 +58,11 @@ def create_model(name: str, num_classes: int | None = None, **overrides: Any) ->
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown model '{name}'.{hint} `edgeseg info` lists all models.")
     if num_classes is not None:
-        overrides["num_classes"] = num_classes
+        try:
+            count = operator.index(num_classes)  # ints of any kind (NumPy's too), never floats or strings
+        except TypeError:
+            count = 0
+        if count < 1 or isinstance(num_classes, bool):
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        overrides["num_classes"] = count
     return MODELS[name](**overrides)
