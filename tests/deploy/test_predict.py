@@ -33,6 +33,21 @@ def test_segmenter_matches_resize_then_model_then_resize_back(tmp_path):
     assert seg.overlay(rgb, labels).shape == rgb.shape
 
 
+def test_segmenter_takes_gray_rgba_and_tensor_images_as_pil_reads_them():
+    model = edgeseg.create_model("topformer-tiny", num_classes=5).eval()
+    seg = Segmenter(model, scale=(128, 64), fuse=False)
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (40, 56, 4), dtype=np.uint8)
+    gray = rgba[:, :, 0]
+    assert np.array_equal(seg(gray), seg(Image.fromarray(gray)))  # PIL's "L" → RGB: three equal channels
+    assert np.array_equal(seg(rgba), seg(Image.fromarray(rgba)))  # PIL's RGBA → RGB drops the alpha
+    assert np.array_equal(seg(torch.from_numpy(rgba[:, :, :3]).permute(2, 0, 1)), seg(rgba[:, :, :3]))
+    with pytest.raises(ValueError, match=r"expected uint8 pixels \(0–255\), got float32"):
+        seg(rgba[:, :, :3].astype(np.float32) / 255)
+    with pytest.raises(ValueError, match=r"got \(40, 56, 2\)"):
+        seg(rgba[:, :, :2])
+
+
 def test_segmenter_slides_windows_as_mmseg_slide_inference():
     model = random_weights_(edgeseg.create_model("topformer-tiny", num_classes=5)).eval()  # labels that vary
     rgb = (np.random.default_rng(0).random((70, 100, 3)) * 255).astype(np.uint8)

@@ -20,7 +20,7 @@ from ..data import CLASSES, IMAGENET_MEAN, IMAGENET_STD, PALETTES, TestTransform
 from ..data.classes import default_palette
 from ..engine.inference import check_window, predict_probs, slide_inference, whole_inference, whole_labels
 
-ImageLike = str | os.PathLike | np.ndarray | Image.Image
+ImageLike = str | os.PathLike | np.ndarray | Image.Image | torch.Tensor
 
 
 def _as_rgb_array(image: ImageLike) -> np.ndarray:
@@ -31,10 +31,20 @@ def _as_rgb_array(image: ImageLike) -> np.ndarray:
         return read_image(path, exif_orientation=True)
     if isinstance(image, Image.Image):  # upright, as its file path would be read
         return np.array(ImageOps.exif_transpose(image).convert("RGB"))
+    if isinstance(image, torch.Tensor):  # torchvision.io.read_image's layout: 3×H×W uint8
+        if image.dim() != 3 or image.shape[0] not in (1, 3, 4):
+            raise ValueError(f"expected a C×H×W uint8 image tensor (torchvision.io's layout), got {tuple(image.shape)}")
+        image = image.detach().cpu().permute(1, 2, 0).numpy()
     arr = np.asarray(image)
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise ValueError(f"expected an H×W×3 uint8 RGB array, got {arr.dtype} {arr.shape}")
-    return arr
+    if arr.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels (0–255), got {arr.dtype}: convert, e.g. "
+                         f"(x * 255).round().astype(np.uint8) for values in 0–1")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ValueError(f"expected an H×W×3 RGB array (or H×W gray, H×W×4 RGBA), got {arr.shape}")
+    # gray as three equal channels and RGBA without its alpha, as PIL's convert("RGB") reads such files
+    return np.ascontiguousarray(np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr[:, :, :3])
 
 
 def _normalised(names: Sequence[str]) -> list[str]:
@@ -133,7 +143,10 @@ class Segmenter:
         """Class indices (H, W) as uint8 (int32 beyond 255 classes): the argmax of the logits (the softmax would not
         change it, and costs more than the upsampling at 150 classes), taken where the model runs — on the CPU
         without the upsampled logits (:func:`~edgeseg.engine.inference.whole_labels`); with a sliding window, the
-        argmax of the probabilities, as ``eval`` takes it."""
+        argmax of the probabilities, as ``eval`` takes it.
+
+        ``image``: a file path, a PIL image (upright by its EXIF orientation), an H×W×3 RGB uint8 array (H×W gray
+        and H×W×4 RGBA too, read as PIL converts them) or a 3×H×W uint8 tensor (``torchvision.io.read_image``)."""
         img, size = self._network_input(image)
         if self.window:
             labels = self._probs(img, size).argmax(1)[0].cpu().numpy()
