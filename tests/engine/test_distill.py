@@ -184,6 +184,15 @@ def test_tiny_distill_run_on_scenes(tmp_path, capsys, tiny_distill_recipe):
     code = main(["distill", str(path), "--teacher", str(tmp_path / "b1.pth"), "--work-dir", str(tmp_path / "x"),
                  "--no-progress"])
     assert code == 2 and "segformer-b1" in capsys.readouterr().err
+    # a teacher, or a recipe, of another class count than the dataset's: refused at start, naming the dataset
+    save_checkpoint(tmp_path / "five.pth", create_model("segformer-b0", num_classes=5, depths=[1, 1, 1, 1]))
+    code = main(["distill", str(path), "--teacher", str(tmp_path / "five.pth"), "--work-dir", str(tmp_path / "x"),
+                 "--no-progress"])
+    assert code == 2 and (f"teacher '{tmp_path / 'five.pth'}' predicts 5 classes but dataset scenes lists 8 classes: "
+                          f"distil from a teacher trained on this dataset") in capsys.readouterr().err
+    code = main(["distill", str(path), "--teacher", str(tmp_path / "teacher.pth"), "--work-dir", str(tmp_path / "x"),
+                 "--no-progress", "--set", "model.num_classes=5"])
+    assert code == 2 and "model.num_classes is 5 but dataset scenes lists 8 classes" in capsys.readouterr().err
     # so is a dynamic model given as the teacher (the student itself)
     code = main(["distill", str(path), "--teacher", str(work / "final.pth"), "--work-dir", str(tmp_path / "x"),
                  "--no-progress"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 
 from edgeseg.checkpoint import load_model, set_test_recipe
 from edgeseg.config import load_config
@@ -114,13 +116,34 @@ def test_resuming_another_model_or_training_on_foreign_labels_is_one_line(tmp_pa
               log=lambda *a: None)
     with pytest.raises(ValueError, match=r"written at iteration 2, past schedule.iters=1"):
         train(tiny_cfg("schedule.iters=1"), tmp_path / "tiny", resume="auto", progress=False, log=lambda *a: None)
-    with pytest.raises(ValueError, match=r"the label map of scenes://seed=0/train/scene_\d+ holds class [5-7], but "
-                                         r"the model has 5 classes"):
+    with pytest.raises(ValueError, match=r"^model.num_classes is 5 but dataset scenes lists 8 classes: set "
+                                         r"model.num_classes to 8$"):
         train(tiny_cfg("model.num_classes=5"), tmp_path / "five", progress=False, log=lambda *a: None)
     batch = {"gt": torch.tensor([[[0, 255]], [[4, 6]]]), "meta": [{"img_path": "a.jpg"}, {"img_path": "b.jpg"}]}
     with pytest.raises(ValueError, match=r"the label map of b.jpg holds class 6, but the model has 5 classes"):
         check_labels(batch, 5)
     check_labels(batch, 7)
+
+
+def test_a_class_list_of_another_length_than_model_num_classes_is_refused_at_start(tmp_path):
+    from edgeseg.data import write_scenes
+
+    root = write_scenes(tmp_path / "five", 4, 2, size=(64, 64))  # masks hold the 8 scene classes
+    meta = yaml.safe_load((root / "dataset.yaml").read_text())
+    (root / "dataset.yaml").write_text(yaml.safe_dump({**meta, "classes": meta["classes"][:5],
+                                                      "palette": meta["palette"][:5]}))
+    folder = ["data.dataset=folder", f"data.root={root}", "data.train_kwargs={}", "data.val_kwargs={}"]
+    with pytest.raises(ValueError, match=rf"^model.num_classes is 8 but {re.escape(str(root / 'dataset.yaml'))} "
+                                         rf"lists 5 classes: set model.num_classes to 5, or fix the class list$"):
+        train(tiny_cfg(*folder, "model.num_classes=8"), tmp_path / "run", progress=False, log=lambda *a: None)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=r"^model.num_classes is 8 but data.kwargs.classes lists 5 classes"):
+        train(tiny_cfg(*folder, "model.num_classes=8", "data.kwargs={classes: [a, b, c, d, e]}"), tmp_path / "run",
+              progress=False, log=lambda *a: None)
+    # the class count from the list: a mask beyond it is named at its first batch
+    with pytest.raises(ValueError, match=r"the label map of .*scene_\d+.jpg holds class [5-7], but the model has 5 "
+                                         r"classes"):
+        train(tiny_cfg(*folder), tmp_path / "run", progress=False, log=lambda *a: None)
 
 
 def test_bf16_and_grad_accum_run(tmp_path):

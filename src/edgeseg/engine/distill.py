@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import load_model, save_checkpoint, set_labels, set_test_recipe
 from ..config import Config, DistillCfg
+from ..data import SegDataset
 from ..models.dynamic import SparsitySchedule, dynamic_gates, from_segformer, gate_l1, set_sparsity
 from ..models.topformer import from_topformer
 from .evaluate import build_val_dataset
@@ -45,7 +46,9 @@ from .train import (
     RunLogger,
     build_train_loader,
     build_train_set,
+    check_class_count,
     check_labels,
+    check_num_classes,
     data_parallel,
     evaluate_during_training,
     find_resume,
@@ -129,7 +132,7 @@ def stage2_loss(student: nn.Module, teacher: nn.Module, img: Tensor, gt: Tensor,
 
 
 # -------------------------------------------------------------------------------------------------------- loop
-def build_student(cfg: Config, teacher: nn.Module, num_classes: int) -> nn.Module:
+def build_student(cfg: Config, teacher: nn.Module, train_set: SegDataset) -> nn.Module:
     """The dynamic student of ``teacher``'s size (DynaSegFormer of a SegFormer, dynamic TopFormer of a TopFormer),
     checked against the config's model section."""
     teacher_path = cfg.distill.teacher
@@ -142,9 +145,9 @@ def build_student(cfg: Config, teacher: nn.Module, num_classes: int) -> nn.Modul
         teacher_name = cfg.model.name.removeprefix("dyna")
         raise ValueError(f"teacher '{teacher_path}' is {name}, but the config trains {cfg.model.name}: use a "
                          f"{teacher_name} teacher or the matching config")
-    if teacher.num_classes != num_classes:
-        raise ValueError(f"teacher '{teacher_path}' predicts {teacher.num_classes} classes but the dataset has "
-                         f"{num_classes}: distil from a teacher trained on this dataset")
+    check_class_count(cfg, train_set, teacher.num_classes,
+                      f"teacher '{teacher_path}' predicts {teacher.num_classes} classes",
+                      "distil from a teacher trained on this dataset")
     if "sparsity" in cfg.model.overrides:
         raise ValueError("set the sparsity as distill.sparsity, not model.overrides.sparsity")
     overrides = {k: v for k, v in cfg.model.overrides.items() if k not in ("num_classes", "dynamic")}
@@ -191,9 +194,10 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
     # Identical students on every rank (new gates draw from torch's generator); then per-rank streams for dropout.
     seed_everything(cfg.train.seed)
     train_set = build_train_set(cfg)
+    check_num_classes(cfg, train_set)
     teacher = load_model(dcfg.teacher).to(info.device).eval()
     teacher.requires_grad_(False)
-    student = set_labels(build_student(cfg, teacher, train_set.num_classes), train_set.classes, train_set.palette)
+    student = set_labels(build_student(cfg, teacher, train_set), train_set.classes, train_set.palette)
     set_test_recipe(student, cfg)  # normalisation, test resize and window travel with the checkpoints
     student = sync_batchnorm(student, cfg, info).to(info.device).train()
     scaler = grad_scaler(cfg, info)

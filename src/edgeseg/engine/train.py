@@ -212,6 +212,36 @@ def check_labels(batch: dict[str, Any], num_classes: int, ignore_index: int = 25
                          f"ignored): set model.num_classes to the dataset's class count, or fix the masks")
 
 
+def class_list_origin(cfg: Config, split: str = "train") -> str:
+    """Where the class names of the recipe's ``split`` come from, for messages: the recipe key that lists them, a
+    folder dataset's ``dataset.yaml``, or a built-in dataset's name."""
+    d = cfg.data
+    split_kwargs = getattr(d, f"{split}_kwargs")
+    if "classes" in split_kwargs or "classes" in d.kwargs:
+        return f"data.{f'{split}_kwargs' if 'classes' in split_kwargs else 'kwargs'}.classes"
+    if d.dataset == "folder":
+        return str(Path(d.root) / {**d.kwargs, **split_kwargs}.get("meta_file", "dataset.yaml"))
+    return f"dataset {d.dataset}"
+
+
+def check_class_count(cfg: Config, dataset: SegDataset, count: int, claim: str, fix: str,
+                      split: str = "train") -> None:
+    """A model of ``count`` classes (``claim`` says whose) is one of the dataset's class count, else one line
+    naming where the class list comes from: training would go on with labels and class names that disagree, and
+    ``eval`` would refuse the result."""
+    if count != dataset.num_classes:
+        raise ValueError(f"{claim} but {class_list_origin(cfg, split)} lists {dataset.num_classes} classes: {fix}")
+
+
+def check_num_classes(cfg: Config, train_set: SegDataset) -> None:
+    """``model.num_classes``, where the recipe sets it, is the training set's class count."""
+    if cfg.model.num_classes is not None:
+        fix = f"set model.num_classes to {train_set.num_classes}"
+        if cfg.data.dataset == "folder":  # a class list of the user's own
+            fix += ", or fix the class list"
+        check_class_count(cfg, train_set, cfg.model.num_classes, f"model.num_classes is {cfg.model.num_classes}", fix)
+
+
 def seg_loss(logits: Tensor, gt: Tensor, ignore_index: int = 255) -> Tensor:
     """Cross-entropy of logits (B, K, h, w) upsampled to the label size (B, H, W).
 
@@ -421,6 +451,7 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
     # Identical initial weights on every rank (DDP also broadcasts rank 0's); then per-rank streams for dropout.
     seed_everything(cfg.train.seed)
     train_set = build_train_set(cfg)
+    check_num_classes(cfg, train_set)
     model = set_labels(build_model(cfg, train_set.num_classes, log), train_set.classes, train_set.palette)
     set_test_recipe(model, cfg)  # normalisation, test resize and window travel with the checkpoints
     ignore_index = train_set.ignore_index
