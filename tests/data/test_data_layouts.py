@@ -302,6 +302,9 @@ def test_folder_yaml_unknown_keys_are_said_and_ignored(make_tree):
     (root / "dataset.yaml").write_text("classes: [a, b, c, d]\nname: my street scenes\n")
     with pytest.warns(UserWarning, match="unknown key 'name' ignored"):
         assert build_dataset("folder", root, "train").num_classes == 4
+    (root / "dataset.yaml").write_text("classes: [a, b, c, d]\nreduce_zero_labels: true\n")  # a typo: refused
+    with pytest.raises(ValueError, match="unknown key 'reduce_zero_labels': did you mean 'reduce_zero_label'"):
+        build_dataset("folder", root, "train")
 
 
 def test_sixteen_bit_grey_images_read_as_their_top_eight_bits(tmp_path):
@@ -325,3 +328,12 @@ def test_a_label_map_of_another_size_names_both_files(make_tree):
     with pytest.raises(ValueError, match=r"is 5x3: a label map has its image's size") as err:
         ds[0]
     assert str(label) in str(err.value) and str(ds.img_files[0]) in str(err.value)
+
+
+def test_a_folder_of_other_images_names_their_suffix_and_the_key_to_set(make_tree):
+    root = make_tree("folder")
+    for image in (root / "img_dir" / "train").iterdir():
+        image.rename(image.with_suffix(".png"))
+    with pytest.raises(FileNotFoundError, match=r"no \*\.jpg images in .*train \(it holds 3 \*\.png files: set "
+                                                r"img_suffix: \.png in dataset.yaml"):
+        build_dataset("folder", root, "train")

@@ -16,6 +16,7 @@ then, for datasets whose label 0 means "unlabelled" (ADE20K, Pascal-Context-59, 
 from __future__ import annotations
 
 import collections
+import difflib
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -259,7 +260,11 @@ def scan_pairs(
                     stems.append(stem if rel == "." else os.path.join(rel, stem))
         stems.sort(key=lambda s: s + img_suffix)
     if not stems:
-        raise FileNotFoundError(f"no *{img_suffix} images in {img_dir}; expected {what}")
+        others = collections.Counter(Path(f).suffix for _, _, files in os.walk(img_dir) for f in files)
+        common = others.most_common(1)
+        hint = (f" (it holds {common[0][1]} *{common[0][0]} files: set img_suffix: {common[0][0]} in dataset.yaml or "
+                f"data.kwargs)" if common else "")
+        raise FileNotFoundError(f"no *{img_suffix} images in {img_dir}{hint}; expected {what}")
     pairs = [(img_dir / (s + img_suffix), ann_dir / (s + seg_map_suffix)) for s in stems]
     for img, ann in pairs:
         if not img.is_file():
@@ -412,7 +417,11 @@ def _read_dataset_yaml(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} must be a mapping (classes:, palette:, ...), got {type(cfg).__name__}")
     for key, value in cfg.items():
         kind = _DATASET_YAML.get(key)
-        if kind is None:  # a note of the user's own, or a typo whose default then applies: said, not refused
+        if kind is None:
+            close = difflib.get_close_matches(str(key), _DATASET_YAML, n=1, cutoff=0.8)
+            if close:  # a typo: its key's default would silently change the labels (reduce_zero_labels)
+                raise ValueError(f"{path}: unknown key {key!r}: did you mean {close[0]!r}?")
+            # a note of the user's own (name:, source:): said, not refused
             warnings.warn(f"{path}: unknown key {key!r} ignored; the keys are {', '.join(_DATASET_YAML)}",
                           stacklevel=3)
             continue
