@@ -340,3 +340,9 @@ def test_eval_names_the_model_it_scored_and_warns_when_the_recipe_builds_another
     assert f"'{ckpt}' holds segformer-b0 but {tmp_path / 'cfg.yaml'} builds topformer-tiny" in err
     assert main(["eval", str(tmp_path / "cfg.yaml"), "--checkpoint", str(ckpt), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == "segformer-b0"
+    with open(root / "dataset.yaml", "a") as f:
+        f.write("note: made by write_scenes\n")
+    assert main(["eval", str(tmp_path / "cfg.yaml"), "--checkpoint", str(ckpt), "--json"]) == 0
+    err = capsys.readouterr().err  # edgeseg's warnings are one line, as its errors, without a code excerpt
+    assert f"edgeseg eval: warning: {root / 'dataset.yaml'}: unknown key 'note' ignored" in err
+    assert all(line.startswith("edgeseg eval: warning: ") for line in err.splitlines())

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -534,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory_unless_disabled()  # the command owns its process: reuse freed tensor memory (see allocator.py)
     try:
-        code = int(args.func(args) or 0)
+        with _one_line_warnings(args.command):
+            code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe fails here, inside the handler below, not as Python exits
         return code
     except BrokenPipeError:  # the reader went away (`edgeseg info | head`): stop quietly, as Unix tools do
@@ -544,6 +547,27 @@ def main(argv: list[str] | None = None) -> int:
         _end_progress_bars()
         print(f"edgeseg {args.command}: error: {_explain(err, args)}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """edgeseg's own warnings as one line, like its errors: Python's format adds the warning's source path and line
+    of code, which say nothing to a user of the command line. Other libraries' warnings keep theirs."""
+    import warnings
+
+    package, original = str(Path(__file__).parent), warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and str(filename).startswith(package):
+            print(f"edgeseg {command}: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
 
 
 def _end_progress_bars() -> None:
