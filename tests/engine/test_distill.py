@@ -314,6 +314,39 @@ def test_distill_resume_errors_name_the_file_and_the_fix(tmp_path, capsys, tiny_
     assert not (tmp_path / "run").exists()  # refused before the work folder is made
 
 
+def test_distill_resume_refuses_another_sparsity_or_teacher(tmp_path, capsys, tiny_distill_recipe):
+    recipe = tiny_distill_recipe({"name": "dynasegformer-b0", "overrides": {"drop_path_rate": 0.0}})
+    teacher = _teacher(tmp_path)
+    work = tmp_path / "run"
+    distill(load_config(recipe, [f"distill.teacher={teacher}"]), work, progress=False, log=lambda *a: None)
+
+    def resume(*extra: str, teacher: Path = teacher, path: Path = work / "iter_2.pth") -> tuple[int, str]:
+        code = main(["distill", str(recipe), "--teacher", str(teacher), "--work-dir", str(work), "--no-progress",
+                     "--resume", str(path), *extra])
+        return code, capsys.readouterr().err
+
+    code, err = resume("--set", "distill.sparsity=0.6")  # the gates were pruned toward 0.5
+    assert code == 2 and err.count("\n") == 1 and (
+        f"--resume {work / 'iter_2.pth'}: written for dynasegformer-b0 {{'num_classes': 8, 'sparsity': 0.5, "
+        f"'depths': [1, 1, 1, 1], 'drop_path_rate': 0.0}}, but the recipe builds dynasegformer-b0 {{'num_classes': 8, "
+        f"'sparsity': 0.6, ") in err
+    torch.manual_seed(1)
+    other = save_checkpoint(tmp_path / "other.pth", create_model("segformer-b0", num_classes=8, depths=[1, 1, 1, 1]))
+    code, err = resume(teacher=other)
+    assert code == 2 and err.count("\n") == 1 and (
+        f"--resume {work / 'iter_2.pth'}: written with the teacher {teacher} (weights sha256 ") in err and (
+        f"--teacher {other} holds other weights (") in err and "resume with the teacher that run started with" in err
+    assert torch.load(work / "final.pth", weights_only=True)["model_args"]["sparsity"] == 0.5  # not relabelled
+
+    # the same weights under another name resume; so does a checkpoint older than the teacher's record
+    moved = shutil.copy(teacher, tmp_path / "renamed.pth")
+    assert resume(teacher=Path(moved), path=work / "latest.pth") == (0, "")
+    old = torch.load(work / "latest.pth", weights_only=True)
+    del old["teacher_sha256"]
+    torch.save(old, work / "old.pth")
+    assert resume(teacher=other, path=work / "old.pth") == (0, "")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -25,6 +25,7 @@ as a forward.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import time
 from collections.abc import Sequence
@@ -155,8 +156,22 @@ def build_student(cfg: Config, teacher: nn.Module, train_set: SegDataset) -> nn.
     return make(teacher, cfg.distill.sparsity, **overrides)
 
 
-def _read_distill_state(path: Path, stages: dict[int, tuple[int, int]]) -> dict[str, Any]:
-    """The training state in ``path``, checked to be a distillation's and to fall inside this recipe's stages."""
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 over a model's state dict (names, dtypes, shapes, bytes): the teacher's identity in a distillation's
+    checkpoints, the same wherever its file moves and whatever layout it was read from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _read_distill_state(path: Path, stages: dict[int, tuple[int, int]], teacher: str,
+                        teacher_sha256: str) -> dict[str, Any]:
+    """The training state in ``path``, checked to be a distillation's, to fall inside this recipe's stages and to
+    have been written with the weights of ``teacher`` (where it says: checkpoints older than ``teacher_sha256``
+    do not)."""
     ckpt = read_training_state(path, "resume from latest.pth or an iter_N.pth of the distillation run")
     if "stage" not in ckpt:
         raise ValueError(f"--resume {path}: a checkpoint of edgeseg train, not of a distillation; resume from "
@@ -167,6 +182,12 @@ def _read_distill_state(path: Path, stages: dict[int, tuple[int, int]]) -> dict[
         raise ValueError(f"--resume {path}: written at step {step} of stage {stage}, which in this recipe spans steps "
                          f"{first + 1}..{last}: resume with the distill.stage1_iters and schedule.iters the run "
                          f"started with")
+    written = ckpt.get("teacher_sha256", teacher_sha256)
+    if written != teacher_sha256:
+        was = ckpt.get("config", {}).get("distill", {}).get("teacher")
+        raise ValueError(f"--resume {path}: written with the teacher {was} (weights sha256 {written[:12]}), but "
+                         f"--teacher {teacher} holds other weights ({teacher_sha256[:12]}): resume with the teacher "
+                         f"that run started with, or distill in a new --work-dir")
     return ckpt
 
 
@@ -195,7 +216,9 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
     seed_everything(cfg.train.seed)
     train_set = build_train_set(cfg)
     check_num_classes(cfg, train_set)
-    teacher = load_model(dcfg.teacher).to(info.device).eval()
+    teacher = load_model(dcfg.teacher)
+    teacher_sha256 = weights_sha256(teacher)
+    teacher = teacher.to(info.device).eval()
     teacher.requires_grad_(False)
     student = set_labels(build_student(cfg, teacher, train_set), train_set.classes, train_set.palette)
     set_test_recipe(student, cfg)  # normalisation, test resize and window travel with the checkpoints
@@ -210,7 +233,7 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
     step, best, resumed = 0, -math.inf, None
     ckpt_path = find_resume(resume, work_dir, "distill")
     if ckpt_path is not None:
-        resumed = _read_distill_state(ckpt_path, stages)
+        resumed = _read_distill_state(ckpt_path, stages, dcfg.teacher, teacher_sha256)
         restore_weights(student, resumed, ckpt_path)
         scaler.load_state_dict(resumed["scaler"])
         step, best = int(resumed["iteration"]), float(resumed["best_mIoU"])
@@ -284,7 +307,7 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
             if (cfg.train.checkpoint_interval > 0 and step % cfg.train.checkpoint_interval == 0) or step == last:
                 save_training_state(work_dir, student, {
                     "iteration": step, "stage": stage, "best_mIoU": best, "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "config": cfg.to_dict()}, info)
+                    "scaler": scaler.state_dict(), "config": cfg.to_dict(), "teacher_sha256": teacher_sha256}, info)
 
     if bar is not None:
         bar.close()
@@ -292,7 +315,8 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
     set_sparsity(student, dcfg.sparsity)
     student.eval()
     if info.main:
-        save_checkpoint(work_dir / "final.pth", student, {"iteration": step, "distill": dataclasses.asdict(dcfg)})
+        save_checkpoint(work_dir / "final.pth", student, {"iteration": step, "distill": dataclasses.asdict(dcfg),
+                                                          "teacher_sha256": teacher_sha256})
     leave_process_group(info)
     return {"model": student, "iteration": step, "best_mIoU": best if best > -math.inf else None,
             "last_eval": last_eval, "rank": info.rank}

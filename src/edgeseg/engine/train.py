@@ -405,13 +405,20 @@ def read_training_state(path: Path, fix: str) -> dict[str, Any]:
 
 
 def restore_weights(model: nn.Module, ckpt: dict[str, Any], path: Path) -> None:
-    """The run's weights from a training-state checkpoint; one line where the recipe builds another model."""
+    """The run's weights from a training-state checkpoint; one line where the recipe builds another model: other
+    weights, or the same weights built with other arguments (a dynamic model's sparsity leaves no trace in them)."""
+    other = ValueError(f"--resume {path}: written for {ckpt.get('model_name')} {ckpt.get('model_args')}, but the "
+                       f"recipe builds {model.model_name} {model.model_args}: resume with the config that run "
+                       f"started with, or train in a new --work-dir")
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
-        raise ValueError(f"--resume {path}: written for {ckpt.get('model_name')} {ckpt.get('model_args')}, but the "
-                         f"recipe builds {model.model_name} {model.model_args}: resume with the config that run "
-                         f"started with, or train in a new --work-dir") from err
+        raise other from err
+    def plain(name: Any, args: Any) -> str:  # as JSON: a tuple and a list are the same argument
+        return json.dumps([name, args], sort_keys=True, default=str)
+
+    if plain(ckpt.get("model_name"), ckpt.get("model_args")) != plain(model.model_name, model.model_args):
+        raise other
 
 
 def restore_rng(states: list[dict[str, Any]], info: DistInfo) -> None:
