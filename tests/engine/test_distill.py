@@ -153,7 +153,8 @@ def test_tiny_distill_run_on_scenes(tmp_path, capsys, tiny_distill_recipe):
     work = tmp_path / "run"
     code = main(["distill", str(path), "--teacher", str(tmp_path / "teacher.pth"), "--work-dir", str(work),
                  "--no-progress", "--set", "distill.lambda_gate=1e-3"])
-    assert code == 0 and "final.pth" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert code == 0 and "final.pth" in out and "data: 8 training images, 2 validation images" in out
     rows = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["mode"] == "train"]
     assert [(r["stage"], r["iter"], r["sparsity"]) for r in train_rows] == [(1, 1, 0.0), (1, 2, 0.25),

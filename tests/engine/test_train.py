@@ -56,7 +56,9 @@ def _assert_tensorboard_scalars_match(work_dir: Path, rows: list[dict]) -> None:
 def test_train_writes_artefacts_and_resumes_exactly(tmp_path):
     cfg = tiny_cfg()
     first = tmp_path / "uninterrupted"
-    out = train(cfg, first, progress=False, log=lambda *a: None)
+    said = []
+    out = train(cfg, first, progress=False, log=said.append)
+    assert said[0] == "data: 12 training images, 2 validation images"
     for name in ("iter_2.pth", "iter_4.pth", "latest.pth", "best.pth", "log.jsonl", "config.yaml"):
         assert (first / name).is_file(), name
     rows = [json.loads(line) for line in (first / "log.jsonl").read_text().splitlines()]
@@ -149,7 +151,9 @@ def test_a_class_list_of_another_length_than_model_num_classes_is_refused_at_sta
 def test_bf16_and_grad_accum_run(tmp_path):
     cfg = tiny_cfg("train.amp=bf16", "train.grad_accum=2", "schedule.iters=2", "train.eval_interval=0",
                    "train.checkpoint_interval=0")
-    train(cfg, tmp_path, progress=False, log=lambda *a: None)
+    said = []
+    train(cfg, tmp_path, progress=False, log=said.append)
+    assert said[0] == "data: 12 training images, no validation (train.eval_interval=0)"
     losses = _losses(tmp_path)
     assert list(losses) == [1, 2] and all(0 < v < 10 for v in losses.values())
     with pytest.raises(ValueError, match="not divisible"):

@@ -51,6 +51,7 @@ from .train import (
     check_labels,
     check_num_classes,
     data_parallel,
+    data_summary,
     evaluate_during_training,
     find_resume,
     grad_scaler,
@@ -245,6 +246,7 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
     accum, dev = cfg.train.grad_accum, info.device
     batches = iter(build_train_loader(cfg, train_set, info, start_batch=step * accum))
     val_set = build_val_dataset(cfg) if cfg.train.eval_interval > 0 else None
+    log(data_summary(train_set, val_set))
     if info.main:
         open_work_dir(cfg, work_dir)
     logger = RunLogger(work_dir, info.main, step)

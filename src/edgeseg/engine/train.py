@@ -369,6 +369,13 @@ def open_work_dir(cfg: Config, work_dir: str | Path) -> Path:
     return work_dir
 
 
+def data_summary(train_set: SegDataset, val_set: SegDataset | None) -> str:
+    """How many images the run found, said at its start (mmseg's "Loaded N images"): a wrong split or suffix
+    shows there, not after hours."""
+    val = f"{len(val_set)} validation images" if val_set is not None else "no validation (train.eval_interval=0)"
+    return f"data: {len(train_set)} training images, {val}"
+
+
 def evaluate_during_training(model: nn.Module, val_set: SegDataset, cfg: Config) -> dict[str, Any]:
     """``evaluate`` on the validation split with the config's protocol, then back to train mode.
 
@@ -490,6 +497,7 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
     accum, iters, dev = cfg.train.grad_accum, cfg.schedule.iters, info.device
     batches = iter(build_train_loader(cfg, train_set, info, start_batch=start * accum))
     val_set = build_val_dataset(cfg) if cfg.train.eval_interval > 0 else None
+    log(data_summary(train_set, val_set))
     if info.main:
         open_work_dir(cfg, work_dir)
     logger = RunLogger(work_dir, info.main, start)
