@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -162,6 +163,25 @@ def test_bf16_and_grad_accum_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         train(cfg, tmp_path / "bad", resume=str(tmp_path / "missing.pth"), progress=False, log=lambda *a: None)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_diverging_run_stops_with_the_fix_and_its_log_stays_strict_json(tmp_path):
+    from edgeseg.engine.train import check_finite_loss
+
+    # lr 1e6: the loss grows to ~1e15 by iteration 3 and is NaN from iteration 4; checked at each log row (3, 6)
+    cfg = tiny_cfg("optim.lr=1e6", "schedule.iters=6", "train.log_interval=3", "train.eval_interval=0")
+    with pytest.raises(ValueError, match=r"^the training loss is nan at iteration [3-5]: the run diverged; lower "
+                                         r"optim.lr \(now 1e\+06\), and start again or resume from a checkpoint"):
+        train(cfg, tmp_path, progress=False, log=lambda *a: None)
+
+    def strict(constant: str) -> float:
+        raise ValueError(f"{constant} in log.jsonl")
+
+    rows = [json.loads(line, parse_constant=strict) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] in ([], [3])
+    with pytest.raises(ValueError, match=r"at iteration 7: .*, or train in bf16 or fp32 \(--set train.amp=none\)"):
+        check_finite_loss(math.inf, 7, tiny_cfg("train.amp=fp16"))
+    check_finite_loss(2.5, 7, cfg)
 
 
 def test_seg_loss_averages_over_all_pixels_ignored_ones_included():

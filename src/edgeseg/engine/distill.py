@@ -48,6 +48,7 @@ from .train import (
     build_train_loader,
     build_train_set,
     check_class_count,
+    check_finite_loss,
     check_labels,
     check_num_classes,
     data_parallel,
@@ -253,7 +254,7 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
     schedule = SparsitySchedule(dcfg.sparsity, dcfg.anneal_iters)
     bar = progress_bar(stages[2][1], step, desc="distill") if progress and info.main else None
     last_eval: dict[str, Any] | None = None
-    t_start = time.perf_counter()
+    diverged_at, t_start = None, time.perf_counter()
 
     for stage, (first, last) in stages.items():
         if step >= last:  # finished before the resume point, or empty
@@ -279,12 +280,16 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
             lr = set_lr(optimizer, it, cfg.optim.lr, lr_schedule)
             sparsity = schedule(step)
             set_sparsity(student, sparsity)
-            for k, v in optimizer_step(net, batches, loss_of, optimizer, scaler, cfg, info).items():
+            losses = optimizer_step(net, batches, loss_of, optimizer, scaler, cfg, info)
+            for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
             step, count = step + 1, count + 1
+            if diverged_at is None and not math.isfinite(losses["loss"]):
+                diverged_at = step
 
             if step % cfg.train.log_interval == 0 or step == last:
                 means = {k: mean_over_ranks(v / count, info) for k, v in sums.items()}
+                check_finite_loss(means["loss"], diverged_at or step, cfg)
                 logger({"mode": "train", "stage": stage, "iter": step, "lr": lr, "sparsity": sparsity, **means,
                         "time_s": round(time.perf_counter() - t_start, 3)})
                 if bar is not None:

@@ -503,7 +503,7 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
     logger = RunLogger(work_dir, info.main, start)
     bar = progress_bar(iters, start) if progress and info.main else None
     last_eval: dict[str, Any] | None = None
-    loss_sum, loss_count, t_start = 0.0, 0, time.perf_counter()
+    loss_sum, loss_count, diverged_at, t_start = 0.0, 0, None, time.perf_counter()
     net.train()
 
     def loss_of(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -512,12 +512,14 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
 
     for it in range(start, iters):
         lr = set_lr(optimizer, it, cfg.optim.lr, cfg.schedule)
-        loss_sum += optimizer_step(net, batches, loss_of, optimizer, scaler, cfg, info)["loss"]
-        loss_count += 1
-        done = it + 1
+        loss = optimizer_step(net, batches, loss_of, optimizer, scaler, cfg, info)["loss"]
+        loss_sum, loss_count, done = loss_sum + loss, loss_count + 1, it + 1
+        if diverged_at is None and not math.isfinite(loss):
+            diverged_at = done
 
         if done % cfg.train.log_interval == 0 or done == iters:
             mean_loss = mean_over_ranks(loss_sum / loss_count, info)
+            check_finite_loss(mean_loss, diverged_at or done, cfg)
             elapsed = time.perf_counter() - t_start
             logger({"mode": "train", "iter": done, "loss": mean_loss, "lr": lr, "time_s": round(elapsed, 3),
                     "eta_s": round(elapsed / (done - start) * (iters - done), 1)})
@@ -572,6 +574,21 @@ def optimizer_step(net: nn.Module, batches: Iterator[dict[str, Any]],
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return sums
+
+
+def check_finite_loss(mean_loss: float, diverged_at: int, cfg: Config) -> None:
+    """Stop a diverged run with the fix, instead of training on to the end on NaN weights.
+
+    Checked on the logged mean (every rank holds the same one, so all stop together under DDP), where the loss is
+    on the host anyway: no extra device sync. ``diverged_at`` is the first step this process saw the loss non-finite.
+    """
+    if math.isfinite(mean_loss):
+        return
+    fix = f"lower optim.lr (now {cfg.optim.lr:g})"
+    if cfg.train.amp != "none":  # half precision overflows first
+        fix += f", or train in {'bf16 or ' if cfg.train.amp == 'fp16' else ''}fp32 (--set train.amp=none)"
+    raise ValueError(f"the training loss is {mean_loss} at iteration {diverged_at}: the run diverged; {fix}, and "
+                     f"start again or resume from a checkpoint before it")
 
 
 def progress_bar(total: int, initial: int = 0, desc: str = "train") -> Any:
