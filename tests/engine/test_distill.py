@@ -342,6 +342,8 @@ def test_distill_resume_refuses_another_sparsity_or_teacher(tmp_path, capsys, ti
     # the same weights under another name resume; so does a checkpoint older than the teacher's record
     moved = shutil.copy(teacher, tmp_path / "renamed.pth")
     assert resume(teacher=Path(moved), path=work / "latest.pth") == (0, "")
+    # a regularisation knob builds the same model: a resume may change it, as mmseg's does
+    assert resume("--set", "model.overrides.drop_path_rate=0.1", path=work / "latest.pth") == (0, "")
     old = torch.load(work / "latest.pth", weights_only=True)
     del old["teacher_sha256"]
     torch.save(old, work / "old.pth")

@@ -411,6 +411,11 @@ def read_training_state(path: Path, fix: str) -> dict[str, Any]:
     return ckpt
 
 
+# Builder arguments a resumed run may change: they regularise training and build the same model (mmseg resumes
+# under an edited config the same way).
+REGULARISATION_ARGS = frozenset({"drop_path_rate", "dropout", "dropout_ratio"})
+
+
 def restore_weights(model: nn.Module, ckpt: dict[str, Any], path: Path) -> None:
     """The run's weights from a training-state checkpoint; one line where the recipe builds another model: other
     weights, or the same weights built with other arguments (a dynamic model's sparsity leaves no trace in them)."""
@@ -421,7 +426,9 @@ def restore_weights(model: nn.Module, ckpt: dict[str, Any], path: Path) -> None:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
         raise other from err
+
     def plain(name: Any, args: Any) -> str:  # as JSON: a tuple and a list are the same argument
+        args = {k: v for k, v in (args or {}).items() if k not in REGULARISATION_ARGS}
         return json.dumps([name, args], sort_keys=True, default=str)
 
     if plain(ckpt.get("model_name"), ckpt.get("model_args")) != plain(model.model_name, model.model_args):
