@@ -230,6 +230,7 @@ def test_malformed_entries_beside_sound_weights_name_the_file_and_counts_must_be
     with pytest.raises(ValueError, match=r"checkpoint '.*args.pth': model_args is 'x', not a mapping"):
         load_model(tmp_path / "args.pth")
     for bad in (0, -3, 2.5, "19", True):
-        with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+        with pytest.raises(ValueError, match="num_classes must be an integer ≥ 1 for topformer-tiny"):
             edgeseg.create_model("topformer-tiny", num_classes=bad)
     assert edgeseg.create_model("topformer-tiny", num_classes=np.int64(7)).num_classes == 7
+    assert edgeseg.create_model("mit-b0", num_classes=0).num_classes == 0  # timm's bare backbone

@@ -61,8 +61,9 @@ def create_model(name: str, num_classes: int | None = None, **overrides: Any) ->
         try:
             count = operator.index(num_classes)  # ints of any kind (NumPy's too), never floats or strings
         except TypeError:
-            count = 0
-        if count < 1 or isinstance(num_classes, bool):
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+            count = -1
+        least = 0 if name.startswith("mit-") or name.endswith("-cls") else 1  # 0: a classifier's bare backbone
+        if count < least or isinstance(num_classes, bool):
+            raise ValueError(f"num_classes must be an integer ≥ {least} for {name}, got {num_classes!r}")
         overrides["num_classes"] = count
     return MODELS[name](**overrides)
