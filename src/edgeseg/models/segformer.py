@@ -80,9 +80,10 @@ class EfficientSelfAttention(nn.Module):
     Keys and values come from a conv with kernel = stride = ``sr_ratio`` over the (h, w) token map followed by a
     LayerNorm, so attention costs O(N²/sr_ratio²) (the paper's sequence ratio R = sr_ratio² = 64, 16, 4, 1).
     ``kv`` is one Linear whose first C outputs are K and last C are V (official layout; Hugging Face splits it into
-    ``key``/``value``, the converter concatenates them). Scale ``head_dim^-0.5``. Tokens (B, N, C) with their map size (h, w) → (B, N, C).
+    ``key``/``value``, the converter concatenates them). Scale ``head_dim^-0.5``. Tokens (B, N, C) with their map
+    size (h, w) → (B, N, C).
 
-    ``use_sdpa`` (set by ``fuse()``) computes the same attention without materialising the (N × N/R) attention
+    ``fused_attention`` (set by ``fuse()``) computes the same attention without materialising the (N × N/R) attention
     matrix: the native kernel where it runs (:func:`.native.attention`), else ``F.scaled_dot_product_attention``; the
     default explicit ``softmax(q kᵀ · scale) v`` is the official formulation and is what ``torch.utils.flop_counter``
     sees as matrix products.
@@ -97,7 +98,7 @@ class EfficientSelfAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.sr_ratio = sr_ratio
-        self.use_sdpa = False
+        self.fused_attention = False
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
@@ -118,11 +119,11 @@ class EfficientSelfAttention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``softmax(q kᵀ · scale) v`` for q (B, heads, N, d), k (B, heads, M, d), v (B, heads, M, dv), in token
-        order (B, N, heads · dv). In the fused form (``use_sdpa``) without dropout, the native kernel where it runs
-        (:func:`.native.attention`: its time falls with the head width, which DynaSegFormer's gates narrow), else
+        order (B, N, heads · dv). In the fused form (``fused_attention``) without dropout, the native kernel where it
+        runs (:func:`.native.attention`: its time falls with the head width, which DynaSegFormer's gates narrow), else
         ``scaled_dot_product_attention``."""
         B, _, N, _ = q.shape
-        if self.use_sdpa:
+        if self.fused_attention:
             drop = self.attn_drop.p if self.training and isinstance(self.attn_drop, nn.Dropout) else 0.0
             out = native.attention(q, k, v, self.scale) if drop == 0.0 else None
             if out is not None:
@@ -136,11 +137,11 @@ class EfficientSelfAttention(nn.Module):
         """Inference form: the same weights, attention by the native kernel or ``scaled_dot_product_attention``
         (:meth:`attend`), dropout removed, the sequence-reduction norm a :class:`~.layers.NativeLayerNorm`."""
         fused = fuse_modules(copy.deepcopy(self))
-        fused.use_sdpa = True
+        fused.fused_attention = True
         return fused
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, sr_ratio={self.sr_ratio}, use_sdpa={self.use_sdpa}"
+        return f"num_heads={self.num_heads}, sr_ratio={self.sr_ratio}, fused_attention={self.fused_attention}"
 
 
 class MixFFN(nn.Module):
@@ -774,7 +775,7 @@ _MMSEG_HEAD_NOTE = ("mmsegmentation's SegformerHead (conv+BN+ReLU per stage, con
                     "classifier): a decoder='mmseg' model holds it")
 
 
-def _apply(rules: Sequence[tuple[str, str | Callable]], key: str) -> str:
+def _rename_key(rules: Sequence[tuple[str, str | Callable]], key: str) -> str:
     for pattern, repl in rules:
         key = re.sub(pattern, repl, key)
     return key
@@ -881,10 +882,10 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, t
             dropped.append(key)
             continue
         if key.startswith(("decode_head.", "classifier.")) or (layout == "official" and key.startswith("head.")):
-            out[_apply(head_rules, key)] = value
+            out[_rename_key(head_rules, key)] = value
             continue
         bare = key[len(prefix):] if key.startswith(prefix) else key
-        out["encoder." + _apply(encoder_rules, bare)] = value
+        out["encoder." + _rename_key(encoder_rules, bare)] = value
     if dropped:
         notes.append("dropped decode_head.conv_seg (created by mmseg's BaseDecodeHead, never used by SegFormerHead)")
     if layout == "mmseg":

@@ -335,13 +335,14 @@ class DynamicAttention(Attention):
         heads = self.num_heads
         if self.qk_gate.gathered:
             w_qkv, b_qkv, w_proj = self.plan(x)
-            kq, kv = self.qk_gate.width, self.v_gate.width
+            width_qk, width_v = self.qk_gate.width, self.v_gate.width
             tokens = x.flatten(2).transpose(1, 2)  # (B, N, C): a view of a channels-last map
-            q, k, v = gathered_linear(tokens, w_qkv, b_qkv).split([heads * kq, heads * kq, heads * kv], dim=-1)
-            q = q.reshape(b, h * w, heads, kq).transpose(1, 2)
-            k = k.reshape(b, h * w, heads, kq).permute(0, 2, 3, 1)
-            v = v.reshape(b, h * w, heads, kv).transpose(1, 2)
-            out = self.attend(q, k, v).transpose(1, 2).reshape(b, h * w, heads * kv)
+            q, k, v = gathered_linear(tokens, w_qkv, b_qkv).split([heads * width_qk, heads * width_qk, heads * width_v],
+                                                                  dim=-1)
+            q = q.reshape(b, h * w, heads, width_qk).transpose(1, 2)
+            k = k.reshape(b, h * w, heads, width_qk).permute(0, 2, 3, 1)
+            v = v.reshape(b, h * w, heads, width_v).transpose(1, 2)
+            out = self.attend(q, k, v).transpose(1, 2).reshape(b, h * w, heads * width_v)
             out = consume_gathered(self.act(out), w_proj, _linear_params(self.proj)[1])
             return out.transpose(1, 2).reshape(b, c, h, w)
         pooled = x.mean(dim=(2, 3))
