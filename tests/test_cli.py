@@ -340,6 +340,10 @@ def test_eval_names_the_model_it_scored_and_warns_when_the_recipe_builds_another
     assert f"'{ckpt}' holds segformer-b0 but {tmp_path / 'cfg.yaml'} builds topformer-tiny" in err
     assert main(["eval", str(tmp_path / "cfg.yaml"), "--checkpoint", str(ckpt), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == "segformer-b0"
+    five = save_checkpoint(tmp_path / "b0_5.pth", create_model("segformer-b0", num_classes=5))
+    assert main(["eval", str(tmp_path / "cfg.yaml"), "--checkpoint", str(five)]) == 2
+    assert f"checkpoint '{five}' predicts 5 classes but {root / 'dataset.yaml'} lists 8 classes: pass the config " \
+        "of the checkpoint's dataset" in capsys.readouterr().err
     with open(root / "dataset.yaml", "a") as f:
         f.write("note: made by write_scenes\n")
     assert main(["eval", str(tmp_path / "cfg.yaml"), "--checkpoint", str(ckpt), "--json"]) == 0

@@ -325,6 +325,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .config import load_config, validate
     from .engine.evaluate import build_val_dataset, evaluate, metrics_table
+    from .engine.train import check_class_count
 
     cfg = load_config(args.config, list(args.set or []))
     if args.mode or args.tta:  # checked as flags: the recipe may lack what --mode slide needs
@@ -333,9 +334,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         validate(cfg, f"{flags} with {args.config}")
     dataset = build_val_dataset(cfg)
     model = load_model(args.checkpoint)
-    if model.num_classes != dataset.num_classes:
-        raise ValueError(f"checkpoint '{args.checkpoint}' predicts {model.num_classes} classes but "
-                         f"{cfg.data.dataset} has {dataset.num_classes}: pass the config of the checkpoint's dataset")
+    check_class_count(cfg, dataset, model.num_classes, f"checkpoint '{args.checkpoint}' predicts "
+                      f"{model.num_classes} classes", "pass the config of the checkpoint's dataset", split="val")
     if model.model_name != cfg.model.name:  # mmseg builds the config's model; here the file's own is scored
         print(f"edgeseg eval: warning: '{args.checkpoint}' holds {model.model_name} but {args.config} builds "
               f"{cfg.model.name}: scoring the checkpoint's model with the recipe's data and test pipeline",
