@@ -61,14 +61,8 @@ from torch import nn
 from edgeseg import create_model
 from edgeseg.deploy.allocator import keep_freed_memory
 from edgeseg.deploy.benchmark import compare_latency, count_gmacs
-from edgeseg.models.dynamic import (
-    DynamicEfficientSelfAttention,
-    DynamicGatedLinear,
-    DynamicMixFFN,
-    from_segformer,
-    random_gates_,
-    set_native,
-)
+from edgeseg.models.dynamic import DynamicGatedLinear, random_gates_, set_native
+from edgeseg.models.dynasegformer import DynamicEfficientSelfAttention, DynamicMixFFN, from_segformer
 from edgeseg.models import native
 from edgeseg.models.hf_segformer import save_hf_folder
 from edgeseg.models.topformer import DynamicAttention, DynamicMLP, from_topformer

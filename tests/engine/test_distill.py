@@ -29,7 +29,8 @@ from edgeseg.engine.distill import (
     stage2_loss,
 )
 from edgeseg.engine.train import seg_loss, train
-from edgeseg.models.dynamic import dynamic_gates, from_segformer, gate_l1, set_sparsity
+from edgeseg.models.dynamic import dynamic_gates, gate_l1, set_sparsity
+from edgeseg.models.dynasegformer import from_segformer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

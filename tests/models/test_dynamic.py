@@ -13,14 +13,11 @@ from torch import nn
 
 from edgeseg import create_model, load_model, save_checkpoint
 from edgeseg.deploy.benchmark import count_gmacs
-from edgeseg.models import dynamic
+from edgeseg.models import dynamic, dynasegformer
 from edgeseg.models.dynamic import (
-    DynamicEfficientSelfAttention,
     DynamicGate,
     DynamicGatedLinear,
-    DynamicMixFFN,
     SparsitySchedule,
-    from_segformer,
     gate_l1,
     random_gates_,
     keep_count,
@@ -29,6 +26,7 @@ from edgeseg.models.dynamic import (
     set_sparsity,
     top_r,
 )
+from edgeseg.models.dynasegformer import DynamicEfficientSelfAttention, DynamicMixFFN, from_segformer
 from edgeseg.models.segformer import EfficientSelfAttention, MixFFN
 
 
@@ -292,7 +290,7 @@ def test_executed_macs_shrink_as_the_counted_model_says():
     assert round(dense_macs - macs[0.0]) == fuse_conv - _gate_macs(model)
     assert macs[0.0] > macs[0.3] > macs[0.5]
     # The paper's B0 figures (8.4 → 3.3 at 30 %, 2.7 at 50 %) are stated to 0.1 GMAC.
-    paper = dynamic.PAPER["dynasegformer-b0"]["gmacs_at_sparsity"]
+    paper = dynasegformer.PAPER["dynasegformer-b0"]["gmacs_at_sparsity"]
     assert round(macs[0.3] / 1e9, 1) == paper["0.3"] and round(macs[0.5] / 1e9, 1) == paper["0.5"]
 
 
@@ -300,10 +298,10 @@ def test_executed_macs_shrink_as_the_counted_model_says():
 def test_layout_claim_and_infer_model():
     model = create_model("dynasegformer-b0", num_classes=19, sparsity=0.5)
     sd = model.state_dict()
-    converted, notes = dynamic.convert_state_dict(sd)
+    converted, notes = dynasegformer.convert_state_dict(sd)
     assert converted.keys() == sd.keys() and notes == []
-    assert dynamic.infer_model(sd) == ("dynasegformer-b0", {"num_classes": 19})
-    assert dynamic.convert_state_dict(create_model("segformer-b0").state_dict()) is None
+    assert dynasegformer.infer_model(sd) == ("dynasegformer-b0", {"num_classes": 19})
+    assert dynasegformer.convert_state_dict(create_model("segformer-b0").state_dict()) is None
     with pytest.raises(ValueError, match="must be a SegFormer"):
         from_segformer(model)
 

@@ -19,12 +19,12 @@ from edgeseg.models.dynamic import (
     FoldedGate,
     dynamic_gates,
     fold_gates,
-    from_segformer,
     random_gates_,
     set_native,
     set_sparsity,
     top_r,
 )
+from edgeseg.models.dynasegformer import from_segformer
 from edgeseg.models.topformer import from_topformer
 
 

@@ -19,7 +19,7 @@ import edgeseg
 from edgeseg.cli import main
 from edgeseg.deploy.benchmark import count_gmacs
 from edgeseg.models import segformer as S
-from edgeseg.models.dynamic import from_segformer
+from edgeseg.models.dynasegformer import from_segformer
 
 B0_DIMS, HEADS, SR_RATIOS = (32, 64, 160, 256), (1, 2, 5, 8), (8, 4, 2, 1)
 DEPTHS = (1, 2, 1, 1)  # B0-shaped, reduced depth; stage 2 keeps two blocks
@@ -348,7 +348,7 @@ def test_dynasegformer_refuses_an_mmseg_teacher_in_one_line(mmseg_run):
 
 
 def test_dynasegformer_student_keeps_an_official_teachers_embed_ln_eps():
-    from edgeseg.models.dynamic import from_segformer
+    from edgeseg.models.dynasegformer import from_segformer
 
     torch.manual_seed(0)
     teacher = edgeseg.create_model("segformer-b0", decoder="official", embed_ln_eps=1e-6, depths=[1, 1, 1, 1],

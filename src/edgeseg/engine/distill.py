@@ -39,7 +39,8 @@ from torch import Tensor, nn
 from ..checkpoint import load_model, save_checkpoint, set_labels, set_test_recipe
 from ..config import Config, DistillCfg
 from ..data import SegDataset
-from ..models.dynamic import SparsitySchedule, dynamic_gates, from_segformer, gate_l1, set_sparsity
+from ..models.dynamic import SparsitySchedule, dynamic_gates, gate_l1, set_sparsity
+from ..models.dynasegformer import from_segformer
 from ..models.topformer import from_topformer
 from .evaluate import build_val_dataset
 from .optim import build_optimizer, set_lr

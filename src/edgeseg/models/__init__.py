@@ -14,11 +14,11 @@ from typing import Any
 
 from torch import nn
 
-from . import dynamic, segformer, topformer
+from . import dynasegformer, segformer, topformer
 
 # Order matters for checkpoint detection: a dynamic TopFormer's state dict holds gates too, and TopFormer claims
 # it by its token pyramid before DynaSegFormer looks for gates.
-FAMILIES: dict[str, ModuleType] = {"TopFormer": topformer, "SegFormer": segformer, "DynaSegFormer": dynamic}
+FAMILIES: dict[str, ModuleType] = {"TopFormer": topformer, "SegFormer": segformer, "DynaSegFormer": dynasegformer}
 
 MODELS: dict[str, Any] = {name: build for fam in FAMILIES.values() for name, build in fam.MODELS.items()}
 PAPER: dict[str, dict] = {name: fig for fam in FAMILIES.values() for name, fig in getattr(fam, "PAPER", {}).items()}
