@@ -11,11 +11,12 @@ Read top to bottom, in the paper's order:
    ``local · h_sigmoid(global_act) + global_embedding`` (the official "muli_sum" injection).
 5. ``TopFormerHead`` — sums the three injected maps at 1/8 and classifies each pixel.
 
-``DynamicAttention`` / ``DynamicMLP`` (beyond the paper) put DynaSegFormer's Dynamic Gated Linear layers into the
-extractor: ``create_model("topformer-tiny", dynamic=True, sparsity=0.3)``.
-
 ``TopFormer`` chains them; ``TopFormerClassifier`` is the ImageNet form (no injection; pooled semantics → BN →
 Linear). Then come the variant table, the official-checkpoint converter and the builders.
+
+Last, beyond the paper: ``DynamicAttention`` / ``DynamicMLP`` put DynaSegFormer's Dynamic Gated Linear layers
+(:mod:`.dynamic`) into the extractor — ``create_model("topformer-tiny", dynamic=True, sparsity=0.3)`` — and
+``from_topformer`` builds that student from a dense teacher.
 
 Everything here computes exactly what hustvl/TopFormer computes (mmseg ``Topformer`` backbone + ``SimpleHead``),
 including its quirks, which are marked where they live, so official checkpoints give the paper's numbers.
@@ -230,188 +231,6 @@ class SemanticsExtractor(nn.Module):
         for block in self.blocks:
             x = block(x)
         return x
-
-
-# --------------------------------------------------------------------------------------------------------------
-# 2b. Dynamic semantics extractor (beyond the paper: DynaSegFormer's DGL on TopFormer's 1×1 convs)
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _gate_weight(module: nn.Module) -> torch.Tensor:
-    """``W1`` a gate reads: the 1×1 conv weight (out, in, 1, 1) — of the ConvBN's conv, as the dense layer trains
-    it (in a fused model the gates are folded and never read it)."""
-    return (module.conv if isinstance(module, ConvBN) else module).weight
-
-
-def _linear_params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W (out, in), b (out,)) of a 1×1 conv + BN in eval mode: the BN folded on the fly, or the fused conv's."""
-    if isinstance(module, ConvBN):
-        weight, bias = folded_bn_params(module.conv, module.bn)
-        return weight.flatten(1), bias
-    return module.weight.flatten(1), module.bias
-
-
-class DynamicAttention(Attention):
-    """TopFormer attention with DGL on Q/K and V, as DynaSegFormer gates SegFormer's attention.
-
-    The 1×1 conv projections are linear layers over the tokens. One mask per head prunes the same channels from Q
-    and K (``W1`` = rows of ``to_q`` and ``to_k``; the product ``q k`` consumes them); a second prunes V channels
-    and the matching input columns of ``proj``. The gate values scale K and V (after their BN): a pruned V channel
-    is 0, and ReLU6(0) = 0, so ``proj`` need not read it. Gates read the pooled block input.
-    """
-
-    def __init__(self, dim: int, key_dim: int, num_heads: int, attn_ratio: float, sparsity: float = 0.0) -> None:
-        super().__init__(dim, key_dim, num_heads, attn_ratio)
-        self.qk_gate = DynamicGate(dim, key_dim * num_heads, sparsity, num_heads, rows=(None, None))
-        self.v_gate = DynamicGate(dim, self.value_dim * num_heads, sparsity, num_heads)
-        self.joint_gate: FoldedGate | None = None
-        # [W_q; W_k; W_v] and biases with BN folded, stacked once by fold_gates (inference only)
-        self.register_buffer("qkv_weight", None, persistent=False)
-        self.register_buffer("qkv_bias", None, persistent=False)
-
-    @classmethod
-    def from_dense(cls, attn: Attention, sparsity: float = 0.0) -> DynamicAttention:
-        """The same attention (weights copied) with new gates."""
-        new = cls(attn.to_q.conv.in_channels, attn.key_dim, attn.num_heads, attn.value_dim / attn.key_dim, sparsity)
-        new.load_state_dict(attn.state_dict(), strict=False)
-        return new.to(attn.to_q.conv.weight.device)
-
-    def fold_gates(self) -> None:
-        """Freeze both gates for inference and join them into one (they read the same pool)."""
-        self.qk_gate.fold(_gate_weight(self.to_q), _gate_weight(self.to_k))
-        self.v_gate.fold(_gate_weight(self.to_v), consumer=_linear_params(self.proj)[0])
-        self.joint_gate = FoldedGate.stack([self.qk_gate.folded, self.v_gate.folded])
-        with torch.no_grad():
-            self.qkv_weight, self.qkv_bias = self._qkv_params()
-
-    def _qkv_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        params = [_linear_params(m) for m in (self.to_q, self.to_k, self.to_v)]
-        return torch.cat([w for w, _ in params]), torch.cat([b for _, b in params])
-
-    def native_plan(self) -> NativePlan | None:
-        """:meth:`plan` as one native call (:mod:`.native`), cached on the Q/K gate by the kept and padded
-        widths; None before :meth:`fold_gates` or without a built kernel."""
-        qk, v = self.qk_gate, self.v_gate
-        if self.joint_gate is None:
-            return None
-
-        def build() -> NativePlan:  # slots [Q/K | V]; gate logits [Q/K (nk) | V]; qkv rows [Q | K | V]
-            nk, heads = qk.gated_features, self.num_heads
-            sq, sv = heads * qk.width, heads * v.width
-            selections = [Selection(0, heads, self.key_dim, qk.keep, qk.width),
-                          Selection(nk, heads, self.value_dim, v.keep, v.width)]
-            stacked = [[Part(t, 0, sq), Part(t, 0, sq, offset=-nk, scale="value"),
-                        Part(t, sq, sv, offset=-nk, scale="value")] for t in (self.qkv_weight, self.qkv_bias)]
-            return NativePlan(self.joint_gate, selections, [*stacked, [Part(v.consumer_t, sq, sv, offset=nk)]],
-                              _qkv_views)
-
-        return qk.native_plan((qk.keep, qk.width, v.keep, v.width), build)
-
-    def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gates and gathers of the inference form: the kept rows of Q, K (scaled) and V (scaled) as one weight,
-        so the three projections run as one product, and the kept columns of ``proj``; natively where it can
-        (:meth:`native_plan`)."""
-        planned = self.native_plan() if self.qk_gate.native and native.usable(x) else None
-        if planned is not None:
-            return planned(x, (2, 3))[0]
-        pooled = x.mean(dim=(2, 3))
-        qk_gate, v_gate = self.qk_gate, self.v_gate
-        nk = qk_gate.gated_features
-        if self.joint_gate is not None:  # heads are key_dim wide for Q/K, value_dim for V: two Top-r calls
-            g_qk, g_v = self.joint_gate(pooled).split([nk, v_gate.gated_features], dim=1)
-            qk_values, qk_index = top_r(g_qk, qk_gate.keep, self.num_heads, qk_gate.width)
-            v_values, v_index = top_r(g_v, v_gate.keep, self.num_heads, v_gate.width)
-        else:
-            qk_values, qk_index = qk_gate(pooled, _gate_weight(self.to_q), _gate_weight(self.to_k))
-            v_values, v_index = v_gate(pooled, _gate_weight(self.to_v))
-        weight, bias = (self.qkv_weight, self.qkv_bias) if self.qkv_weight is not None else self._qkv_params()
-        index = torch.cat([qk_index, qk_index + nk, v_index + 2 * nk], dim=1)
-        values = torch.cat([torch.ones_like(qk_values), qk_values, v_values], dim=1)
-        w_qkv, b_qkv = gather_rows(weight, bias, index, values)
-        return w_qkv, b_qkv, gather_columns(v_gate.consumer_weight(_linear_params(self.proj)[0]), v_index)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        heads = self.num_heads
-        if self.qk_gate.gathered:
-            w_qkv, b_qkv, w_proj = self.plan(x)
-            width_qk, width_v = self.qk_gate.width, self.v_gate.width
-            tokens = x.flatten(2).transpose(1, 2)  # (B, N, C): a view of a channels-last map
-            q, k, v = gathered_linear(tokens, w_qkv, b_qkv).split([heads * width_qk, heads * width_qk, heads * width_v],
-                                                                  dim=-1)
-            q = q.reshape(b, h * w, heads, width_qk).transpose(1, 2)
-            k = k.reshape(b, h * w, heads, width_qk).permute(0, 2, 3, 1)
-            v = v.reshape(b, h * w, heads, width_v).transpose(1, 2)
-            out = self.attend(q, k, v).transpose(1, 2).reshape(b, h * w, heads * width_v)
-            out = consume_gathered(self.act(out), w_proj, _linear_params(self.proj)[1])
-            return out.transpose(1, 2).reshape(b, c, h, w)
-        pooled = x.mean(dim=(2, 3))
-        qk_values, qk_index = self.qk_gate(pooled, _gate_weight(self.to_q), _gate_weight(self.to_k))
-        v_values, v_index = self.v_gate(pooled, _gate_weight(self.to_v))
-        m_qk, _ = scatter_mask(qk_values, qk_index, self.qk_gate.gated_features)
-        m_v, _ = scatter_mask(v_values, v_index, self.v_gate.gated_features)
-        q = self.to_q(x).reshape(b, heads, self.key_dim, h * w).transpose(2, 3)
-        k = (self.to_k(x) * m_qk[:, :, None, None]).reshape(b, heads, self.key_dim, h * w)
-        v = (self.to_v(x) * m_v[:, :, None, None]).reshape(b, heads, self.value_dim, h * w).transpose(2, 3)
-        out = self.attend(q, k, v).transpose(2, 3).reshape(b, heads * self.value_dim, h, w)
-        return self.proj(self.act(out))
-
-
-def _qkv_views(bufs: list[torch.Tensor], batch: int) -> tuple[torch.Tensor, ...]:
-    """The native buffers as :meth:`DynamicAttention.plan` returns its plan."""
-    w_qkv, b_qkv, w_proj_t = (b.flatten(0, 1) for b in bufs)
-    return w_qkv, b_qkv.view(-1), w_proj_t.t()
-
-
-class DynamicMLP(MLP):
-    """TopFormer's MLP with a DGL on its hidden layer: ``fc2(ReLU6(DWConv(fc1(x) · M)) · supp(M))`` — the
-    Mix-FFN scheme (:func:`~edgeseg.models.dynamic.gather_hidden`) on 1×1 conv + BN layers."""
-
-    def __init__(self, dim: int, hidden_dim: int, sparsity: float = 0.0) -> None:
-        super().__init__(dim, hidden_dim)
-        self.gate = DynamicGate(dim, hidden_dim, sparsity)
-
-    @classmethod
-    def from_dense(cls, mlp: MLP, sparsity: float = 0.0) -> DynamicMLP:
-        """The same MLP (weights copied) with a new gate."""
-        new = cls(mlp.fc1.conv.in_channels, mlp.fc1.conv.out_channels, sparsity)
-        new.load_state_dict(mlp.state_dict(), strict=False)
-        return new.to(mlp.fc1.conv.weight.device)
-
-    def fold_gates(self) -> None:
-        """Freeze the gate for inference."""
-        self.gate.fold(_gate_weight(self.fc1), consumer=_linear_params(self.fc2)[0])
-
-    def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Gate and gathers of the inference form (:func:`~edgeseg.models.dynamic.gather_hidden`), natively where
-        it can (:func:`~edgeseg.models.dynamic.native_hidden_plan`)."""
-        (w1, b1), (w2, _) = _linear_params(self.fc1), _linear_params(self.fc2)
-        if self.gate.native and native.usable(x):
-            planned = native_hidden_plan(self.gate, w1, b1, self.dwconv.weight, self.dwconv.bias, w2)
-            if planned is not None:
-                return planned(x, (2, 3))[0]
-        values, index = self.gate(x.mean(dim=(2, 3)), _gate_weight(self.fc1))
-        return gather_hidden(self.gate, values, index, w1, b1, self.dwconv.weight, self.dwconv.bias, w2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        if self.gate.gathered:
-            tokens = x.flatten(2).transpose(1, 2)
-            out = gathered_hidden(tokens, (h, w), self.plan(x), _linear_params(self.fc2)[1], self.act,
-                                  self.dwconv.padding)
-            return out.transpose(1, 2).reshape(b, c, h, w)
-        values, index = self.gate(x.mean(dim=(2, 3)), _gate_weight(self.fc1))
-        m, support = scatter_mask(values, index, self.gate.gated_features)
-        y = self.dwconv(self.fc1(x) * m[:, :, None, None])
-        return self.fc2(self.act(y) * support[:, :, None, None])
-
-
-def make_dynamic_extractor(extractor: SemanticsExtractor, sparsity: float) -> SemanticsExtractor:
-    """Swap, in place, every extractor block's attention and MLP for their DGL forms (weights kept, gates new)."""
-    for block in extractor.blocks:
-        block.attn = DynamicAttention.from_dense(block.attn, sparsity)
-        block.mlp = DynamicMLP.from_dense(block.mlp, sparsity)
-    return extractor
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -901,6 +720,198 @@ def topformer_base_cls(num_classes: int = 1000, **overrides: Any) -> TopFormerCl
     return _create("base", True, num_classes, overrides)
 
 
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "topformer-tiny": topformer_tiny,
+    "topformer-small": topformer_small,
+    "topformer-base": topformer_base,
+    "topformer-tiny-cls": topformer_tiny_cls,
+    "topformer-small-cls": topformer_small_cls,
+    "topformer-base-cls": topformer_base_cls,
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 8. Beyond the paper: a dynamic semantics extractor (DynaSegFormer's DGL on TopFormer's 1×1 convs)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _gate_weight(module: nn.Module) -> torch.Tensor:
+    """``W1`` a gate reads: the 1×1 conv weight (out, in, 1, 1) — of the ConvBN's conv, as the dense layer trains
+    it (in a fused model the gates are folded and never read it)."""
+    return (module.conv if isinstance(module, ConvBN) else module).weight
+
+
+def _linear_params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W (out, in), b (out,)) of a 1×1 conv + BN in eval mode: the BN folded on the fly, or the fused conv's."""
+    if isinstance(module, ConvBN):
+        weight, bias = folded_bn_params(module.conv, module.bn)
+        return weight.flatten(1), bias
+    return module.weight.flatten(1), module.bias
+
+
+class DynamicAttention(Attention):
+    """TopFormer attention with DGL on Q/K and V, as DynaSegFormer gates SegFormer's attention.
+
+    The 1×1 conv projections are linear layers over the tokens. One mask per head prunes the same channels from Q
+    and K (``W1`` = rows of ``to_q`` and ``to_k``; the product ``q k`` consumes them); a second prunes V channels
+    and the matching input columns of ``proj``. The gate values scale K and V (after their BN): a pruned V channel
+    is 0, and ReLU6(0) = 0, so ``proj`` need not read it. Gates read the pooled block input.
+    """
+
+    def __init__(self, dim: int, key_dim: int, num_heads: int, attn_ratio: float, sparsity: float = 0.0) -> None:
+        super().__init__(dim, key_dim, num_heads, attn_ratio)
+        self.qk_gate = DynamicGate(dim, key_dim * num_heads, sparsity, num_heads, rows=(None, None))
+        self.v_gate = DynamicGate(dim, self.value_dim * num_heads, sparsity, num_heads)
+        self.joint_gate: FoldedGate | None = None
+        # [W_q; W_k; W_v] and biases with BN folded, stacked once by fold_gates (inference only)
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
+
+    @classmethod
+    def from_dense(cls, attn: Attention, sparsity: float = 0.0) -> DynamicAttention:
+        """The same attention (weights copied) with new gates."""
+        new = cls(attn.to_q.conv.in_channels, attn.key_dim, attn.num_heads, attn.value_dim / attn.key_dim, sparsity)
+        new.load_state_dict(attn.state_dict(), strict=False)
+        return new.to(attn.to_q.conv.weight.device)
+
+    def fold_gates(self) -> None:
+        """Freeze both gates for inference and join them into one (they read the same pool)."""
+        self.qk_gate.fold(_gate_weight(self.to_q), _gate_weight(self.to_k))
+        self.v_gate.fold(_gate_weight(self.to_v), consumer=_linear_params(self.proj)[0])
+        self.joint_gate = FoldedGate.stack([self.qk_gate.folded, self.v_gate.folded])
+        with torch.no_grad():
+            self.qkv_weight, self.qkv_bias = self._qkv_params()
+
+    def _qkv_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        params = [_linear_params(m) for m in (self.to_q, self.to_k, self.to_v)]
+        return torch.cat([w for w, _ in params]), torch.cat([b for _, b in params])
+
+    def native_plan(self) -> NativePlan | None:
+        """:meth:`plan` as one native call (:mod:`.native`), cached on the Q/K gate by the kept and padded
+        widths; None before :meth:`fold_gates` or without a built kernel."""
+        qk, v = self.qk_gate, self.v_gate
+        if self.joint_gate is None:
+            return None
+
+        def build() -> NativePlan:  # slots [Q/K | V]; gate logits [Q/K (nk) | V]; qkv rows [Q | K | V]
+            nk, heads = qk.gated_features, self.num_heads
+            sq, sv = heads * qk.width, heads * v.width
+            selections = [Selection(0, heads, self.key_dim, qk.keep, qk.width),
+                          Selection(nk, heads, self.value_dim, v.keep, v.width)]
+            stacked = [[Part(t, 0, sq), Part(t, 0, sq, offset=-nk, scale="value"),
+                        Part(t, sq, sv, offset=-nk, scale="value")] for t in (self.qkv_weight, self.qkv_bias)]
+            return NativePlan(self.joint_gate, selections, [*stacked, [Part(v.consumer_t, sq, sv, offset=nk)]],
+                              _qkv_views)
+
+        return qk.native_plan((qk.keep, qk.width, v.keep, v.width), build)
+
+    def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gates and gathers of the inference form: the kept rows of Q, K (scaled) and V (scaled) as one weight,
+        so the three projections run as one product, and the kept columns of ``proj``; natively where it can
+        (:meth:`native_plan`)."""
+        planned = self.native_plan() if self.qk_gate.native and native.usable(x) else None
+        if planned is not None:
+            return planned(x, (2, 3))[0]
+        pooled = x.mean(dim=(2, 3))
+        qk_gate, v_gate = self.qk_gate, self.v_gate
+        nk = qk_gate.gated_features
+        if self.joint_gate is not None:  # heads are key_dim wide for Q/K, value_dim for V: two Top-r calls
+            g_qk, g_v = self.joint_gate(pooled).split([nk, v_gate.gated_features], dim=1)
+            qk_values, qk_index = top_r(g_qk, qk_gate.keep, self.num_heads, qk_gate.width)
+            v_values, v_index = top_r(g_v, v_gate.keep, self.num_heads, v_gate.width)
+        else:
+            qk_values, qk_index = qk_gate(pooled, _gate_weight(self.to_q), _gate_weight(self.to_k))
+            v_values, v_index = v_gate(pooled, _gate_weight(self.to_v))
+        weight, bias = (self.qkv_weight, self.qkv_bias) if self.qkv_weight is not None else self._qkv_params()
+        index = torch.cat([qk_index, qk_index + nk, v_index + 2 * nk], dim=1)
+        values = torch.cat([torch.ones_like(qk_values), qk_values, v_values], dim=1)
+        w_qkv, b_qkv = gather_rows(weight, bias, index, values)
+        return w_qkv, b_qkv, gather_columns(v_gate.consumer_weight(_linear_params(self.proj)[0]), v_index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        heads = self.num_heads
+        if self.qk_gate.gathered:
+            w_qkv, b_qkv, w_proj = self.plan(x)
+            width_qk, width_v = self.qk_gate.width, self.v_gate.width
+            tokens = x.flatten(2).transpose(1, 2)  # (B, N, C): a view of a channels-last map
+            q, k, v = gathered_linear(tokens, w_qkv, b_qkv).split([heads * width_qk, heads * width_qk, heads * width_v],
+                                                                  dim=-1)
+            q = q.reshape(b, h * w, heads, width_qk).transpose(1, 2)
+            k = k.reshape(b, h * w, heads, width_qk).permute(0, 2, 3, 1)
+            v = v.reshape(b, h * w, heads, width_v).transpose(1, 2)
+            out = self.attend(q, k, v).transpose(1, 2).reshape(b, h * w, heads * width_v)
+            out = consume_gathered(self.act(out), w_proj, _linear_params(self.proj)[1])
+            return out.transpose(1, 2).reshape(b, c, h, w)
+        pooled = x.mean(dim=(2, 3))
+        qk_values, qk_index = self.qk_gate(pooled, _gate_weight(self.to_q), _gate_weight(self.to_k))
+        v_values, v_index = self.v_gate(pooled, _gate_weight(self.to_v))
+        m_qk, _ = scatter_mask(qk_values, qk_index, self.qk_gate.gated_features)
+        m_v, _ = scatter_mask(v_values, v_index, self.v_gate.gated_features)
+        q = self.to_q(x).reshape(b, heads, self.key_dim, h * w).transpose(2, 3)
+        k = (self.to_k(x) * m_qk[:, :, None, None]).reshape(b, heads, self.key_dim, h * w)
+        v = (self.to_v(x) * m_v[:, :, None, None]).reshape(b, heads, self.value_dim, h * w).transpose(2, 3)
+        out = self.attend(q, k, v).transpose(2, 3).reshape(b, heads * self.value_dim, h, w)
+        return self.proj(self.act(out))
+
+
+def _qkv_views(bufs: list[torch.Tensor], batch: int) -> tuple[torch.Tensor, ...]:
+    """The native buffers as :meth:`DynamicAttention.plan` returns its plan."""
+    w_qkv, b_qkv, w_proj_t = (b.flatten(0, 1) for b in bufs)
+    return w_qkv, b_qkv.view(-1), w_proj_t.t()
+
+
+class DynamicMLP(MLP):
+    """TopFormer's MLP with a DGL on its hidden layer: ``fc2(ReLU6(DWConv(fc1(x) · M)) · supp(M))`` — the
+    Mix-FFN scheme (:func:`~edgeseg.models.dynamic.gather_hidden`) on 1×1 conv + BN layers."""
+
+    def __init__(self, dim: int, hidden_dim: int, sparsity: float = 0.0) -> None:
+        super().__init__(dim, hidden_dim)
+        self.gate = DynamicGate(dim, hidden_dim, sparsity)
+
+    @classmethod
+    def from_dense(cls, mlp: MLP, sparsity: float = 0.0) -> DynamicMLP:
+        """The same MLP (weights copied) with a new gate."""
+        new = cls(mlp.fc1.conv.in_channels, mlp.fc1.conv.out_channels, sparsity)
+        new.load_state_dict(mlp.state_dict(), strict=False)
+        return new.to(mlp.fc1.conv.weight.device)
+
+    def fold_gates(self) -> None:
+        """Freeze the gate for inference."""
+        self.gate.fold(_gate_weight(self.fc1), consumer=_linear_params(self.fc2)[0])
+
+    def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Gate and gathers of the inference form (:func:`~edgeseg.models.dynamic.gather_hidden`), natively where
+        it can (:func:`~edgeseg.models.dynamic.native_hidden_plan`)."""
+        (w1, b1), (w2, _) = _linear_params(self.fc1), _linear_params(self.fc2)
+        if self.gate.native and native.usable(x):
+            planned = native_hidden_plan(self.gate, w1, b1, self.dwconv.weight, self.dwconv.bias, w2)
+            if planned is not None:
+                return planned(x, (2, 3))[0]
+        values, index = self.gate(x.mean(dim=(2, 3)), _gate_weight(self.fc1))
+        return gather_hidden(self.gate, values, index, w1, b1, self.dwconv.weight, self.dwconv.bias, w2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        if self.gate.gathered:
+            tokens = x.flatten(2).transpose(1, 2)
+            out = gathered_hidden(tokens, (h, w), self.plan(x), _linear_params(self.fc2)[1], self.act,
+                                  self.dwconv.padding)
+            return out.transpose(1, 2).reshape(b, c, h, w)
+        values, index = self.gate(x.mean(dim=(2, 3)), _gate_weight(self.fc1))
+        m, support = scatter_mask(values, index, self.gate.gated_features)
+        y = self.dwconv(self.fc1(x) * m[:, :, None, None])
+        return self.fc2(self.act(y) * support[:, :, None, None])
+
+
+def make_dynamic_extractor(extractor: SemanticsExtractor, sparsity: float) -> SemanticsExtractor:
+    """Swap, in place, every extractor block's attention and MLP for their DGL forms (weights kept, gates new)."""
+    for block in extractor.blocks:
+        block.attn = DynamicAttention.from_dense(block.attn, sparsity)
+        block.mlp = DynamicMLP.from_dense(block.mlp, sparsity)
+    return extractor
+
+
 @torch.no_grad()
 def from_topformer(teacher: TopFormer, sparsity: float = 0.3, **overrides: Any) -> TopFormer:
     """The distillation student of a dense TopFormer: the same variant with a dynamic extractor, holding the
@@ -915,13 +926,3 @@ def from_topformer(teacher: TopFormer, sparsity: float = 0.3, **overrides: Any) 
     if result.unexpected_keys or any(".predictor." not in k for k in result.missing_keys):
         raise ValueError(f"teacher weights do not fit {name}: {result}")
     return student.to(next(teacher.parameters())).train(teacher.training)  # device and dtype
-
-
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "topformer-tiny": topformer_tiny,
-    "topformer-small": topformer_small,
-    "topformer-base": topformer_base,
-    "topformer-tiny-cls": topformer_tiny_cls,
-    "topformer-small-cls": topformer_small_cls,
-    "topformer-base-cls": topformer_base_cls,
-}
