@@ -46,7 +46,6 @@ from .segformer import (
     EfficientSelfAttention,
     MixFFN,
     MixVisionTransformer,
-    MLPDecoder,
     MMSegMLPDecoder,
     SegFormer,
 )
@@ -263,30 +262,6 @@ def make_dynamic(encoder: MixVisionTransformer, sparsity: float) -> MixVisionTra
     return encoder
 
 
-@torch.no_grad()
-def additive_decoder_from(decoder: MLPDecoder, dropout: float | None = None) -> AdditiveMLPDecoder:
-    """The teacher's concatenating decoder folded into the additive form DynaSegFormer trains (BN kept).
-
-    ``F · cat(up(A_i x_i + a_i))`` = ``Σ_i up(F_i A_i x_i + F_i a_i)`` (a 1×1 conv commutes with bilinear resizing),
-    so the projections become ``F_i A_i`` and the BN, ReLU and classifier are copied: the student's decoder starts
-    computing exactly the teacher's, in train and eval mode, without the 4E → E conv at 1/4 resolution.
-    ``dropout`` (before the classifier) defaults to the teacher's.
-    """
-    E, n = decoder.embed_dim, len(decoder.linear_c)
-    fuse_w = decoder.linear_fuse.conv.weight.flatten(1)  # (E, n·E), input order [c4, c3, c2, c1]
-    if dropout is None:
-        dropout = decoder.dropout.p if isinstance(decoder.dropout, nn.Dropout2d) else 0.0
-    out = AdditiveMLPDecoder([lin.in_features for lin in decoder.linear_c], E, decoder.linear_pred.out_channels,
-                             batch_norm=True, dropout=dropout).to(fuse_w)
-    for i, lin in enumerate(decoder.linear_c):
-        part = fuse_w[:, (n - 1 - i) * E:(n - i) * E]
-        out.linear_c[i].weight.copy_(part @ lin.weight)
-        out.linear_c[i].bias.copy_(part @ lin.bias)
-    out.bn.load_state_dict(decoder.linear_fuse.bn.state_dict())
-    out.linear_pred.load_state_dict(decoder.linear_pred.state_dict())
-    return out
-
-
 # --------------------------------------------------------------------------------------------------------------
 # 2. The model
 # --------------------------------------------------------------------------------------------------------------
@@ -351,8 +326,8 @@ def from_segformer(teacher: SegFormer, sparsity: float = 0.3, **overrides: Any) 
     """The paper's student: a DynaSegFormer of the teacher's size holding the teacher's weights, gates new.
 
     Encoder weights are copied key for key; the decoder is the teacher's folded into the additive form
-    (:func:`additive_decoder_from`). With ``G ≡ 1`` at initialisation, at sparsity 0 the student computes the
-    teacher's logits. ``overrides`` change training-only builder kwargs (e.g. ``drop_path_rate``).
+    (:meth:`~.segformer.MLPDecoder.to_additive`). With ``G ≡ 1`` at initialisation, at sparsity 0 the student
+    computes the teacher's logits. ``overrides`` change training-only builder kwargs (e.g. ``drop_path_rate``).
     """
     name = getattr(teacher, "model_name", "")
     if not name.startswith("segformer-"):
@@ -369,7 +344,10 @@ def from_segformer(teacher: SegFormer, sparsity: float = 0.3, **overrides: Any) 
     result = student.encoder.load_state_dict(teacher.encoder.state_dict(), strict=False)
     if result.unexpected_keys or any("gate" not in k for k in result.missing_keys):
         raise ValueError(f"teacher encoder does not fit {student.model_name}: {result}")
-    student.decode_head = additive_decoder_from(teacher.decode_head, args.get("dropout"))
+    dropout = args.get("dropout")
+    if dropout is None:  # the teacher's
+        dropout = teacher.decode_head.dropout.p if isinstance(teacher.decode_head.dropout, nn.Dropout2d) else 0.0
+    student.decode_head = teacher.decode_head.to_additive(fold_bn=False, dropout=dropout)
     return student.train(teacher.training)
 
 

@@ -332,25 +332,37 @@ class MLPDecoder(nn.Module):
         return self.linear_pred(self.dropout(x))
 
     @torch.no_grad()
-    def fuse(self) -> AdditiveMLPDecoder:
-        """The exact inference form: fold the fuse conv and its BN into the per-stage Linears.
+    def to_additive(self, fold_bn: bool = True, dropout: float = 0.0) -> AdditiveMLPDecoder:
+        """The same decoder in additive form: the fuse conv folded into the per-stage Linears.
 
         A 1×1 conv commutes with bilinear resizing (both are linear, and bilinear weights sum to 1 so biases pass
         through), so ``F·cat(up(A_i x_i + a_i))`` = ``Σ_i up(F_i A_i x_i + F_i a_i)`` with F_i the fuse conv's slice
-        for stage i. BN (eval) is a per-channel affine and folds in the same way; its shift goes to the
-        un-resized 1/4 stage. The 4E → E conv over the full-resolution concatenation disappears.
+        for stage i: the 4E → E conv over the full-resolution concatenation disappears. With ``fold_bn`` (eval) the
+        BN, a per-channel affine, folds in the same way, its shift added once, on the un-resized 1/4 stage
+        (:meth:`fuse`); without, it stays a layer: DynaSegFormer's trainable decoder, which then starts computing
+        exactly the teacher's, in train and eval mode. Composed in float64.
         """
         E = self.embed_dim
         n = len(self.linear_c)
-        weight, shift = _folded_fusion(self.linear_fuse)
+        if fold_bn:
+            weight, shift = _folded_fusion(self.linear_fuse)
+        else:
+            weight, shift = self.linear_fuse.conv.weight.flatten(1).double(), 0.0
         out = AdditiveMLPDecoder([lin.in_features for lin in self.linear_c], E, self.linear_pred.out_channels,
-                                 batch_norm=False, dropout=0.0).to(self.linear_fuse.conv.weight)
+                                 batch_norm=not fold_bn, dropout=dropout).to(self.linear_fuse.conv.weight)
         for i, lin in enumerate(self.linear_c):
             part = weight[:, (n - 1 - i) * E:(n - i) * E]  # stage i sits at position n-1-i in [c4, c3, c2, c1]
             out.linear_c[i].weight.copy_(part @ lin.weight.double())
-            # the BN shift is added once, on the un-resized 1/4 stage
-            out.linear_c[i].bias.copy_(part @ lin.bias.double() + (shift if i == 0 else 0))
+            out.linear_c[i].bias.copy_(part @ lin.bias.double() + (shift if i == 0 else 0.0))
+        if not fold_bn:
+            out.bn.load_state_dict(self.linear_fuse.bn.state_dict())
         out.linear_pred.load_state_dict(self.linear_pred.state_dict())
+        return out
+
+    @torch.no_grad()
+    def fuse(self) -> AdditiveMLPDecoder:
+        """The exact inference form (:meth:`to_additive` with the BN folded), its classifier padded."""
+        out = self.to_additive(fold_bn=True)
         out.linear_pred = pad_output_channels(out.linear_pred)  # forward slices back to num_classes
         return out.eval()
 
@@ -538,7 +550,8 @@ class AdditiveMLPDecoder(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> AdditiveMLPDecoder:
-        """Fold the BN (if any) into the projections (their last Linear), exactly as ``MLPDecoder.fuse`` does."""
+        """Fold the BN (if any) into the projections (their last Linear): the affine fold of ``MLPDecoder.fuse``,
+        its shift once, on the un-resized 1/4 stage."""
         fused = copy.deepcopy(self).eval()
         if isinstance(self.bn, nn.BatchNorm2d):
             bn = self.bn
