@@ -166,33 +166,37 @@ class DynamicEfficientSelfAttention(EfficientSelfAttention):
         return w_q, b_q, w_kv, b_kv, gather_columns(v_gate.consumer_weight(self.proj.weight), v_index - C)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        return self._forward_gathered(x, hw) if self.qk_gate.gathered else self._forward_masked(x, hw)
+
+    def _forward_masked(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        """Training form: dense products, Q scaled by the kept Q/K gate values, V by the V values, and ``proj`` fed
+        only the kept V channels (the support)."""
         B, N, C = x.shape
         heads = self.num_heads
-        if self.qk_gate.gathered:
-            w_q, b_q, w_kv, b_kv, w_proj = self.plan(x)
-        else:
-            pooled = avg_pool_tokens(x)
-            qk_values, qk_index = self.qk_gate(pooled, self.q.weight, self.kv.weight)
-            v_values, v_index = self.v_gate(pooled, self.kv.weight)
-        kv_in = x
-        if self.sr_ratio > 1:
-            kv_in = self.sr(x.transpose(1, 2).reshape(B, C, *hw))
-            kv_in = self.norm(kv_in.flatten(2).transpose(1, 2))  # (B, N/R², C)
-        if self.qk_gate.gathered:
-            width_qk, width_v = self.qk_gate.width, self.v_gate.width
-            q = gathered_linear(x, w_q, b_q).reshape(B, N, heads, width_qk).transpose(1, 2)  # (B, heads, N, ·)
-            k, v = gathered_linear(kv_in, w_kv, b_kv).split([heads * width_qk, heads * width_v], dim=-1)
-            k = k.reshape(B, -1, heads, width_qk).transpose(1, 2)
-            v = v.reshape(B, -1, heads, width_v).transpose(1, 2)
-            if self.qk_gate.keep < width_qk:  # padded: the scores read each head's kept channels (the first) only
-                q, k = q[..., : self.qk_gate.keep], k[..., : self.qk_gate.keep]
-            return self.proj_drop(consume_gathered(self.attend(q, k, v), w_proj, self.proj.bias))
+        pooled = avg_pool_tokens(x)
+        qk_values, qk_index = self.qk_gate(pooled, self.q.weight, self.kv.weight)
+        v_values, v_index = self.v_gate(pooled, self.kv.weight)
         m_qk, _ = scatter_mask(qk_values, qk_index, C)
         m_v, support_v = scatter_mask(v_values, v_index, C)
         q = (self.q(x) * m_qk.unsqueeze(1)).reshape(B, N, heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv(kv_in).reshape(B, -1, 2, heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = self.kv(self.reduce(x, hw)).reshape(B, -1, 2, heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         v = v * m_v.reshape(B, heads, 1, self.head_dim)
         return self.proj_drop(self.proj(self.attend(q, k, v) * support_v.unsqueeze(1)))
+
+    def _forward_gathered(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        """Inference form: each image's kept rows of ``q`` and ``kv`` and columns of ``proj`` (:meth:`plan`), the
+        products and the attention at the kept widths."""
+        B, N, _ = x.shape
+        heads = self.num_heads
+        w_q, b_q, w_kv, b_kv, w_proj = self.plan(x)
+        width_qk, width_v = self.qk_gate.width, self.v_gate.width
+        q = gathered_linear(x, w_q, b_q).reshape(B, N, heads, width_qk).transpose(1, 2)  # (B, heads, N, ·)
+        k, v = gathered_linear(self.reduce(x, hw), w_kv, b_kv).split([heads * width_qk, heads * width_v], dim=-1)
+        k = k.reshape(B, -1, heads, width_qk).transpose(1, 2)
+        v = v.reshape(B, -1, heads, width_v).transpose(1, 2)
+        if self.qk_gate.keep < width_qk:  # padded: the scores read each head's kept channels (the first) only
+            q, k = q[..., : self.qk_gate.keep], k[..., : self.qk_gate.keep]
+        return self.proj_drop(consume_gathered(self.attend(q, k, v), w_proj, self.proj.bias))
 
 
 def _attention_views(bufs: list[Tensor], batch: int) -> tuple[Tensor, ...]:

@@ -109,13 +109,21 @@ class EfficientSelfAttention(nn.Module):
             self.norm = nn.LayerNorm(dim, eps=norm_eps)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        B, N, C = x.shape
+        B, N, _ = x.shape
         q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, d)
-        if self.sr_ratio > 1:
-            x = self.sr(x.reshape(B, *hw, C).permute(0, 3, 1, 2))
-            x = self.norm(x.flatten(2).transpose(1, 2))  # (B, N/R², C)
-        k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        keys_values = self.kv(self.reduce(x, hw)).reshape(B, -1, 2, self.num_heads, self.head_dim)
+        k, v = keys_values.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N/R², d) each
         return self.proj_drop(self.proj(self.attend(q, k, v)))
+
+    def reduce(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """The sequence reduction keys and values are computed from: (B, N, C) → (B, N/R², C) by the R×R, stride-R
+        conv and its LayerNorm; the tokens themselves where R = 1. The tokens enter the conv as a channels-last view
+        of the map, not a copy."""
+        if self.sr_ratio == 1:
+            return x
+        B, _, C = x.shape
+        x = self.sr(x.reshape(B, *hw, C).permute(0, 3, 1, 2))
+        return self.norm(x.flatten(2).transpose(1, 2))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``softmax(q kᵀ · scale) v`` for q (B, heads, N, d), k (B, heads, M, d), v (B, heads, M, dv), in token
