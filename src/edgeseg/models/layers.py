@@ -18,9 +18,19 @@ from torch import nn
 from . import native
 
 
+def bn_affine(bn: nn.BatchNorm1d | nn.BatchNorm2d,
+              dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BN in eval mode as the per-channel affine ``x·scale + shift`` (``γ/σ``, ``β − μγ/σ``): what every fold of
+    a BN into the layer before or after it needs; ``dtype`` composes in higher precision."""
+    weight, bias, mean, var = (t if dtype is None else t.to(dtype)
+                               for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
+    scale = weight / torch.sqrt(var + bn.eps)
+    return scale, bias - mean * scale
+
+
 def folded_bn_params(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of the one conv computing ``bn(conv(x))`` in eval mode: ``W·γ/σ``, ``(b − μ)·γ/σ + β``."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    scale, _ = bn_affine(bn)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
     return conv.weight * scale.reshape(-1, 1, 1, 1), (bias - bn.running_mean) * scale + bn.bias
 

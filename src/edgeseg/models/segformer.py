@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native
-from .layers import (ConvBN, DropPath, InplaceGELU, channels_last_kernel_, folded_bn_params, fuse_modules,
-                     pad_output_channels, resize, check_overrides)
+from .layers import (ConvBN, DropPath, InplaceGELU, bn_affine, channels_last_kernel_, check_overrides,
+                     folded_bn_params, fuse_modules, pad_output_channels, resize)
 
 # LayerNorm eps of the official code: ``partial(nn.LayerNorm, eps=1e-6)`` for the block norms (norm1/norm2) and
 # the stage norms (norm1..4); PyTorch's default 1e-5 in the patch embeddings and the sequence-reduction norm.
@@ -434,9 +434,8 @@ class MMSegMLPDecoder(nn.Module):
 
 def _folded_fusion(linear_fuse: ConvBN) -> tuple[torch.Tensor, torch.Tensor]:
     """The fusion conv 4E → E with its BN (eval) folded, composed in float64: weight (E, 4E) and shift (E,)."""
-    conv, bn = linear_fuse.conv, linear_fuse.bn
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    return conv.weight.flatten(1).double() * scale[:, None], bn.bias.double() - bn.running_mean.double() * scale
+    scale, shift = bn_affine(linear_fuse.bn, torch.float64)
+    return linear_fuse.conv.weight.flatten(1).double() * scale[:, None], shift
 
 
 def _bands_are_exact(features: Sequence[torch.Tensor], band: int) -> bool:
@@ -562,13 +561,12 @@ class AdditiveMLPDecoder(nn.Module):
         its shift once, on the un-resized 1/4 stage."""
         fused = copy.deepcopy(self).eval()
         if isinstance(self.bn, nn.BatchNorm2d):
-            bn = self.bn
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            scale, shift = bn_affine(self.bn)
             last = [branch[-1] if isinstance(branch, nn.Sequential) else branch for branch in fused.linear_c]
             for lin in last:
                 lin.weight.mul_(scale[:, None])
                 lin.bias.mul_(scale)
-            last[0].bias.add_(bn.bias - bn.running_mean * scale)
+            last[0].bias.add_(shift)
             fused.bn = nn.Identity()
         fused.dropout = nn.Identity()
         if fused.linear_pred.out_channels == self.num_classes:

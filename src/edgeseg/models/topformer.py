@@ -49,8 +49,8 @@ from .dynamic import (
     scatter_mask,
     top_r,
 )
-from .layers import (ConvBN, DropPath, HSigmoid, check_overrides, folded_bn_params, fuse_modules, resize,
-                     upsample_logits)
+from .layers import (ConvBN, DropPath, HSigmoid, bn_affine, check_overrides, folded_bn_params, fuse_modules,
+                     resize, upsample_logits)
 
 __all__ = [
     "MODELS",
@@ -295,8 +295,7 @@ class ClassifierHead(nn.Module):
 
     def fuse(self) -> nn.Module:
         """Fold the BN into the Linear: ``W' = W·diag(γ/σ)``, ``b' = b + W·(β − μγ/σ)``."""
-        scale = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
-        shift = self.bn.bias - self.bn.running_mean * scale
+        scale, shift = bn_affine(self.bn)
         fc = nn.Linear(self.fc.in_features, self.fc.out_features).to(self.fc.weight)
         with torch.no_grad():
             fc.weight.copy_(self.fc.weight * scale)
