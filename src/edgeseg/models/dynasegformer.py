@@ -321,7 +321,8 @@ class DynaSegFormer(nn.Module):
         removed, conv weights channels-last (as ``SegFormer.fuse``); the DGL layers run their gathered form in eval
         mode, gates folded and kept widths padded with zero neurons to ``pad_multiple`` (:func:`fold_gates`). Same
         logits (≤ 1e-5)."""
-        fused = fold_gates(fuse_modules(copy.deepcopy(self).eval()), pad_multiple)
+        # gates first, as TopFormer's: they fold the weights they read as trained, before any block folds its own
+        fused = fuse_modules(fold_gates(copy.deepcopy(self).eval(), pad_multiple))
         return fused.to(memory_format=torch.channels_last)
 
 
