@@ -425,3 +425,19 @@ def test_fused_b0_pads_to_kernel_widths_and_counts_the_padding():
     y = x.clone().requires_grad_(True)
     fused(y).sum().backward()
     assert y.grad is not None and y.grad.abs().sum() > 0
+
+
+def test_dense_weights_load_into_their_gated_form_only_where_the_two_correspond():
+    from edgeseg.models.dynamic import load_dense
+
+    dense = nn.Module()
+    dense.fc1, dense.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+    gated = DynamicGatedLinear(8, 16)
+    load_dense(gated, dense, "a DGL")  # only the gate's own tensors are new
+    assert torch.equal(gated.fc2.weight, dense.fc2.weight)
+    dense.extra = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"do not fit a DGL: missing \[\], unexpected \['extra.weight', 'extra.bias'\]"):
+        load_dense(gated, dense, "a DGL")
+    del dense.extra, dense.fc2
+    with pytest.raises(ValueError, match=r"missing \['fc2.weight', 'fc2.bias'\]"):
+        load_dense(gated, dense, "a DGL")

@@ -417,6 +417,16 @@ class DynamicGatedLinear(nn.Module):
         return self.fc2(self.act(y) * support.unsqueeze(1))
 
 
+def load_dense(gated: nn.Module, dense: nn.Module, what: str) -> None:
+    """Copy a dense layer's (or model's) weights into its gated form, key for key. Only the gates' own tensors
+    (``*.predictor.*``, new) may be missing: anything else missing or left over means the two do not correspond,
+    which a plain ``strict=False`` load would pass in silence."""
+    result = gated.load_state_dict(dense.state_dict(), strict=False)
+    missing = [k for k in result.missing_keys if ".predictor." not in f".{k}"]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"the dense weights do not fit {what}: missing {missing}, unexpected {result.unexpected_keys}")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 4. Sparsity annealing and the gate penalty
 # --------------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from .dynamic import (
     gather_rows,
     gathered_hidden,
     gathered_linear,
+    load_dense,
     native_hidden_plan,
     scatter_mask,
     top_r,
@@ -99,7 +100,7 @@ class DynamicEfficientSelfAttention(EfficientSelfAttention):
         eps = attn.norm.eps if attn.sr_ratio > 1 else EMBED_LN_EPS
         new = cls(dim, attn.num_heads, attn.sr_ratio, attn.q.bias is not None, _drop_p(attn.attn_drop),
                   _drop_p(attn.proj_drop), eps, sparsity)
-        new.load_state_dict(attn.state_dict(), strict=False)
+        load_dense(new, attn, "a dynamic attention")
         new.fused_attention = attn.fused_attention
         return new.to(attn.q.weight.device)
 
@@ -221,7 +222,7 @@ class DynamicMixFFN(MixFFN):
     def from_dense(cls, mlp: MixFFN, sparsity: float = 0.0) -> DynamicMixFFN:
         """The same Mix-FFN (weights copied) with a new gate."""
         new = cls(mlp.fc1.in_features, mlp.fc1.out_features, _drop_p(mlp.drop), sparsity)
-        new.load_state_dict(mlp.state_dict(), strict=False)
+        load_dense(new, mlp, "a dynamic Mix-FFN")
         return new.to(mlp.fc1.weight.device)
 
     def plan(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
@@ -346,9 +347,7 @@ def from_segformer(teacher: SegFormer, sparsity: float = 0.3, **overrides: Any) 
     args = {k: v for k, v in {**teacher.model_args, **overrides}.items() if k != "decoder"}
     student = MODELS["dyna" + name](sparsity=sparsity, **args)
     student = student.to(next(teacher.parameters()).device)
-    result = student.encoder.load_state_dict(teacher.encoder.state_dict(), strict=False)
-    if result.unexpected_keys or any("gate" not in k for k in result.missing_keys):
-        raise ValueError(f"teacher encoder does not fit {student.model_name}: {result}")
+    load_dense(student.encoder, teacher.encoder, f"{student.model_name}'s encoder")
     dropout = args.get("dropout")
     if dropout is None:  # the teacher's
         dropout = teacher.decode_head.dropout.p if isinstance(teacher.decode_head.dropout, nn.Dropout2d) else 0.0

@@ -45,6 +45,7 @@ from .dynamic import (
     gather_rows,
     gathered_hidden,
     gathered_linear,
+    load_dense,
     native_hidden_plan,
     scatter_mask,
     top_r,
@@ -770,7 +771,7 @@ class DynamicAttention(Attention):
     def from_dense(cls, attn: Attention, sparsity: float = 0.0) -> DynamicAttention:
         """The same attention (weights copied) with new gates."""
         new = cls(attn.to_q.conv.in_channels, attn.key_dim, attn.num_heads, attn.value_dim / attn.key_dim, sparsity)
-        new.load_state_dict(attn.state_dict(), strict=False)
+        load_dense(new, attn, "a dynamic extractor attention")
         return new.to(attn.to_q.conv.weight.device)
 
     def fold_gates(self) -> None:
@@ -872,7 +873,7 @@ class DynamicMLP(MLP):
     def from_dense(cls, mlp: MLP, sparsity: float = 0.0) -> DynamicMLP:
         """The same MLP (weights copied) with a new gate."""
         new = cls(mlp.fc1.conv.in_channels, mlp.fc1.conv.out_channels, sparsity)
-        new.load_state_dict(mlp.state_dict(), strict=False)
+        load_dense(new, mlp, "a dynamic extractor MLP")
         return new.to(mlp.fc1.conv.weight.device)
 
     def fold_gates(self) -> None:
@@ -921,7 +922,5 @@ def from_topformer(teacher: TopFormer, sparsity: float = 0.3, **overrides: Any) 
         raise ValueError(f"a dynamic TopFormer's teacher must be a TopFormer segmentation model, got '{name}'")
     args = {k: v for k, v in teacher.model_args.items() if k not in ("dynamic", "sparsity")}
     student = MODELS[name](**{**args, **overrides, "dynamic": True, "sparsity": sparsity})
-    result = student.load_state_dict(teacher.state_dict(), strict=False)
-    if result.unexpected_keys or any(".predictor." not in k for k in result.missing_keys):
-        raise ValueError(f"teacher weights do not fit {name}: {result}")
+    load_dense(student, teacher, f"a dynamic {name}")
     return student.to(next(teacher.parameters())).train(teacher.training)  # device and dtype
