@@ -39,6 +39,7 @@ from .dynamic import (
 from .layers import check_overrides, fuse_modules
 from .native import NativePlan, Part, Selection
 from .segformer import (
+    _ENCODER_ARGS,
     EMBED_LN_EPS,
     OFFICIAL_LN_EPS,
     SHARED,
@@ -49,6 +50,7 @@ from .segformer import (
     MixVisionTransformer,
     MMSegMLPDecoder,
     SegFormer,
+    _jsonable,
 )
 from .segformer import INPUT_SIZES as SEGFORMER_INPUT_SIZES
 from .segformer import infer_model as segformer_infer_model
@@ -388,19 +390,15 @@ def infer_model(state_dict: dict[str, Tensor]) -> tuple[str, dict]:
     return "dyna" + name, args
 
 
-_ARGS = ("embed_dims", "depths", "num_heads", "sr_ratios", "mlp_ratios", "in_channels", "drop_rate",
-         "attn_drop_rate", "drop_path_rate", "ln_eps", "embed_ln_eps", "decoder_dim", "dropout")
+_ARGS = _ENCODER_ARGS + ("decoder_dim", "dropout")  # SegFormer's, less its decoder choice (only the additive one)
 
 
 def _create(variant: str, num_classes: int, sparsity: float, overrides: dict) -> DynaSegFormer:
-    unknown = sorted(set(overrides) - set(_ARGS))
-    if unknown:
-        raise ValueError(f"unknown DynaSegFormer override(s) {unknown}; allowed: sparsity, {', '.join(_ARGS)}")
-    check_overrides(DynaSegFormer, {**overrides, "sparsity": sparsity}, "DynaSegFormer")
+    check_overrides(DynaSegFormer, {**overrides, "sparsity": sparsity}, "DynaSegFormer", ("sparsity",) + _ARGS)
     model = DynaSegFormer(num_classes=num_classes, sparsity=sparsity, **{**SHARED, **VARIANTS[variant], **overrides})
     model.model_name = f"dynasegformer-{variant}"
     model.model_args = {"num_classes": num_classes, "sparsity": sparsity,
-                        **{k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}}
+                        **{k: _jsonable(v) for k, v in overrides.items()}}
     return model
 
 

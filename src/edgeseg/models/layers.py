@@ -205,9 +205,13 @@ def upsample_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return resize(logits, tuple(size))
 
 
-def check_overrides(cls: type, overrides: dict[str, Any], family: str) -> None:
-    """Builder overrides checked against ``cls``'s constructor annotations, before it runs: ``--arg
-    head_depthwise=maybe`` would otherwise be a truthy string, ``head_channels=abc`` a failure deep in a layer."""
+def check_overrides(cls: type, overrides: dict[str, Any], family: str, allowed: Sequence[str]) -> None:
+    """Builder overrides checked by name (a variant fixes the rest of ``cls``'s arguments) and against ``cls``'s
+    constructor annotations, before it runs: ``--arg head_depthwise=maybe`` would otherwise be a truthy string,
+    ``head_channels=abc`` a failure deep in a layer."""
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {family} override(s) {unknown}; allowed: {', '.join(allowed)}")
     hints = typing.get_type_hints(cls.__init__)
     for key, value in overrides.items():
         hint = hints.get(key)

@@ -1003,10 +1003,7 @@ def _jsonable(value):
 
 def _create(variant: str, classifier: bool, num_classes: int, overrides: dict) -> nn.Module:
     allowed = _ENCODER_ARGS if classifier else _SEG_ARGS
-    unknown = sorted(set(overrides) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown SegFormer override(s) {unknown}; allowed: {', '.join(allowed)}")
-    check_overrides(MiTClassifier if classifier else SegFormer, overrides, "SegFormer")
+    check_overrides(MiTClassifier if classifier else SegFormer, overrides, "SegFormer", allowed)
     cfg = {**SHARED, **VARIANTS[variant], **overrides}
     if classifier:
         cfg.pop("decoder_dim")

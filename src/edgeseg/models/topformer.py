@@ -671,10 +671,7 @@ _CLS_ARGS = ("drop_path_rate",)
 
 def _create(variant: str, classifier: bool, num_classes: int, overrides: dict) -> nn.Module:
     allowed = _CLS_ARGS if classifier else _SEG_ARGS
-    unknown = sorted(set(overrides) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown TopFormer override(s) {unknown}; allowed: {', '.join(allowed)}")
-    check_overrides(TopFormerClassifier if classifier else TopFormer, overrides, "TopFormer")
+    check_overrides(TopFormerClassifier if classifier else TopFormer, overrides, "TopFormer", allowed)
     if "sparsity" in overrides and not overrides.get("dynamic", True):
         raise ValueError("sparsity is set but dynamic=False: a dense TopFormer prunes nothing")
     if "sparsity" in overrides:  # a sparsity only means something for the dynamic extractor
