@@ -105,6 +105,24 @@ def test_fused_student_replans_when_a_sparsity_changes(native_kernel, fused_stud
     assert copy.deepcopy(attn).qk_gate._recent is None  # a copy resolves its own plans
 
 
+def test_fused_dynamic_topformer_replans_when_its_sparsity_changes(native_kernel):
+    """TopFormer's extractor sites resolve their plans once per sparsity too (``recent_plan``): after
+    ``set_sparsity`` the next forward plans the new widths."""
+    torch.manual_seed(0)
+    teacher = create_model("topformer-tiny", num_classes=5).eval()
+    model = random_gates_(from_topformer(teacher, 0.3), seed=2).fuse()
+    reference = _fresh_copy(model)
+    set_native(reference, False)
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        model(x)
+        for m in (model, reference):
+            set_sparsity(m, 0.5)
+        assert (model(x) - reference(x)).abs().max() <= 1e-5
+    assert all(len(gate.native_plans) == 2 for gate in dynamic_gates(model) if gate.native_plans)
+    assert any(gate.native_plans for gate in dynamic_gates(model))
+
+
 def test_native_plans_follow_conversions_and_loads(native_kernel, fused_student):
     """Plans hold the site's tensors. A deep copy, ``.double().float()`` and ``load_state_dict(assign=True)`` hold
     or put new tensors in place of the old: the next forward plans from the current weights, as the PyTorch plans

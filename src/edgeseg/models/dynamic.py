@@ -283,7 +283,7 @@ class DynamicGate(nn.Module):
         return None if width == keep else slot_support(keep, width, self.groups, like)
 
     def fold(self, *weights: Tensor, consumer: Tensor | None = None) -> None:
-        """Freeze the predictor with the layer's current ``W1`` (:meth:`GatePredictor.folded`) for inference.
+        """Freeze the predictor with the layer's current ``W1`` (:meth:`GatePredictor.fold`) for inference.
 
         ``consumer`` (``W2``, (C', n)) is kept transposed: gathering rows of a contiguous (n, C') tensor runs 2–6×
         faster than gathering columns (:meth:`consumer_weight`)."""
@@ -316,6 +316,11 @@ class DynamicGate(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # every load into the model or a module holding it
         self.forget_plans()
         super()._load_from_state_dict(*args, **kwargs)
+
+    @property
+    def plan_state(self) -> tuple[float, int]:
+        """What this gate's part of a site's plan depends on, as :meth:`recent_plan` compares it."""
+        return self.sparsity, self.pad_multiple
 
     def recent_plan(self, state: tuple, resolve: Callable[[], NativePlan | None]) -> NativePlan | None:
         """The site's native plan, resolved by ``resolve`` (its checks, then :meth:`native_plan`) only when
@@ -391,8 +396,9 @@ class DynamicGatedLinear(nn.Module):
     def plan(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         """Gate and gathers of the inference form: the kept rows of ``fc1`` (scaled) and columns of ``fc2``."""
         if self.gate.native and self.fc1.bias is not None and native.usable(x):
-            planned = native_site_plan(self.gate, lambda: [[(self.fc1.weight, "value")], [(self.fc1.bias, "value")],
-                                                          [(self.gate.consumer_t, "support")]], lambda: _linear_views)
+            planned = self.gate.recent_plan(self.gate.plan_state, lambda: native_site_plan(
+                self.gate, lambda: [[(self.fc1.weight, "value")], [(self.fc1.bias, "value")],
+                                    [(self.gate.consumer_t, "support")]], lambda: _linear_views))
             if planned is not None:
                 return planned(x)[0]
         values, index = self.gate(avg_pool_tokens(x), self.fc1.weight)

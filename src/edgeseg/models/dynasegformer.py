@@ -139,8 +139,7 @@ class DynamicEfficientSelfAttention(EfficientSelfAttention):
         """
         qk_gate, v_gate = self.qk_gate, self.v_gate
         if qk_gate.native and native.usable(x):
-            state = (qk_gate.sparsity, v_gate.sparsity, qk_gate.pad_multiple, v_gate.pad_multiple)
-            planned = qk_gate.recent_plan(state, self.native_plan)
+            planned = qk_gate.recent_plan(qk_gate.plan_state + v_gate.plan_state, self.native_plan)
             if planned is not None:
                 return planned(x)[0]
         C = x.shape[-1]
@@ -232,7 +231,7 @@ class DynamicMixFFN(MixFFN):
         (:func:`native_hidden_plan`)."""
         gate = self.gate
         if gate.native and native.usable(x):
-            planned = gate.recent_plan((gate.sparsity, gate.pad_multiple), lambda: native_hidden_plan(
+            planned = gate.recent_plan(gate.plan_state, lambda: native_hidden_plan(
                 gate, self.fc1.weight, self.fc1.bias, self.dwconv.weight, self.dwconv.bias, self.fc2.weight))
             if planned is not None:
                 return planned(x)[0]

@@ -806,11 +806,12 @@ class DynamicAttention(Attention):
         """Gates and gathers of the inference form: the kept rows of Q, K (scaled) and V (scaled) as one weight,
         so the three projections run as one product, and the kept columns of ``proj``; natively where it can
         (:meth:`native_plan`)."""
-        planned = self.native_plan() if self.qk_gate.native and native.usable(x) else None
-        if planned is not None:
-            return planned(x, (2, 3))[0]
-        pooled = x.mean(dim=(2, 3))
         qk_gate, v_gate = self.qk_gate, self.v_gate
+        if qk_gate.native and native.usable(x):
+            planned = qk_gate.recent_plan(qk_gate.plan_state + v_gate.plan_state, self.native_plan)
+            if planned is not None:
+                return planned(x, (2, 3))[0]
+        pooled = x.mean(dim=(2, 3))
         nk = qk_gate.gated_features
         if self.joint_gate is not None:  # heads are key_dim wide for Q/K, value_dim for V: two Top-r calls
             g_qk, g_v = self.joint_gate(pooled).split([nk, v_gate.gated_features], dim=1)
@@ -880,11 +881,13 @@ class DynamicMLP(MLP):
     def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Gate and gathers of the inference form (:func:`~edgeseg.models.dynamic.gather_hidden`), natively where
         it can (:func:`~edgeseg.models.dynamic.native_hidden_plan`)."""
-        (w1, b1), (w2, _) = _linear_params(self.fc1), _linear_params(self.fc2)
-        if self.gate.native and native.usable(x):
-            planned = native_hidden_plan(self.gate, w1, b1, self.dwconv.weight, self.dwconv.bias, w2)
+        gate = self.gate
+        if gate.native and native.usable(x):
+            planned = gate.recent_plan(gate.plan_state, lambda: native_hidden_plan(
+                gate, *_linear_params(self.fc1), self.dwconv.weight, self.dwconv.bias, _linear_params(self.fc2)[0]))
             if planned is not None:
                 return planned(x, (2, 3))[0]
+        (w1, b1), (w2, _) = _linear_params(self.fc1), _linear_params(self.fc2)
         values, index = self.gate(x.mean(dim=(2, 3)), _gate_weight(self.fc1))
         return gather_hidden(self.gate, values, index, w1, b1, self.dwconv.weight, self.dwconv.bias, w2)
 
