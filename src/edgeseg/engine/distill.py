@@ -40,6 +40,7 @@ from ..checkpoint import load_model, save_checkpoint, set_labels, set_test_recip
 from ..config import Config, DistillCfg
 from ..data import SegDataset
 from ..models.dynamic import SparsitySchedule, dynamic_gates, gate_l1, set_sparsity
+from ..models import family_of
 from ..models.dynasegformer import from_segformer
 from ..models.topformer import from_topformer
 from .evaluate import build_val_dataset
@@ -136,6 +137,9 @@ def stage2_loss(student: nn.Module, teacher: nn.Module, img: Tensor, gt: Tensor,
 
 
 # -------------------------------------------------------------------------------------------------------- loop
+STUDENTS = {"SegFormer": from_segformer, "TopFormer": from_topformer}  # a dense family → its dynamic student
+
+
 def build_student(cfg: Config, teacher: nn.Module, train_set: SegDataset) -> nn.Module:
     """The dynamic student of ``teacher``'s size (DynaSegFormer of a SegFormer, dynamic TopFormer of a TopFormer),
     checked against the config's model section."""
@@ -144,19 +148,21 @@ def build_student(cfg: Config, teacher: nn.Module, train_set: SegDataset) -> nn.
     if next(dynamic_gates(teacher), None) is not None:
         raise ValueError(f"teacher '{teacher_path}' is a dynamic model ({name}); the teacher is the dense model the "
                          f"student is distilled from, e.g. {name.removeprefix('dyna')}")
-    student_name = name if name.startswith("topformer-") else "dyna" + name
-    if cfg.model.name and cfg.model.name != student_name:
-        teacher_name = cfg.model.name.removeprefix("dyna")
-        raise ValueError(f"teacher '{teacher_path}' is {name}, but the config trains {cfg.model.name}: use a "
-                         f"{teacher_name} teacher or the matching config")
+    make = STUDENTS.get(family_of(teacher))
+    if make is None:
+        raise ValueError(f"teacher '{teacher_path}' is {name}: distillation makes the dynamic form of a SegFormer "
+                         f"or a TopFormer segmentation model")
     check_class_count(cfg, train_set, teacher.num_classes,
                       f"teacher '{teacher_path}' predicts {teacher.num_classes} classes",
                       "distil from a teacher trained on this dataset")
     if "sparsity" in cfg.model.overrides:
         raise ValueError("set the sparsity as distill.sparsity, not model.overrides.sparsity")
     overrides = {k: v for k, v in cfg.model.overrides.items() if k not in ("num_classes", "dynamic")}
-    make = from_topformer if name.startswith("topformer-") else from_segformer
-    return make(teacher, cfg.distill.sparsity, **overrides)
+    student = make(teacher, cfg.distill.sparsity, **overrides)
+    if cfg.model.name and cfg.model.name != student.model_name:
+        raise ValueError(f"teacher '{teacher_path}' is {name}, but the config trains {cfg.model.name}: use a "
+                         f"{cfg.model.name.removeprefix('dyna')} teacher or the matching config")
+    return student
 
 
 def weights_sha256(model: nn.Module) -> str:
