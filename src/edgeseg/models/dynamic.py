@@ -620,7 +620,9 @@ def set_gather(model: nn.Module, gather: bool) -> None:
 
 
 def set_native(model: nn.Module, native: bool) -> None:
-    """Let fused DGL sites plan natively (default, where the kernel builds: :mod:`.native`) or in PyTorch."""
+    """Let fused DGL sites plan (gate, Top-r, gathers) natively (default, where the kernel builds: :mod:`.native`)
+    or in PyTorch. Only the plans: the attention, LayerNorm and decoder kernels follow ``EDGESEG_NATIVE`` (and the
+    decoder its ``native`` attribute)."""
     for gate in dynamic_gates(model):
         gate.native = native
 
