@@ -166,22 +166,30 @@ def test_bf16_and_grad_accum_run(tmp_path):
 
 
 def test_a_diverging_run_stops_with_the_fix_and_its_log_stays_strict_json(tmp_path):
-    from edgeseg.engine.train import check_finite_loss
+    from edgeseg.engine.train import DistInfo, check_finite_loss
 
     # lr 1e6: the loss grows to ~1e15 by iteration 3 and is NaN from iteration 4; checked at each log row (3, 6)
-    cfg = tiny_cfg("optim.lr=1e6", "schedule.iters=6", "train.log_interval=3", "train.eval_interval=0")
-    with pytest.raises(ValueError, match=r"^the training loss is nan at iteration [3-5]: the run diverged; lower "
-                                         r"optim.lr \(now 1e\+06\), and start again or resume from a checkpoint"):
+    # and before each checkpoint (every iteration here): no NaN weights are saved for --resume auto to pick up
+    cfg = tiny_cfg("optim.lr=1e6", "schedule.iters=6", "train.log_interval=3", "train.eval_interval=0",
+                   "train.checkpoint_interval=1")
+    with pytest.raises(ValueError, match=r"^the training loss is not finite from iteration ([3-5]): the run "
+                                         r"diverged; lower optim.lr \(now 1e\+06\), and start again or resume from "
+                                         r"a checkpoint") as err:
         train(cfg, tmp_path, progress=False, log=lambda *a: None)
+    first = int(re.search(r"from iteration (\d)", str(err.value)).group(1))
+    latest = torch.load(tmp_path / "latest.pth", weights_only=True)
+    assert latest["iteration"] == first - 1  # the last checkpoint before the divergence
+    assert all(torch.isfinite(v).all() for v in latest["state_dict"].values() if v.is_floating_point())
 
     def strict(constant: str) -> float:
         raise ValueError(f"{constant} in log.jsonl")
 
     rows = [json.loads(line, parse_constant=strict) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] in ([], [3])
-    with pytest.raises(ValueError, match=r"at iteration 7: .*, or train in bf16 or fp32 \(--set train.amp=none\)"):
-        check_finite_loss(math.inf, 7, tiny_cfg("train.amp=fp16"))
-    check_finite_loss(2.5, 7, cfg)
+    info = DistInfo()  # one process
+    with pytest.raises(ValueError, match=r"from iteration 7: .*, or train in bf16 or fp32 \(--set train.amp=none\)"):
+        check_finite_loss(7, tiny_cfg("train.amp=fp16"), info)
+    check_finite_loss(None, cfg, info)
 
 
 def test_seg_loss_averages_over_all_pixels_ignored_ones_included():

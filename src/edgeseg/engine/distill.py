@@ -294,9 +294,14 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
             if diverged_at is None and not math.isfinite(losses["loss"]):
                 diverged_at = step
 
-            if step % cfg.train.log_interval == 0 or step == last:
+            logs = step % cfg.train.log_interval == 0 or step == last
+            evaluates = stage == 2 and val_set is not None and ((it + 1) % cfg.train.eval_interval == 0
+                                                                or step == last)
+            saves = (cfg.train.checkpoint_interval > 0 and step % cfg.train.checkpoint_interval == 0) or step == last
+            if logs or evaluates or saves:  # nothing diverged is logged, scored or saved
+                check_finite_loss(diverged_at, cfg, info)
+            if logs:
                 means = {k: mean_over_ranks(v / count, info) for k, v in sums.items()}
-                check_finite_loss(means["loss"], diverged_at or step, cfg)
                 logger({"mode": "train", "stage": stage, "iter": step, "lr": lr, "sparsity": sparsity, **means,
                         "time_s": round(time.perf_counter() - t_start, 3)})
                 if bar is not None:
@@ -304,7 +309,7 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
                 sums, count = {}, 0
             if bar is not None:
                 bar.update(1)
-            if stage == 2 and val_set is not None and ((it + 1) % cfg.train.eval_interval == 0 or step == last):
+            if evaluates:
                 # the model as it now stands, at the sparsity its next step trains with (the target once annealed)
                 set_sparsity(student, val_sparsity := schedule(step))
                 last_eval = evaluate_during_training(student, val_set, cfg)
@@ -318,7 +323,7 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
                         save_checkpoint(work_dir / "best.pth", student, {"iteration": step, "mIoU": best})
             if stage == 1 and step == last and info.main:
                 save_checkpoint(work_dir / "stage1.pth", student, {"iteration": step, "sparsity": sparsity})
-            if (cfg.train.checkpoint_interval > 0 and step % cfg.train.checkpoint_interval == 0) or step == last:
+            if saves:
                 save_training_state(work_dir, student, {
                     "iteration": step, "stage": stage, "best_mIoU": best, "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "config": cfg.to_dict(), "teacher_sha256": teacher_sha256}, info)

@@ -524,9 +524,13 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
         if diverged_at is None and not math.isfinite(loss):
             diverged_at = done
 
-        if done % cfg.train.log_interval == 0 or done == iters:
+        logs = done % cfg.train.log_interval == 0 or done == iters
+        evaluates = val_set is not None and (done % cfg.train.eval_interval == 0 or done == iters)
+        saves = (cfg.train.checkpoint_interval > 0 and done % cfg.train.checkpoint_interval == 0) or done == iters
+        if logs or evaluates or saves:  # nothing diverged is logged, scored or saved (--resume auto would pick it)
+            check_finite_loss(diverged_at, cfg, info)
+        if logs:
             mean_loss = mean_over_ranks(loss_sum / loss_count, info)
-            check_finite_loss(mean_loss, diverged_at or done, cfg)
             elapsed = time.perf_counter() - t_start
             logger({"mode": "train", "iter": done, "loss": mean_loss, "lr": lr, "time_s": round(elapsed, 3),
                     "eta_s": round(elapsed / (done - start) * (iters - done), 1)})
@@ -537,7 +541,7 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
             bar.update(1)
 
         is_best = False
-        if val_set is not None and (done % cfg.train.eval_interval == 0 or done == iters):
+        if evaluates:
             last_eval = evaluate_during_training(net, val_set, cfg)
             logger({"mode": "val", "iter": done, **{k: last_eval[k] for k in ("mIoU", "mAcc", "aAcc")}})
             log(f"iter {done}: " + "  ".join(f"{k} {last_eval[k]:.2f}" if last_eval[k] is not None else f"{k} n/a"
@@ -548,7 +552,7 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
         if info.main and is_best:
             save_checkpoint(work_dir / "best.pth", model, {"iteration": done, "mIoU": best_miou,
                                                            "config": cfg.to_dict()})
-        if (cfg.train.checkpoint_interval > 0 and done % cfg.train.checkpoint_interval == 0) or done == iters:
+        if saves:
             save_training_state(work_dir, model, {
                 "iteration": done, "best_mIoU": best_miou, "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "config": cfg.to_dict()}, info)
@@ -583,18 +587,24 @@ def optimizer_step(net: nn.Module, batches: Iterator[dict[str, Any]],
     return sums
 
 
-def check_finite_loss(mean_loss: float, diverged_at: int, cfg: Config) -> None:
+def check_finite_loss(diverged_at: int | None, cfg: Config, info: DistInfo) -> None:
     """Stop a diverged run with the fix, instead of training on to the end on NaN weights.
 
-    Checked on the logged mean (every rank holds the same one, so all stop together under DDP), where the loss is
-    on the host anyway: no extra device sync. ``diverged_at`` is the first step this process saw the loss non-finite.
-    """
-    if math.isfinite(mean_loss):
+    ``diverged_at``: the first step this process saw a non-finite loss (each step's loss reaches the host anyway,
+    so noting it costs no device sync), or None. Called before every log row, evaluation and checkpoint, the same
+    steps on every rank: one collective there agrees on the earliest such step, so all ranks stop together and no
+    checkpoint of NaN weights is written for ``--resume auto`` to pick up."""
+    first = math.inf if diverged_at is None else float(diverged_at)
+    if info.world > 1:
+        t = torch.tensor(first, dtype=torch.float64, device=info.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        first = float(t)
+    if first == math.inf:
         return
     fix = f"lower optim.lr (now {cfg.optim.lr:g})"
     if cfg.train.amp != "none":  # half precision overflows first
         fix += f", or train in {'bf16 or ' if cfg.train.amp == 'fp16' else ''}fp32 (--set train.amp=none)"
-    raise ValueError(f"the training loss is {mean_loss} at iteration {diverged_at}: the run diverged; {fix}, and "
+    raise ValueError(f"the training loss is not finite from iteration {int(first)}: the run diverged; {fix}, and "
                      f"start again or resume from a checkpoint before it")
 
 
