@@ -225,6 +225,14 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
     assert Image.open(tmp_path / "photos" / "photo.png").mode == "RGB"
 
 
+@pytest.mark.parametrize("argv", [["info", "dynasegformer-b0", "--sparsity", "1.5"],
+                                  ["bench", "dynasegformer-b0", "--sparsity", "-0.1"]])
+def test_a_sparsity_outside_0_1_is_refused_before_anything_runs(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "is the fraction of gated neurons pruned, in [0, 1)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [["export", "topformer-tiny", "x.onnx", "--batch", "0"],
                                   ["bench", "topformer-tiny", "--threads", "0"],
                                   ["info", "topformer-tiny", "--size", "-64", "64"],
@@ -314,8 +322,8 @@ def test_a_checkpoint_is_any_file_and_other_files_get_their_own_one_line_answer(
 def test_overrides_come_several_per_flag_and_under_mmsegs_name():
     from edgeseg.cli import build_parser
 
-    args = build_parser().parse_args(["train", "r.yaml", "--set", "a=1", "b=2", "--cfg-options", "c=3", "--set", "d=4"])
-    assert args.set == ["a=1", "b=2", "c=3", "d=4"]
+    args = build_parser().parse_args(["train", "--set", "a=1", "r.yaml", "--cfg-options", "b=2", "c=3", "--set", "d=4"])
+    assert args.config == "r.yaml" and args.set == ["a=1", "b=2", "c=3", "d=4"]
 
 
 def test_version(capsys):

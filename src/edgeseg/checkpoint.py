@@ -302,7 +302,7 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     try:
         model = create_model(name, **{**args, **overrides})
     except ValueError as err:
-        if "sparsity" in overrides and "sparsity" not in args:  # a dense family that has no such argument
+        if "sparsity" in overrides and "sparsity" not in args and "unknown" in str(err):  # a dense family's builder
             raise ValueError(f"checkpoint '{path}' holds {name}, a dense model: a sparsity needs a dynamic "
                              f"checkpoint (edgeseg distill makes one)") from err
         raise

@@ -36,6 +36,17 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+def _sparsity(text: str) -> float:
+    """``--sparsity``: a fraction of neurons pruned, refused outside [0, 1) before any model is built."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"is the fraction of gated neurons pruned, in [0, 1); got {text}")
+    return value
+
+
+_sparsity.__name__ = "fraction"  # argparse names the expected type by it ("invalid fraction value")
+
+
 def _positive(kind: type) -> Any:
     """An argparse ``type`` that reads ``kind`` (int or float) and refuses zero and negative values: a batch, size,
     thread count or duration of 0 has no meaning, and would fail deep inside instead of here."""
@@ -210,7 +221,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.to == "edgeseg" and dst.suffix not in (".pth", ".pt"):
         raise ValueError(f"{args.dst}: an edgeseg checkpoint is a .pth file; for a Hugging Face folder (its weights "
                          f"in model.safetensors) name a folder and add --to hf")
-    if args.to == "hf" and dst.suffix in (".safetensors", ".pth", ".pt", ".bin"):
+    if args.to == "hf" and dst.suffix in WEIGHT_SUFFIXES:
         raise ValueError(f"{args.dst}: --to hf writes a folder (config.json, model.safetensors): name a folder")
     model = load_model(args.src)
     if args.to == "hf":
@@ -361,7 +372,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         def save(name: str, pred: Any, gt: Any) -> None:
             save_label_png(pred.numpy(), out / f"{name}.png", palette)
 
-    result = evaluate(model, dataset, cfg.eval, workers=cfg.data.workers, progress=not (args.json or args.no_progress), callback=save)
+    result = evaluate(model, dataset, cfg.eval, workers=cfg.data.workers, progress=not (args.json or args.no_progress),
+                      callback=save)
     if args.json:
         print(json.dumps({"model": name, "checkpoint": args.checkpoint, **result}, indent=2))
     else:
@@ -378,15 +390,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _set_argument(parser: argparse.ArgumentParser, example: str) -> None:
-    """Recipe overrides: repeatable, several per flag, also under mmseg's name (``--cfg-options a=1 b=2``)."""
-    parser.add_argument("--set", "--cfg-options", dest="set", action="extend", nargs="+", metavar="KEY=VALUE",
-                        help=f"recipe overrides (dotted keys, values read as YAML), e.g. {example}")
+    """Recipe overrides: ``--set`` one per flag, repeatable (several would swallow a CONFIG given after them), and
+    mmseg's ``--cfg-options a=1 b=2``, several per flag, as its users write them."""
+    parser.add_argument("--set", dest="set", action="append", metavar="KEY=VALUE",
+                        help=f"recipe override (dotted key, value read as YAML), repeatable, e.g. {example}")
+    parser.add_argument("--cfg-options", dest="set", action="extend", nargs="+", metavar="KEY=VALUE",
+                        help="several overrides after one flag, as mmseg's tools take them")
 
 
 def _engine_parsers(sub: Any) -> None:
     p = sub.add_parser("train", help="train from a recipe YAML (torchrun --nproc-per-node N -m edgeseg train ... for DDP)")
     p.add_argument("config", help="recipe YAML, e.g. configs/topformer_tiny_ade20k_512x512_160k.yaml")
-    _set_argument(p, "--set optim.lr=1e-4 schedule.iters=8000")
+    _set_argument(p, "--set optim.lr=1e-4")
     p.add_argument("--work-dir", help="output folder (default: work_dirs/<config name>)")
     p.add_argument("--resume", metavar="auto|PATH", help="continue exactly: 'auto' = <work-dir>/latest.pth if present")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -462,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="model name or checkpoint path (omit for the table of all models)")
     p.add_argument("--size", nargs=2, type=POSITIVE_INT, metavar=("H", "W"), help="input size (default: the paper's)")
     p.add_argument("--num-classes", type=POSITIVE_INT)
-    p.add_argument("--sparsity", type=float, help="dynamic models: fraction of gated neurons pruned")
+    p.add_argument("--sparsity", type=_sparsity, help="dynamic models: fraction of gated neurons pruned")
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help=ARG_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
@@ -474,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=POSITIVE_INT, help="torch intra-op threads (default: torch's)")
     p.add_argument("--fuse", action="store_true", help="benchmark the inference form (BN folded, decoder folded)")
     p.add_argument("--num-classes", type=POSITIVE_INT)
-    p.add_argument("--sparsity", type=float, help="dynamic models: fraction of gated neurons pruned")
+    p.add_argument("--sparsity", type=_sparsity, help="dynamic models: fraction of gated neurons pruned")
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help=ARG_HELP)
     p.add_argument("--seconds", type=POSITIVE_FLOAT, default=3.0, help="minimum timed duration")
     p.add_argument("--json", action="store_true")
@@ -494,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "model carries, else 512 512)")
     p.add_argument("--batch", type=POSITIVE_INT, default=1, help="batch size, fixed in the graph unless --dynamic")
     p.add_argument("--num-classes", type=POSITIVE_INT)
-    p.add_argument("--sparsity", type=float, help="dynamic models: fraction of gated neurons pruned")
+    p.add_argument("--sparsity", type=_sparsity, help="dynamic models: fraction of gated neurons pruned")
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help=ARG_HELP)
     p.add_argument("--opset", type=POSITIVE_INT, help="ONNX opset (default: 17; 18 with --exporter dynamo)")
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
@@ -555,7 +570,7 @@ def _one_line_warnings(command: str) -> Iterator[None]:
     of code, which say nothing to a user of the command line. Other libraries' warnings keep theirs."""
     import warnings
 
-    package, original = str(Path(__file__).parent), warnings.showwarning
+    package, original = str(Path(__file__).parent) + os.sep, warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, UserWarning) and str(filename).startswith(package):

@@ -340,8 +340,8 @@ def validate(cfg: Config, source: str = "config") -> Config:
         raise ValueError(f"{source}: schedule.power must be >= 0, got {cfg.schedule.power}")
     if d.ratio_range[0] > d.ratio_range[1]:
         raise ValueError(f"{source}: data.ratio_range is (low, high), got {list(d.ratio_range)}")
-    if not all(s != 0 for s in d.std):
-        raise ValueError(f"{source}: data.std divides the pixels: it cannot hold 0, got {list(d.std)}")
+    if not all(s > 0 for s in d.std):
+        raise ValueError(f"{source}: data.std divides the pixels: each must be positive, got {list(d.std)}")
     if e.tta and not e.tta_ratios:
         raise ValueError(f"{source}: eval.tta needs eval.tta_ratios, e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]")
     for name, val in (("optim.lr", cfg.optim.lr), ("optim.weight_decay", cfg.optim.weight_decay),

@@ -337,3 +337,8 @@ def test_a_folder_of_other_images_names_their_suffix_and_the_key_to_set(make_tre
     with pytest.raises(FileNotFoundError, match=r"no \*\.jpg images in .*train \(it holds 3 \*\.png files: set "
                                                 r"img_suffix: \.png in dataset.yaml"):
         build_dataset("folder", root, "train")
+    ade = make_tree("ade20k")  # a built-in layout's suffix is fixed: no advice to set it
+    for image in (ade / "images" / "training").iterdir():
+        image.rename(image.with_suffix(".png"))
+    with pytest.raises(FileNotFoundError, match=r"no \*\.jpg images in \S+training; expected"):
+        build_dataset("ade20k", ade, "train")

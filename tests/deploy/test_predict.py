@@ -46,6 +46,8 @@ def test_segmenter_takes_gray_rgba_and_tensor_images_as_pil_reads_them():
         seg(rgba[:, :, :3].astype(np.float32) / 255)
     with pytest.raises(ValueError, match=r"got \(40, 56, 2\)"):
         seg(rgba[:, :, :2])
+    with pytest.raises(ValueError, match=r"expected a C×H×W uint8 image tensor .*, got torch.bfloat16 \(3, 40, 56\)"):
+        seg(torch.zeros(3, 40, 56, dtype=torch.bfloat16))
 
 
 def test_segmenter_slides_windows_as_mmseg_slide_inference():

@@ -64,6 +64,7 @@ def test_bad_values_name_the_field(tmp_path):
     for bad, message in [("data.test_scale=[0, 0]", r"data.test_scale must be positive"),
                          ("data.ratio_range=[2.0, 0.5]", r"data.ratio_range is \(low, high\)"),
                          ("data.std=[0, 1, 1]", "data.std divides the pixels"),
+                         ("data.std=[58, -57, 57]", "data.std divides the pixels: each must be positive"),
                          ("optim.lr=-0.01", "optim.lr must be >= 0"),
                          ("data.workers=-1", "data.workers must be >= 0"),
                          ("data.flip_prob=5", r"data.flip_prob must be in \[0, 1\]"),

@@ -107,6 +107,8 @@ def test_log_holds_only_this_run_after_a_resume_from_an_earlier_checkpoint_or_a_
     train(tiny_cfg("schedule.iters=2"), tmp_path, progress=False, log=lambda *a: None)
     assert [(r["mode"], r["iter"]) for r in rows()] == [("train", 1), ("train", 2), ("val", 2)]
     _assert_tensorboard_scalars_match(tmp_path, rows())
+    previous = [json.loads(line) for line in (tmp_path / "log.prev.jsonl").read_text().splitlines()]
+    assert [(r["mode"], r["iter"]) for r in previous] == [(r["mode"], r["iter"]) for r in reference]  # kept whole
 
 
 def test_resuming_another_model_or_training_on_foreign_labels_is_one_line(tmp_path):

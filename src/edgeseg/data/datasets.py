@@ -237,11 +237,14 @@ def scan_pairs(
     seg_map_suffix: str,
     split_file: Path | None,
     what: str,
+    suffix_setting: str | None = None,
 ) -> list[tuple[Path, Path]]:
     """Pair ``xxx{img_suffix}`` under ``img_dir`` with ``xxx{seg_map_suffix}`` under ``ann_dir`` (same relative path).
 
     With ``split_file`` the stems come from it, one per line (mmseg's ``split=``); otherwise ``img_dir`` is scanned
-    recursively and sorted by relative path, as mmseg does. ``what`` describes the expected layout for errors.
+    recursively and sorted by relative path, as mmseg does. ``what`` describes the expected layout for errors;
+    ``suffix_setting`` names where a layout whose image suffix can be chosen sets it (a folder of other images then
+    gets the suffix it holds in the error).
     """
     for d in (img_dir, ann_dir):
         if not d.is_dir():
@@ -260,10 +263,13 @@ def scan_pairs(
                     stems.append(stem if rel == "." else os.path.join(rel, stem))
         stems.sort(key=lambda s: s + img_suffix)
     if not stems:
-        others = collections.Counter(Path(f).suffix for _, _, files in os.walk(img_dir) for f in files)
-        common = others.most_common(1)
-        hint = (f" (it holds {common[0][1]} *{common[0][0]} files: set img_suffix: {common[0][0]} in dataset.yaml or "
-                f"data.kwargs)" if common else "")
+        hint = ""
+        if split_file is None and suffix_setting is not None:
+            found = collections.Counter(Path(f).suffix for _, _, files in os.walk(img_dir, followlinks=True)
+                                        for f in files if Path(f).suffix)
+            if found:
+                suffix, count = found.most_common(1)[0]
+                hint = f" (it holds {count} *{suffix} files: set img_suffix: {suffix} in {suffix_setting})"
         raise FileNotFoundError(f"no *{img_suffix} images in {img_dir}{hint}; expected {what}")
     pairs = [(img_dir / (s + img_suffix), ann_dir / (s + seg_map_suffix)) for s in stems]
     for img, ann in pairs:
@@ -505,7 +511,7 @@ class FolderDataset(FileSegDataset):
                 )
         sub = f"/{split}" if split and img_root.name == split else ""
         what = f"<root>/{img_dir}{sub}/*{img_suffix} and <root>/{ann_dir}{sub}/*{seg_map_suffix} (root = {path})"
-        pairs = scan_pairs(img_root, img_suffix, ann_root, seg_map_suffix, split_path, what)
+        pairs = scan_pairs(img_root, img_suffix, ann_root, seg_map_suffix, split_path, what, meta_path.name)
         self.img_suffix = img_suffix
         if palette is not None and len(palette) != len(classes):
             raise ValueError(f"{meta_path}: {len(classes)} classes but {len(palette)} palette colours")

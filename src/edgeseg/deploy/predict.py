@@ -32,8 +32,9 @@ def _as_rgb_array(image: ImageLike) -> np.ndarray:
     if isinstance(image, Image.Image):  # upright, as its file path would be read
         return np.array(ImageOps.exif_transpose(image).convert("RGB"))
     if isinstance(image, torch.Tensor):  # torchvision.io.read_image's layout: 3×H×W uint8
-        if image.dim() != 3 or image.shape[0] not in (1, 3, 4):
-            raise ValueError(f"expected a C×H×W uint8 image tensor (torchvision.io's layout), got {tuple(image.shape)}")
+        if image.dim() != 3 or image.shape[0] not in (1, 3, 4) or image.dtype != torch.uint8:
+            raise ValueError(f"expected a C×H×W uint8 image tensor (torchvision.io's layout), got {image.dtype} "
+                             f"{tuple(image.shape)}")
         image = image.detach().cpu().permute(1, 2, 0).numpy()
     arr = np.asarray(image)
     if arr.dtype != np.uint8:

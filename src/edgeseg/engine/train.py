@@ -311,7 +311,8 @@ class RunLogger:
 
     The log is the run's own, as its checkpoints are: a run that starts at iteration ``start`` keeps the rows up
     to it and drops the rest, so a fresh run in a used work dir starts an empty log, and a run resumed from an
-    earlier checkpoint does not repeat the rows after it (TensorBoard hides its later scalars likewise).
+    earlier checkpoint does not repeat the rows after it (TensorBoard hides its later scalars likewise). The log it
+    replaces is kept whole as ``log.prev.jsonl``.
     """
 
     def __init__(self, work_dir: Path, enabled: bool, start: int = 0) -> None:
@@ -320,7 +321,10 @@ class RunLogger:
         if not enabled:
             return
         path = work_dir / "log.jsonl"
-        write_text(path, "".join(line + "\n" for line in _rows_until(path, start)))  # the old log or the new, whole
+        kept = _rows_until(path, start)
+        if path.is_file() and len(path.read_text(encoding="utf-8").splitlines()) > len(kept):
+            os.replace(path, path.with_name("log.prev.jsonl"))  # what it drops stays readable, until the next run
+        write_text(path, "".join(line + "\n" for line in kept))
         self.file = open(path, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -413,7 +417,7 @@ def read_training_state(path: Path, fix: str) -> dict[str, Any]:
 
 # Builder arguments a resumed run may change: they regularise training and build the same model (mmseg resumes
 # under an edited config the same way).
-REGULARISATION_ARGS = frozenset({"drop_path_rate", "dropout", "dropout_ratio"})
+REGULARISATION_ARGS = frozenset({"drop_rate", "attn_drop_rate", "drop_path_rate", "dropout", "dropout_ratio"})
 
 
 def restore_weights(model: nn.Module, ckpt: dict[str, Any], path: Path) -> None:

@@ -601,7 +601,7 @@ def _hidden_views(bufs: list[Tensor], batch: int, kernel: tuple[int, int]) -> tu
 def fold_gates(model: nn.Module, pad_multiple: int = 8) -> nn.Module:
     """Prepare every DGL site of an eval model for fast inference, in place (``fuse()`` calls this).
 
-    Gate predictors are folded with their layers' frozen weights (:meth:`GatePredictor.folded`), and the gathered
+    Gate predictors are folded with their layers' frozen weights (:meth:`GatePredictor.fold`), and the gathered
     widths are padded with zero neurons up to a multiple of ``pad_multiple`` (:func:`slot_support`). Outputs are
     unchanged (≤ 1e-5); the executed MACs include the padding slots.
     """

@@ -349,10 +349,7 @@ def from_segformer(teacher: SegFormer, sparsity: float = 0.3, **overrides: Any) 
     student = MODELS["dyna" + name](sparsity=sparsity, **args)
     student = student.to(next(teacher.parameters()).device)
     load_dense(student.encoder, teacher.encoder, f"{student.model_name}'s encoder")
-    dropout = args.get("dropout")
-    if dropout is None:  # the teacher's
-        dropout = teacher.decode_head.dropout.p if isinstance(teacher.decode_head.dropout, nn.Dropout2d) else 0.0
-    student.decode_head = teacher.decode_head.to_additive(fold_bn=False, dropout=dropout)
+    student.decode_head = teacher.decode_head.to_additive(fold_bn=False, dropout=args.get("dropout"))
     return student.train(teacher.training)
 
 

@@ -340,7 +340,7 @@ class MLPDecoder(nn.Module):
         return self.linear_pred(self.dropout(x))
 
     @torch.no_grad()
-    def to_additive(self, fold_bn: bool = True, dropout: float = 0.0) -> AdditiveMLPDecoder:
+    def to_additive(self, fold_bn: bool = True, dropout: float | None = None) -> AdditiveMLPDecoder:
         """The same decoder in additive form: the fuse conv folded into the per-stage Linears.
 
         A 1×1 conv commutes with bilinear resizing (both are linear, and bilinear weights sum to 1 so biases pass
@@ -348,8 +348,11 @@ class MLPDecoder(nn.Module):
         for stage i: the 4E → E conv over the full-resolution concatenation disappears. With ``fold_bn`` (eval) the
         BN, a per-channel affine, folds in the same way, its shift added once, on the un-resized 1/4 stage
         (:meth:`fuse`); without, it stays a layer: DynaSegFormer's trainable decoder, which then starts computing
-        exactly the teacher's, in train and eval mode. Composed in float64.
+        exactly the teacher's, in train and eval mode. Composed in float64. ``dropout`` (before the classifier):
+        this decoder's own by default.
         """
+        if dropout is None:
+            dropout = self.dropout.p if isinstance(self.dropout, nn.Dropout2d) else 0.0
         E = self.embed_dim
         n = len(self.linear_c)
         if fold_bn:
@@ -370,7 +373,7 @@ class MLPDecoder(nn.Module):
     @torch.no_grad()
     def fuse(self) -> AdditiveMLPDecoder:
         """The exact inference form (:meth:`to_additive` with the BN folded), its classifier padded."""
-        out = self.to_additive(fold_bn=True)
+        out = self.to_additive(fold_bn=True, dropout=0.0)
         out.linear_pred = pad_output_channels(out.linear_pred)  # forward slices back to num_classes
         return out.eval()
 
