@@ -57,7 +57,6 @@ from .native import NativePlan, Part, Selection
 # --------------------------------------------------------------------------------------------------------------
 
 
-
 class GatePredictor(nn.Module):
     """``G = MLP(LN(AvgPool(X)) · W1)`` — the instance-wise importance of each gated neuron, shape (B, n).
 
@@ -159,7 +158,6 @@ def avg_pool_tokens(x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
-
 def check_sparsity(sparsity: float) -> float:
     """``sparsity`` as a float, refused outside [0, 1): at 1 no neuron would be kept."""
     if not 0.0 <= sparsity < 1.0:
@@ -230,7 +228,6 @@ def scatter_mask(values: Tensor, index: Tensor, n: int) -> tuple[Tensor, Tensor]
 # --------------------------------------------------------------------------------------------------------------
 # 3. Dynamic gated linear layer
 # --------------------------------------------------------------------------------------------------------------
-
 
 
 class DynamicGate(nn.Module):
@@ -438,7 +435,6 @@ def load_dense(gated: nn.Module, dense: nn.Module, what: str) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-
 class SparsitySchedule:
     """``s_t = s · min(1, t / T)``: prune nothing at first, reach the target after ``T`` steps (paper, Sec. 2.2)."""
 
@@ -475,7 +471,6 @@ def gate_l1(model: nn.Module) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------
 # 5. Inference form: gathers, folded gates, native plans
 # --------------------------------------------------------------------------------------------------------------
-
 
 
 def gather_rows(weight: Tensor, bias: Tensor | None, index: Tensor,

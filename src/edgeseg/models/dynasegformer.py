@@ -60,7 +60,6 @@ from .segformer import infer_model as segformer_infer_model
 # --------------------------------------------------------------------------------------------------------------
 
 
-
 class DynamicEfficientSelfAttention(EfficientSelfAttention):
     """Efficient self-attention with DGL on Q, K and V (paper: "DGL is applied to Q, K, V of the MiT encoder").
 
@@ -273,7 +272,6 @@ def make_dynamic(encoder: MixVisionTransformer, sparsity: float) -> MixVisionTra
 # --------------------------------------------------------------------------------------------------------------
 
 
-
 class DynaSegFormer(nn.Module):
     """MiT encoder with DGL in every block → additive MLP decoder. (B, 3, H, W) → logits (B, K, H/4, W/4).
 
@@ -356,7 +354,6 @@ def from_segformer(teacher: SegFormer, sparsity: float = 0.3, **overrides: Any) 
 # --------------------------------------------------------------------------------------------------------------
 # 3. Paper figures, checkpoint layout, builders
 # --------------------------------------------------------------------------------------------------------------
-
 
 
 # Paper (ADE20K, 512×512): B0 8.4 → 3.3 GFLOPs (their "FLOPs" are MACs, as SegFormer's) with 36.9 % mIoU, which
