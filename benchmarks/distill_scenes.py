@@ -71,12 +71,14 @@ def main() -> None:
     if args.teacher is None:
         t0 = time.perf_counter()
         teacher = train(t_cfg, work / "teacher", progress=False)["model"]
-        teacher_s, teacher_iters, teacher_ckpt = time.perf_counter() - t0, t_cfg.schedule.iters, work / "teacher" / "latest.pth"
+        teacher_s, teacher_iters = time.perf_counter() - t0, t_cfg.schedule.iters
+        teacher_ckpt = work / "teacher" / "latest.pth"
         print(f"teacher: {teacher_iters} iterations in {teacher_s:.0f} s (load {load_avg()})")
     else:
         from edgeseg import load_model
 
-        teacher, teacher_s, teacher_iters, teacher_ckpt = load_model(args.teacher), float("nan"), None, Path(args.teacher)
+        teacher, teacher_ckpt = load_model(args.teacher), Path(args.teacher)
+        teacher_s, teacher_iters = float("nan"), None
 
     # 2. student, two-stage distillation from the teacher's checkpoint
     s_overrides = [f"distill.teacher={teacher_ckpt}"]

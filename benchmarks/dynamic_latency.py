@@ -277,7 +277,8 @@ def main() -> None:
     dense_label = {"segformer": f"SegFormer-{variant.upper()}", "topformer": f"TopFormer-{variant.capitalize()}"}.get(
         family, args.model)
     dynamic_label = "Dyna" + dense_label if dense_label.startswith("SegFormer") else dense_label + " dynamic"
-    print(f"{args.model} at {size[0]}×{size[1]}, batch 1, {torch.get_num_threads()} threads, {args.rounds} alternating rounds "
+    print(f"{args.model} at {size[0]}×{size[1]}, batch 1, {torch.get_num_threads()} threads, "
+          f"{args.rounds} alternating rounds "
           f"(load average {load_before:.1f} → {load_after:.1f} on {os.cpu_count()} CPUs)")
     refs = ["published", "fused"] + (["transformers"] if hf is not None else [])
     labels = {"published": f"{dense_label} published (edgeseg eager)", "fused": f"{dense_label} fused",
@@ -305,7 +306,8 @@ def main() -> None:
         for s, scaling in kernel.scaling.items():
             keep, width = kernel.widths[s][0]
             print(f"attention kernel at {s:.0%} (scores over {keep}, values over {width} of {kernel.shapes[0][3]} "
-                  f"channels per head), time over the dense width, stages 1–4: " + " ".join(f"{r:.2f}" for r in scaling))
+                  f"channels per head), time over the dense width, stages 1–4: "
+                  + " ".join(f"{r:.2f}" for r in scaling))
     if "untouched by DGL" in times:
         untouched = ratio("untouched by DGL", "fused")
         gated = gmacs["fused"] - gmacs["untouched by DGL"]

@@ -40,7 +40,8 @@ def main() -> None:
             cm.update(pred, label)
         rates.append(args.images * h * w / (time.perf_counter() - t0) / 1e6)
     rates = rates[1:]
-    print(f"ConfusionMatrix.update  {args.classes} classes  {h}x{w} {args.label_dtype} labels  torch threads {torch.get_num_threads()}")
+    print(f"ConfusionMatrix.update  {args.classes} classes  {h}x{w} {args.label_dtype} labels  "
+          f"torch threads {torch.get_num_threads()}")
     print(f"  median {statistics.median(rates):.0f} Mpixel/s   best {max(rates):.0f} Mpixel/s   ({args.runs} runs "
           f"of {args.images} images)")
 

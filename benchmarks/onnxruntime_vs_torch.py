@@ -56,7 +56,8 @@ def main() -> None:
             session = ort.InferenceSession(str(res.path), options, providers=["CPUExecutionProvider"])
             feed = {"image": x.numpy()}
             with torch.inference_mode():
-                times = compare_latency({"torch": lambda: fused(x), "ort": lambda: session.run(None, feed)},
+                times = compare_latency({"torch": lambda m=fused: m(x),
+                                         "ort": lambda s=session, f=feed: s.run(None, f)},
                                         rounds=args.rounds)
             t, o = statistics.median(times["torch"]), statistics.median(times["ort"])
             ratio = statistics.median(b / a for a, b in zip(times["torch"], times["ort"]))

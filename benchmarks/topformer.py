@@ -27,7 +27,8 @@ def main() -> None:
     args = parser.parse_args()
 
     x = torch.randn(1, 3, *args.size)
-    print("| model | threads | GMACs | eager ms (median) | fused ms (median) | fused / eager | max abs diff (float64) |")
+    print("| model | threads | GMACs | eager ms (median) | fused ms (median) | fused / eager "
+          "| max abs diff (float64) |")
     print("|---|---|---|---|---|---|---|")
     for name in args.models:
         eager = create_model(name).eval()
@@ -39,7 +40,7 @@ def main() -> None:
         gmacs = count_gmacs(eager, tuple(args.size))
         for threads in args.threads:
             torch.set_num_threads(threads)
-            times = compare_latency({"eager": lambda: eager(x), "fused": lambda: fused(x)}, rounds=args.rounds)
+            times = compare_latency({"eager": lambda m=eager: m(x), "fused": lambda m=fused: m(x)}, rounds=args.rounds)
             e, f = statistics.median(times["eager"]), statistics.median(times["fused"])
             print(f"| {name} | {threads} | {gmacs:.3f} | {e:.1f} | {f:.1f} | {f / e:.2f} | {diff:.1e} |")
 

@@ -50,7 +50,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     h, w = args.size
-    print(f"{args.model}  batch {args.batch}  {h}x{w}  CPU  torch {torch.__version__}  threads {torch.get_num_threads()}")
+    print(f"{args.model}  batch {args.batch}  {h}x{w}  CPU  torch {torch.__version__}  "
+          f"threads {torch.get_num_threads()}")
     print(f"{'precision':<10} {'median s/step':>14} {'min':>8} {'max':>8} {'images/s':>9}")
     for amp in ("fp32", "bf16"):
         t = step_times(args.model, args.batch, (h, w), args.steps, amp)

@@ -221,8 +221,8 @@ def test_an_override_that_changes_nothing_is_not_blamed(tmp_path):
 def test_malformed_entries_beside_sound_weights_name_the_file_and_counts_must_be_positive(tmp_path):
     from edgeseg.checkpoint import atomic_save, load_model
 
-    ckpt = torch.load(edgeseg.save_checkpoint(tmp_path / "m.pth", edgeseg.create_model("topformer-tiny", num_classes=4)),
-                      weights_only=True)
+    saved = edgeseg.save_checkpoint(tmp_path / "m.pth", edgeseg.create_model("topformer-tiny", num_classes=4))
+    ckpt = torch.load(saved, weights_only=True)
     atomic_save({**ckpt, "input_mean": [0, 0, 0], "input_std": [0, 0, 0]}, tmp_path / "std0.pth")
     with pytest.raises(ValueError, match=r"checkpoint '.*std0.pth': its test pipeline is malformed .*std positive"):
         load_model(tmp_path / "std0.pth")

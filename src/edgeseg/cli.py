@@ -250,7 +250,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         shapes = f"batch, height and width free, traced at {shapes}"
     check = "" if res.max_abs_diff is None else (f"; onnxruntime vs PyTorch: max |diff| {res.max_abs_diff:.1e}, "
                                                  f"same class at {res.argmax_agreement:.2%} of positions")
-    print(f"wrote {model.model_name} ({'fused' if res.fused else 'eager'}, {shapes}, opset {res.opset}) to {res.path}{check}")
+    form = "fused" if res.fused else "eager"
+    print(f"wrote {model.model_name} ({form}, {shapes}, opset {res.opset}) to {res.path}{check}")
     return 0
 
 
@@ -399,7 +400,8 @@ def _set_argument(parser: argparse.ArgumentParser, example: str) -> None:
 
 
 def _engine_parsers(sub: Any) -> None:
-    p = sub.add_parser("train", help="train from a recipe YAML (torchrun --nproc-per-node N -m edgeseg train ... for DDP)")
+    p = sub.add_parser("train",
+                       help="train from a recipe YAML (torchrun --nproc-per-node N -m edgeseg train ... for DDP)")
     p.add_argument("config", help="recipe YAML, e.g. configs/topformer_tiny_ade20k_512x512_160k.yaml")
     _set_argument(p, "--set optim.lr=1e-4")
     p.add_argument("--work-dir", help="output folder (default: work_dirs/<config name>)")
@@ -439,7 +441,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set or [])
     if cfg.distill is None:
         raise ValueError(f"config '{args.config}' has no distill: section: use a distillation recipe, "
-                         f"e.g. configs/dynasegformer_b0_ade20k_30.yaml or configs/topformer_tiny_dynamic_ade20k_30.yaml")
+                         "e.g. configs/dynasegformer_b0_ade20k_30.yaml or "
+                         "configs/topformer_tiny_dynamic_ade20k_30.yaml")
     if args.teacher:
         cfg.distill.teacher = args.teacher
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)

@@ -242,7 +242,8 @@ def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
 def _unknown(key: str, source: str) -> ValueError:
     candidates = _all_keys() if "." in key else [f.name for f in dataclasses.fields(Config)]  # a section: sections
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
-    hint = f" — did you mean '{close[0]}'?" if close else f" (valid sections: {', '.join(f.name for f in dataclasses.fields(Config))})"
+    sections = ", ".join(f.name for f in dataclasses.fields(Config))
+    hint = f" — did you mean '{close[0]}'?" if close else f" (valid sections: {sections})"
     return ValueError(f"{source}: unknown config key '{key}'{hint}")
 
 

@@ -58,7 +58,8 @@ def read_weights(path: str | os.PathLike) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist: check the path")
     if path.is_dir():
-        raise ValueError(f"checkpoint '{path}' is a folder without config.json: pass a .pth file or a Hugging Face folder")
+        raise ValueError(f"checkpoint '{path}' is a folder without config.json: pass a .pth file or a Hugging Face "
+                         "folder")
     if path.stat().st_size == 0:
         raise ValueError(f"checkpoint '{path}' is empty (0 bytes): download or save it again")
     if path.suffix == ".safetensors":

@@ -40,7 +40,7 @@ def label_values(seed: int, high: int) -> np.ndarray:
 
 def _ade(root: Path) -> Path:
     base = root / "ADEChallengeData2016"
-    for split, sub, n in (("train", "training", 3), ("val", "validation", 2)):
+    for sub, n in (("training", 3), ("validation", 2)):
         for i in range(n):
             stem = f"ADE_{sub[:5]}_{i:08d}"
             write_image(base / "images" / sub / f"{stem}.jpg", i)

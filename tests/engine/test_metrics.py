@@ -1,4 +1,5 @@
-"""ConfusionMatrix against a line-by-line numpy port of mmseg 0.x ``intersect_and_union`` / ``total_area_to_metrics``."""
+"""ConfusionMatrix against a line-by-line numpy port of mmseg 0.x ``intersect_and_union`` /
+``total_area_to_metrics``."""
 
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ def mmseg_intersect_and_union(pred, label, num_classes, ignore_index, reduce_zer
     mask = label != ignore_index
     pred, label = pred[mask], label[mask]
     intersect = pred[pred == label]
-    hist = lambda x: np.histogram(x, bins=num_classes, range=(0, num_classes - 1))[0].astype(np.float64)
+
+    def hist(x: np.ndarray) -> np.ndarray:
+        return np.histogram(x, bins=num_classes, range=(0, num_classes - 1))[0].astype(np.float64)
+
     area_intersect, area_pred, area_label = hist(intersect), hist(pred), hist(label)
     return area_intersect, area_pred + area_label - area_intersect, area_pred, area_label
 
@@ -65,7 +69,7 @@ def test_matches_mmseg(reduce_zero_label, dtype):
     assert out["mAcc"] == pytest.approx(np.nanmean(ref["Acc"]), abs=1e-12)
     # the areas themselves, not only their ratios
     for mine, theirs in zip(cm.areas(), [sum(a) for a in zip(*(mmseg_intersect_and_union(
-            p, l, num_classes, 255, reduce_zero_label) for p, l in pairs))]):
+            pred, label, num_classes, 255, reduce_zero_label) for pred, label in pairs))]):
         np.testing.assert_array_equal(mine, theirs)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -255,7 +254,8 @@ def test_ddp_two_processes_stay_identical(tmp_path):
     params = {k for k in r0["state_dict"] if "running" not in k and "num_batches" not in k}
     assert params and all(torch.equal(r0["state_dict"][k], r1["state_dict"][k]) for k in params)
     # each rank normalised its own shard: BN running statistics differ, so the shards really differed
-    assert any(not torch.equal(r0["state_dict"][k], r1["state_dict"][k]) for k in r0["state_dict"] if "running_mean" in k)
+    assert any(not torch.equal(r0["state_dict"][k], r1["state_dict"][k])
+               for k in r0["state_dict"] if "running_mean" in k)
     assert r0["mIoU"] == r1["mIoU"]  # confusion matrices summed over both shards
     rows = [json.loads(line) for line in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows if r["mode"] == "train"] == [1, 2, 3]  # rank 0 alone logs

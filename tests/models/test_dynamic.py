@@ -436,7 +436,8 @@ def test_dense_weights_load_into_their_gated_form_only_where_the_two_correspond(
     load_dense(gated, dense, "a DGL")  # only the gate's own tensors are new
     assert torch.equal(gated.fc2.weight, dense.fc2.weight)
     dense.extra = nn.Linear(2, 2)
-    with pytest.raises(ValueError, match=r"do not fit a DGL: missing \[\], unexpected \['extra.weight', 'extra.bias'\]"):
+    unexpected = r"do not fit a DGL: missing \[\], unexpected \['extra.weight', 'extra.bias'\]"
+    with pytest.raises(ValueError, match=unexpected):
         load_dense(gated, dense, "a DGL")
     del dense.extra, dense.fc2
     with pytest.raises(ValueError, match=r"missing \['fc2.weight', 'fc2.bias'\]"):

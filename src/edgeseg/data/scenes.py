@@ -336,7 +336,7 @@ def write_scenes(
             img, label = generate_scene(scene_rng(seed, split, i), size)
             name = scene_name(i)
             kw = {"quality": jpeg_quality} if img_suffix.lower() in (".jpg", ".jpeg") else {}
-            atomic_write(img_dir / f"{name}{img_suffix}", lambda p, im=img: Image.fromarray(im).save(p, **kw))
+            atomic_write(img_dir / f"{name}{img_suffix}", lambda p, im=img, kw=kw: Image.fromarray(im).save(p, **kw))
             save_label_png(label, ann_dir / f"{name}.png", SCENES_PALETTE)
     meta = {
         "classes": list(SCENES_CLASSES),

@@ -140,6 +140,10 @@ def _colorize(label: np.ndarray, palette: list[tuple[int, int, int]]) -> np.ndar
     return table[np.clip(label, 0, 255).astype(np.uint8)]
 
 
+def _blend(img: np.ndarray, label: np.ndarray, palette: list[tuple[int, int, int]]) -> np.ndarray:
+    return (0.35 * img + 0.65 * _colorize(label, palette)).astype(np.uint8)
+
+
 @torch.inference_mode()
 def save_overlays(model: torch.nn.Module, dataset: SegDataset, out_dir: Path, count: int = 6) -> list[Path]:
     """``image | ground truth | prediction`` strips (labels blended over the image) with a class legend."""
@@ -151,8 +155,7 @@ def save_overlays(model: torch.nn.Module, dataset: SegDataset, out_dir: Path, co
         img, gt = dataset.load_pair(i)
         probs = predict_probs(model, item["img"][None], gt.shape)
         pred = probs.argmax(1)[0].numpy()
-        blend = lambda lab: (0.35 * img + 0.65 * _colorize(lab, dataset.palette)).astype(np.uint8)  # noqa: E731
-        strip = np.concatenate([img, blend(gt), blend(pred)], axis=1)
+        strip = np.concatenate([img, _blend(img, gt, dataset.palette), _blend(img, pred, dataset.palette)], axis=1)
         h, w = strip.shape[:2]
         canvas = Image.new("RGB", (w, h + 40), "white")
         canvas.paste(Image.fromarray(strip), (0, 20))
@@ -222,6 +225,7 @@ def report_markdown(report: dict[str, Any], metrics: dict[str, Any]) -> str:
     for name, v in metrics["per_class"].items():
         lines.append(f"| {name} | {fmt(v['IoU'])} | {fmt(v['Acc'])} |")
     lines += ["", "![loss and mIoU](curves.png)", "",
-              "Overlays (image | ground truth | prediction): " + ", ".join(f"`overlays/{n}`" for n in report["overlays"]),
+              "Overlays (image | ground truth | prediction): "
+              + ", ".join(f"`overlays/{n}`" for n in report["overlays"]),
               ""]
     return "\n".join(lines)

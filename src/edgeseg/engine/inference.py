@@ -70,7 +70,8 @@ def check_window(crop: Sequence[int], stride: Sequence[int]) -> tuple[tuple[int,
     return crop_t, stride_t
 
 
-def slide_windows(height: int, width: int, crop: Sequence[int], stride: Sequence[int]) -> list[tuple[int, int, int, int]]:
+def slide_windows(height: int, width: int, crop: Sequence[int],
+                  stride: Sequence[int]) -> list[tuple[int, int, int, int]]:
     """The (y1, y2, x1, x2) windows of mmseg's ``slide_inference`` grid, row by row."""
     (h_crop, w_crop), (h_stride, w_stride) = crop, stride
     h_grids = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
