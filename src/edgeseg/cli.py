@@ -264,8 +264,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .fileio import atomic_write
 
     out = Path(args.out)
-    inputs = expand_inputs(args.images)
-    check_outputs(inputs, out)
+    inputs = expand_inputs(args.images, out, recursive=args.recursive)
+    check_outputs(inputs)
     if not _is_checkpoint(args.model):  # a name builds a fresh model: fine for bench and export, noise here
         print(f"edgeseg predict: warning: '{args.model}' is a model name, not a checkpoint: its weights are "
               f"untrained (pass a .pth or a Hugging Face folder)", file=sys.stderr)
@@ -277,14 +277,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
                          f"(--config with eval.crop_size and eval.stride)")
     segmenter = Segmenter(model.to(_device(args.device)), scale=args.scale, size_divisor=args.size_divisor,
                           fuse=not args.no_fuse, mode=args.mode)
-    out.mkdir(parents=True, exist_ok=True)
-    for image in inputs:
+    for image, image_out in inputs:
+        image_out.mkdir(parents=True, exist_ok=True)
         if is_video(image):
-            video, labels_dir, frames = segment_video(segmenter, image, out)
+            video, labels_dir, frames = segment_video(segmenter, image, image_out)
             print(f"{image} -> {video} ({frames} frames; label maps in {labels_dir})")
             continue
         labels = segmenter(image)
-        label_path, overlay_path = prediction_paths(image, out)
+        label_path, overlay_path = prediction_paths(image, image_out)
         save_label_png(labels, label_path, segmenter.palette)
         overlay = Image.fromarray(segmenter.overlay(image, labels))
         atomic_write(overlay_path, lambda tmp, im=overlay: im.save(tmp, quality=90))
@@ -528,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files or folders of them, or videos (.mp4, .mov, .avi, .mkv, "
                                              ".webm...; the [video] extra): label PNGs per frame and an overlay .mp4")
     p.add_argument("--out", default="predictions", help="output folder")
+    p.add_argument("-r", "--recursive", action="store_true",
+                   help="a folder's subfolders too, their predictions in the same subfolders of --out")
     p.add_argument("--scale", nargs=2, type=POSITIVE_INT, metavar=("LONG", "SHORT"),
                    help="keep-ratio test resize bound (default: the training recipe's data.test_scale, which edgeseg "
                         "checkpoints carry, else ADE20K's 2048 512)")

@@ -183,6 +183,26 @@ def test_predict_cli_takes_a_folder(tmp_path, capsys):
     assert "would both write" not in capsys.readouterr().err
 
 
+
+def test_predict_recursive_keeps_the_subfolders(tmp_path, capsys):
+    """Cityscapes' leftImg8bit/val/<city>/ layout: --recursive predicts every subfolder into the same subfolder of
+    --out, so images named alike in two cities stay apart; without it the folder's error says to pass it."""
+    ckpt = edgeseg.save_checkpoint(tmp_path / "m.pth", edgeseg.create_model("topformer-tiny", num_classes=4))
+    val = tmp_path / "val"
+    for city in ("bonn", "lindau/part"):
+        (val / city).mkdir(parents=True)
+        Image.fromarray(np.zeros((32, 40, 3), np.uint8)).save(val / city / "a.png")
+    out = tmp_path / "out"
+    assert main(["predict", str(ckpt), str(val), "--out", str(out), "--scale", "64", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--recursive" in err and not out.exists()
+    assert main(["predict", str(ckpt), str(val), "--out", str(out), "--scale", "64", "32", "-r"]) == 0
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == ["bonn/a.png", "bonn/a_overlay.jpg", "lindau/part/a.png", "lindau/part/a_overlay.jpg"]
+    with Image.open(out / "lindau/part/a.png") as label:
+        assert label.size == (40, 32)
+    assert capsys.readouterr().out.splitlines()[0].startswith(str(val / "bonn" / "a.png"))
+
 def test_missing_or_damaged_image_is_one_line(tmp_path, capsys):
     model = edgeseg.create_model("topformer-tiny", num_classes=4)
     ckpt = edgeseg.save_checkpoint(tmp_path / "m.pth", model)

@@ -171,21 +171,31 @@ VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".m
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 
 
-def expand_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """``edgeseg predict``'s inputs: files as given, a folder as the images and videos directly inside it (sorted by
-    name, not recursive). A folder with neither is an error; a missing file is left for the reader to report."""
-    files = []
+def expand_inputs(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                  recursive: bool = False) -> list[tuple[Path, Path]]:
+    """``edgeseg predict``'s inputs, each with the folder its predictions go to. Files are taken as given, a folder as
+    the images and videos directly inside it (sorted by name), all predicted into ``out_dir``. With ``recursive``,
+    a folder's subfolders too, each predicted into its own path under ``out_dir``: a dataset laid out by subfolder
+    (Cityscapes' ``leftImg8bit/val/<city>/``) keeps its layout, and images named alike in two subfolders stay apart.
+
+    A folder with nothing to predict is an error; a missing file is left for the reader to report.
+    """
+    readable, out_dir = IMAGE_SUFFIXES | VIDEO_SUFFIXES, Path(out_dir)
+    inputs = []
     for path in map(Path, paths):
         if not path.is_dir():
-            files.append(path)
+            inputs.append((path, out_dir))
             continue
-        readable = IMAGE_SUFFIXES | VIDEO_SUFFIXES
-        inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in readable)
+        found = path.rglob("*") if recursive else path.iterdir()
+        inside = sorted(p for p in found if p.is_file() and p.suffix.lower() in readable)
         if not inside:
+            deeper = not recursive and any(p.is_file() and p.suffix.lower() in readable for p in path.rglob("*"))
+            fix = "its subfolders hold some: pass --recursive" if deeper else \
+                "pass the files, or the folder that holds them"
             raise ValueError(f"folder '{path}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) or videos "
-                             f"({', '.join(sorted(VIDEO_SUFFIXES))}): pass the files, or the folder that holds them")
-        files.extend(inside)
-    return files
+                             f"({', '.join(sorted(VIDEO_SUFFIXES))}): {fix}")
+        inputs.extend((p, out_dir / p.parent.relative_to(path)) for p in inside)
+    return inputs
 
 
 def is_video(path: str | os.PathLike) -> bool:
@@ -203,12 +213,12 @@ def prediction_paths(path: str | os.PathLike, out_dir: str | os.PathLike) -> tup
     return out_dir / f"{stem}.png", out_dir / f"{stem}_overlay.jpg"
 
 
-def check_outputs(paths: Sequence[Path], out_dir: str | os.PathLike) -> None:
-    """Refuse, before anything runs, inputs whose predictions would overwrite an input or each other (outputs are
-    named by stem: ``a/1.jpg`` and ``b/1.jpg``, or ``--out`` set to the images' own folder)."""
-    given = {p.resolve() for p in paths}
+def check_outputs(inputs: Sequence[tuple[Path, Path]]) -> None:
+    """Refuse, before anything runs, (input, output folder) pairs whose predictions would overwrite an input or each
+    other (outputs are named by stem: ``a/1.jpg`` and ``b/1.jpg``, or ``--out`` set to the images' own folder)."""
+    given = {p.resolve() for p, _ in inputs}
     writer: dict[Path, Path] = {}
-    for path in paths:
+    for path, out_dir in inputs:
         for written in prediction_paths(path, out_dir):
             if written.resolve() in given:
                 raise ValueError(f"{written} is an input and would be overwritten by a prediction: choose another "
