@@ -25,6 +25,7 @@ as a forward.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import time
@@ -46,6 +47,7 @@ from ..models.topformer import from_topformer
 from .evaluate import build_val_dataset
 from .optim import build_optimizer, set_lr
 from .train import (
+    DistInfo,
     RunLogger,
     build_train_loader,
     build_train_set,
@@ -200,6 +202,40 @@ def _read_distill_state(path: Path, stages: dict[int, tuple[int, int]], teacher:
     return ckpt
 
 
+def _teacher_and_student(cfg: Config, train_set: SegDataset, info: DistInfo) -> tuple[nn.Module, str, nn.Module]:
+    """The frozen teacher of ``cfg.distill.teacher`` with its weights' sha256, and the student made from it (labels,
+    test recipe and SyncBN as a trained model carries them), both on the run's device."""
+    teacher = load_model(cfg.distill.teacher)
+    teacher_sha256 = weights_sha256(teacher)
+    teacher = teacher.to(info.device).eval()
+    teacher.requires_grad_(False)
+    student = set_labels(build_student(cfg, teacher, train_set), train_set.classes, train_set.palette)
+    set_test_recipe(student, cfg)  # normalisation, test resize and window travel with the checkpoints
+    return teacher, teacher_sha256, sync_batchnorm(student, cfg, info).to(info.device).train()
+
+
+def _stage_loss(stage: int, net: nn.Module, teacher: nn.Module, dcfg: DistillCfg, device: torch.device,
+                ignore_index: int, batch: dict[str, Any]) -> dict[str, Tensor]:
+    """One batch's losses in ``stage``; ``net`` is the student as that stage trains it (features or logits), which
+    predicts the teacher's classes."""
+    img = batch["img"].to(device, non_blocking=True)
+    if stage == 1:
+        return stage1_loss(net, teacher, img, dcfg)
+    check_labels(batch, teacher.num_classes, ignore_index)
+    return stage2_loss(net, teacher, img, batch["gt"].to(device, non_blocking=True), dcfg, ignore_index)
+
+
+def _evaluate(student: nn.Module, val_set: SegDataset, cfg: Config, sparsity: float, step: int,
+              logger: RunLogger) -> dict[str, Any]:
+    """The validation scores of ``student`` at ``sparsity`` (kept there for the next step), logged; the result
+    records the sparsity it was scored at."""
+    set_sparsity(student, sparsity)
+    scores = evaluate_during_training(student, val_set, cfg)
+    logger({"mode": "val", "stage": 2, "iter": step, "sparsity": sparsity,
+            "mIoU": scores["mIoU"], "mAcc": scores["mAcc"], "aAcc": scores["aAcc"]})
+    return {**scores, "sparsity": sparsity}
+
+
 def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progress: bool = True,
             log: Any = print) -> dict[str, Any]:
     """Run both stages of ``cfg.distill`` in ``work_dir``; ``resume`` is None, ``"auto"`` (latest.pth if present) or
@@ -225,13 +261,7 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
     seed_everything(cfg.train.seed)
     train_set = build_train_set(cfg)
     check_num_classes(cfg, train_set)
-    teacher = load_model(dcfg.teacher)
-    teacher_sha256 = weights_sha256(teacher)
-    teacher = teacher.to(info.device).eval()
-    teacher.requires_grad_(False)
-    student = set_labels(build_student(cfg, teacher, train_set), train_set.classes, train_set.palette)
-    set_test_recipe(student, cfg)  # normalisation, test resize and window travel with the checkpoints
-    student = sync_batchnorm(student, cfg, info).to(info.device).train()
+    teacher, teacher_sha256, student = _teacher_and_student(cfg, train_set, info)
     scaler = grad_scaler(cfg, info)
     seed_everything(cfg.train.seed + info.rank)
     log(f"student {student.model_name} from teacher {teacher.model_name} ({dcfg.teacher}), target sparsity "
@@ -251,8 +281,7 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
     elif resume == "auto":
         log(f"no checkpoint in {work_dir}: starting from scratch")
 
-    accum, dev = cfg.train.grad_accum, info.device
-    batches = iter(build_train_loader(cfg, train_set, info, start_batch=step * accum))
+    batches = iter(build_train_loader(cfg, train_set, info, start_batch=step * cfg.train.grad_accum))
     val_set = build_val_dataset(cfg) if cfg.train.eval_interval > 0 else None
     log(data_summary(train_set, val_set))
     if info.main:
@@ -273,14 +302,8 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
         # stage 1 never runs the head: DDP must find those unused parameters; stage 2 uses all, so it skips that walk
         net = data_parallel(StudentFeatures(student) if stage == 1 else student, info,
                             find_unused_parameters=stage == 1)
-        def loss_of(batch: dict[str, Any], stage: int = stage, net: nn.Module = net) -> dict[str, Tensor]:
-            img = batch["img"].to(dev, non_blocking=True)
-            if stage == 1:
-                return stage1_loss(net, teacher, img, dcfg)
-            check_labels(batch, student.num_classes, train_set.ignore_index)
-            return stage2_loss(net, teacher, img, batch["gt"].to(dev, non_blocking=True), dcfg,
-                               train_set.ignore_index)
-
+        loss_of = functools.partial(_stage_loss, stage, net, teacher, dcfg, info.device,
+                                    train_set.ignore_index)
         sums: dict[str, float] = {}
         count = 0
         for it in range(step - first, last - first):
@@ -311,12 +334,9 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
                 bar.update(1)
             if evaluates:
                 # the model as it now stands, at the sparsity its next step trains with (the target once annealed)
-                set_sparsity(student, val_sparsity := schedule(step))
-                last_eval = evaluate_during_training(student, val_set, cfg)
-                logger({"mode": "val", "stage": 2, "iter": step, "sparsity": val_sparsity,
-                        "mIoU": last_eval["mIoU"], "mAcc": last_eval["mAcc"], "aAcc": last_eval["aAcc"]})
+                last_eval = _evaluate(student, val_set, cfg, schedule(step), step, logger)
                 # best.pth is a model of the recipe's sparsity: scores at a lower one, mid-annealing, do not compete
-                if (val_sparsity == dcfg.sparsity and last_eval["mIoU"] is not None
+                if (last_eval["sparsity"] == dcfg.sparsity and last_eval["mIoU"] is not None
                         and last_eval["mIoU"] > best):
                     best = last_eval["mIoU"]
                     if info.main:
