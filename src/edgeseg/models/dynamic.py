@@ -22,7 +22,8 @@ what makes a pruned neuron vanish even when ``φ(0) ≠ 0`` (Mix-FFN's depthwise
 The gate's last layer starts at weight 0, bias 1, so a fresh gate outputs ``G ≡ 1``: at sparsity 0 a DGL computes
 exactly its dense layer, and a student built from a dense teacher starts as the teacher.
 
-Two execution forms with the same outputs (≤ 1e-5):
+Two execution forms of one function (in float64 they agree to rounding, ~1e-14; in float32 each, the masked one
+included, carries its own rounding: ≤ 1e-5 apart at the library's initialisation, ~2e-5 with logits ~6):
 
 - training (and ``gather=False``): masked dense computation, ``Y = (X W1ᵀ + b) · M``; gradients reach the gate
   through the kept values;
@@ -598,7 +599,7 @@ def fold_gates(model: nn.Module, pad_multiple: int = 8) -> nn.Module:
 
     Gate predictors are folded with their layers' frozen weights (:meth:`GatePredictor.fold`), and the gathered
     widths are padded with zero neurons up to a multiple of ``pad_multiple`` (:func:`slot_support`). Outputs are
-    unchanged (≤ 1e-5); the executed MACs include the padding slots.
+    unchanged but for rounding (see the module docstring); the executed MACs include the padding slots.
     """
     for module in model.modules():
         if not isinstance(module, DynamicGate) and any(isinstance(c, DynamicGate) for c in module.children()):

@@ -320,7 +320,7 @@ class DynaSegFormer(nn.Module):
         """A new inference model: decoder BN folded, attention by the native kernel or SDPA, dropout/drop-path
         removed, conv weights channels-last (as ``SegFormer.fuse``); the DGL layers run their gathered form in eval
         mode, gates folded and kept widths padded with zero neurons to ``pad_multiple`` (:func:`fold_gates`). Same
-        logits (≤ 1e-5)."""
+        logits up to float32 rounding (see :mod:`.dynamic`)."""
         # gates first, as TopFormer's: they fold the weights they read as trained, before any block folds its own
         fused = fuse_modules(fold_gates(copy.deepcopy(self).eval(), pad_multiple))
         return fused.to(memory_format=torch.channels_last)
