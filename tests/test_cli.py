@@ -358,3 +358,21 @@ def test_eval_names_the_model_it_scored_and_warns_when_the_recipe_builds_another
     err = capsys.readouterr().err  # edgeseg's warnings are one line, as its errors, without a code excerpt
     assert f"edgeseg eval: warning: {root / 'dataset.yaml'}: unknown key 'note' ignored" in err
     assert all(line.startswith("edgeseg eval: warning: ") for line in err.splitlines())
+
+
+@pytest.mark.parametrize("command", ["train", "distill"])
+def test_a_recipe_error_under_torchrun_is_said_once(tmp_path, capsys, monkeypatch, command):
+    """Every torchrun process reads the same recipe: rank 0 says its error, the others exit with the same code in
+    silence. An error that may differ per process (here the data, which a node may lack) is said by each."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name: segformer-b0}\nschedul: {iters: 10}\n")  # a typo'd section
+    said = {}
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert main([command, str(recipe), "--work-dir", str(tmp_path / "w")]) == 2
+        said[rank] = capsys.readouterr().err
+    assert said["0"].count("\n") == 1 and "schedul" in said["0"] and said["1"] == ""
+    recipe.write_text("model: {name: dynasegformer-b0}\ndistill: {sparsity: 0.3, teacher: t.pth}\n"
+                      if command == "distill" else "model: {name: segformer-b0}\n")
+    assert main([command, str(recipe), "--work-dir", str(tmp_path / "w")]) == 2  # still rank 1
+    assert "a data root is required" in capsys.readouterr().err

@@ -323,7 +323,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .engine.train import train
 
-    cfg = load_config(args.config, args.set or [])
+    with _same_on_every_rank():
+        cfg = load_config(args.config, args.set or [])
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
     out = train(cfg, work_dir, resume=args.resume, progress=not args.no_progress)
     best = out["best_mIoU"]
@@ -438,11 +439,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .config import load_config
     from .engine.distill import distill
 
-    cfg = load_config(args.config, args.set or [])
-    if cfg.distill is None:
-        raise ValueError(f"config '{args.config}' has no distill: section: use a distillation recipe, "
-                         "e.g. configs/dynasegformer_b0_ade20k_30.yaml or "
-                         "configs/topformer_tiny_dynamic_ade20k_30.yaml")
+    with _same_on_every_rank():
+        cfg = load_config(args.config, args.set or [])
+        if cfg.distill is None:
+            raise ValueError(f"config '{args.config}' has no distill: section: use a distillation recipe, "
+                             "e.g. configs/dynasegformer_b0_ade20k_30.yaml or "
+                             "configs/topformer_tiny_dynamic_ade20k_30.yaml")
     if args.teacher:
         cfg.distill.teacher = args.teacher
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
@@ -565,8 +567,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (OSError, ValueError, ImportError) as err:  # user errors: one line, no traceback
         _end_progress_bars()
-        print(f"edgeseg {args.command}: error: {_explain(err, args)}", file=sys.stderr)
+        if not getattr(err, "same_on_every_rank", False) or os.environ.get("RANK", "0") == "0":
+            print(f"edgeseg {args.command}: error: {_explain(err, args)}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _same_on_every_rank() -> Iterator[None]:
+    """Errors of the command line and the recipe, which every torchrun process reads alike: only rank 0 says them
+    (the others exit with the same code), so a typo in a recipe prints one line, not one per process. Errors that
+    may differ between processes (data, devices, checkpoints) are said by each."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        err.same_on_every_rank = True
+        raise
 
 
 @contextlib.contextmanager
