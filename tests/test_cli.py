@@ -126,6 +126,15 @@ def test_info_builder_arguments_change_the_architecture_and_drop_the_paper(capsy
     assert json.loads(capsys.readouterr().out)["params"] > 3_752_694  # per-stage BN: more than the official decoder
 
 
+def test_info_of_a_checkpoint_trained_with_regularisation_keeps_the_paper(tmp_path, capsys):
+    """drop_path_rate and dropout build the same architecture: a checkpoint that records them still compares with
+    the published figures."""
+    path = save_checkpoint(tmp_path / "m.pth", create_model("segformer-b0", drop_path_rate=0.2, dropout=0.0))
+    assert main(["info", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["paper"] is not None and out["paper"]["gmacs"] == 8.4
+
+
 @pytest.mark.parametrize("arg, message", [("decoder", "expected KEY=VALUE"), ("nonsense=1", "unknown SegFormer")])
 def test_bad_builder_argument_is_one_line(capsys, arg, message):
     assert main(["info", "segformer-b0", "--arg", arg]) == 2

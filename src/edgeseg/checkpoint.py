@@ -8,6 +8,7 @@ to each family's ``convert_state_dict``) and strict loading with readable errors
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,13 +228,22 @@ def set_test_resize(model: nn.Module, scale: Any = None, size_divisor: int | Non
     return model
 
 
+def check_window(crop: Sequence[int], stride: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(crop, stride)`` as (H, W) int pairs, or a one-line error: positive, and no stride past its crop (the
+    windows would leave pixels unseen)."""
+    crop_t, stride_t = tuple(int(v) for v in crop), tuple(int(v) for v in stride)
+    if len(crop_t) != 2 or len(stride_t) != 2 or min(crop_t + stride_t) < 1 or any(
+            s > c for s, c in zip(stride_t, crop_t)):
+        raise ValueError(f"sliding window crop {list(crop_t)} stride {list(stride_t)}: give (H, W) pairs of positive "
+                         f"sizes with each stride at most its crop")
+    return crop_t, stride_t
+
+
 def set_test_windows(model: nn.Module, crop_size: Any = None, stride: Any = None) -> nn.Module:
     """Attach the sliding window the model's recipe evaluates with (``eval.mode: slide`` with ``eval.crop_size``
     and ``eval.stride``, as ``model.test_crop_size``, ``model.test_stride``), or clear it (``None``: whole images).
     It travels into checkpoints like the test resize: SegFormer's Cityscapes recipe slides 1024×1024 windows every
     768 pixels over 2048×1024 images, and one forward over the whole image is another computation."""
-    from .engine.inference import check_window
-
     window = check_window(crop_size, stride) if crop_size is not None and stride is not None else (None, None)
     model.test_crop_size, model.test_stride = window
     return model

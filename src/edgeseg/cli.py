@@ -126,7 +126,7 @@ def _info_row(name: str, size: tuple[int, int], kwargs: dict[str, Any]) -> dict[
     import torch
 
     from .deploy.benchmark import count_gmacs, count_params
-    from .models import PAPER, create_model
+    from .models import PAPER, REGULARISATION_ARGS, create_model
 
     try:  # shapes are all a count needs: building on the meta device skips initialising 85 M parameters
         with torch.device("meta"):
@@ -137,7 +137,8 @@ def _info_row(name: str, size: tuple[int, int], kwargs: dict[str, Any]) -> dict[
         gmacs = (count_gmacs(model, size), count_gmacs(model, size, convention="macs"))
     sparsity = model.model_args.get("sparsity")  # as built: a DynaSegFormer's default too
     paper = PAPER.get(name)
-    if set(kwargs) - {"num_classes", "sparsity"} or (paper and paper["num_classes"] != model.num_classes):
+    if set(kwargs) - {"num_classes", "sparsity"} - REGULARISATION_ARGS or (
+            paper and paper["num_classes"] != model.num_classes):
         paper = None  # a changed architecture or classifier: the published figures are not its own
     if "sparsity" in kwargs and paper is not None and "gmacs_at_sparsity" not in paper:
         paper = None  # published figures of the dense model (e.g. a TopFormer with a dynamic extractor)

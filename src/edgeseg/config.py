@@ -352,18 +352,18 @@ def validate(cfg: Config, source: str = "config") -> Config:
         if val < 0:
             raise ValueError(f"{source}: {name} must be >= 0, got {val}")
     if cfg.distill is not None:
-        d = cfg.distill
-        if not 0.0 <= d.sparsity < 1.0:
-            raise ValueError(f"{source}: distill.sparsity must be in [0, 1), got {d.sparsity}")
-        if d.stage1_iters < 0 or d.anneal_iters < 0:
+        kd = cfg.distill
+        if not 0.0 <= kd.sparsity < 1.0:
+            raise ValueError(f"{source}: distill.sparsity must be in [0, 1), got {kd.sparsity}")
+        if kd.stage1_iters < 0 or kd.anneal_iters < 0:
             raise ValueError(f"{source}: distill.stage1_iters and distill.anneal_iters must be >= 0")
-        if d.temperature <= 0:
-            raise ValueError(f"{source}: distill.temperature must be > 0, got {d.temperature}")
-        if d.lambda_gate < 0 or d.lambda_soft < 0:
+        if kd.temperature <= 0:
+            raise ValueError(f"{source}: distill.temperature must be > 0, got {kd.temperature}")
+        if kd.lambda_gate < 0 or kd.lambda_soft < 0:
             raise ValueError(f"{source}: distill.lambda_gate and lambda_soft weigh losses: they must be >= 0")
-        total = d.stage1_iters + cfg.schedule.iters
-        if d.anneal_iters > total:
-            raise ValueError(f"{source}: distill.anneal_iters ({d.anneal_iters}) exceeds the run's stage1_iters + "
+        total = kd.stage1_iters + cfg.schedule.iters
+        if kd.anneal_iters > total:
+            raise ValueError(f"{source}: distill.anneal_iters ({kd.anneal_iters}) exceeds the run's stage1_iters + "
                              f"schedule.iters ({total}): the student would never reach its sparsity")
     return cfg
 

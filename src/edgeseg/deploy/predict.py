@@ -17,8 +17,9 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from ..data import CLASSES, IMAGENET_MEAN, IMAGENET_STD, PALETTES, TestTransform, read_image, save_label_png
+from ..checkpoint import check_window
 from ..data.classes import default_palette
-from ..engine.inference import check_window, predict_probs, slide_inference, whole_inference, whole_labels
+from ..engine.inference import predict_probs, slide_inference, whole_inference, whole_labels
 
 ImageLike = str | os.PathLike | np.ndarray | Image.Image | torch.Tensor
 
@@ -66,7 +67,7 @@ class Segmenter:
         scale: ``(long, short)`` keep-ratio bound of the test resize; default: the model's recipe's
             (``model.test_scale``, which edgeseg checkpoints carry), else ADE20K's ``(2048, 512)``.
         size_divisor: round the resized image up to a multiple of this (SegFormer's ADE20K pipeline: 32); default:
-            the recipe's (``model.test_size_divisor``), else none.
+            the recipe's (``model.test_size_divisor``) when the scale is the recipe's too, else none.
         class_names, palette: for reports and colour maps; default to the model's own (``model.class_names``,
             ``model.palette``: from its checkpoint or training set), else to the dataset with its class count.
         fuse: run the model's inference form (``model.fuse()``: BN and SegFormer's decoder folded, DGL gates

@@ -29,15 +29,15 @@ class _Views(Dataset):
     """Each sample as the list of test views the protocol needs: the dataset's own transform, or with TTA one
     keep-ratio resize per ratio of the base ``img_scale`` (mmseg ``MultiScaleFlipAug``: ``int(scale · ratio)``)."""
 
-    def __init__(self, dataset: SegDataset, indices: list[int], cfg: EvalCfg) -> None:
+    def __init__(self, dataset: SegDataset, indices: list[int], protocol: EvalCfg) -> None:
         self.dataset, self.indices = dataset, indices
         self.transforms: list[TestTransform] | None = None
-        if cfg.tta:
+        if protocol.tta:
             base = dataset.transform
             if not isinstance(base, TestTransform):
                 raise ValueError("TTA needs a dataset built with a TestTransform (it is rescaled per ratio)")
             self.transforms = [TestTransform((int(base.scale[0] * r), int(base.scale[1] * r)), base.size_divisor,
-                                             base.mean, base.std) for r in cfg.tta_ratios]
+                                             base.mean, base.std) for r in protocol.tta_ratios]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -59,9 +59,10 @@ def _dist() -> tuple[int, int]:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, dataset: SegDataset, cfg: EvalCfg, workers: int = 0,
+def evaluate(model: nn.Module, dataset: SegDataset, protocol: EvalCfg, workers: int = 0,
              progress: bool = False, callback: Any = None) -> dict[str, Any]:
-    """mIoU/mAcc/aAcc (percent) and per-class IoU/Acc over ``dataset`` with ``cfg``'s mode (whole/slide) and TTA.
+    """mIoU/mAcc/aAcc (percent) and per-class IoU/Acc over ``dataset`` with ``protocol``'s mode (whole/slide) and TTA
+    (a recipe's ``eval`` section).
 
     Returns ``{"mIoU", "mAcc", "aAcc", "per_class": {name: {"IoU", "Acc"}}, "num_images"}``; an undefined per-class
     value (class absent from labels and predictions) is ``None``. ``callback(name, pred, gt)``, if given, sees every
@@ -72,7 +73,7 @@ def evaluate(model: nn.Module, dataset: SegDataset, cfg: EvalCfg, workers: int =
     net.eval()
     device = next(net.parameters()).device
     rank, world = _dist()
-    views = _Views(dataset, list(range(rank, len(dataset), world)), cfg)
+    views = _Views(dataset, list(range(rank, len(dataset), world)), protocol)
     # own generator: evaluating must not advance torch's global RNG (training continues from it)
     loader = DataLoader(views, batch_size=None, shuffle=False, num_workers=workers, generator=torch.Generator())
     num_classes = getattr(net, "num_classes", None) or dataset.num_classes
@@ -81,15 +82,15 @@ def evaluate(model: nn.Module, dataset: SegDataset, cfg: EvalCfg, workers: int =
         from tqdm import tqdm
 
         loader = tqdm(loader, desc="eval", total=len(views), dynamic_ncols=True, leave=False)
-    flip = cfg.tta and cfg.tta_flip
+    flip = protocol.tta and protocol.tta_flip
     for item in loader:
         gt = item["gt"]
-        if len(item["views"]) == 1 and not flip and cfg.mode == "whole":
+        if len(item["views"]) == 1 and not flip and protocol.mode == "whole":
             # one view: its probabilities' argmax is its logits' (softmax is monotonic), in one native pass
             pred = whole_labels(net, item["views"][0][None].to(device), gt.shape[-2:])[0].cpu()
         else:
-            probs = tta_probs(net, [v[None].to(device) for v in item["views"]], gt.shape[-2:], cfg.mode,
-                              cfg.crop_size, cfg.stride, flip=flip)
+            probs = tta_probs(net, [v[None].to(device) for v in item["views"]], gt.shape[-2:], protocol.mode,
+                              protocol.crop_size, protocol.stride, flip=flip)
             pred = probs.argmax(dim=1)[0].cpu()
         cm.update(pred, gt)
         if callback is not None:

@@ -59,17 +59,6 @@ def whole_labels(model: nn.Module, img: Tensor, out_size: Sequence[int] | None =
     return _upsampled(logits, img.shape[-2:], out_size).argmax(1) if labels is None else labels
 
 
-def check_window(crop: Sequence[int], stride: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``(crop, stride)`` as (H, W) int pairs, or a one-line error: positive, and no stride past its crop (the
-    windows would leave pixels unseen)."""
-    crop_t, stride_t = tuple(int(v) for v in crop), tuple(int(v) for v in stride)
-    if len(crop_t) != 2 or len(stride_t) != 2 or min(crop_t + stride_t) < 1 or any(
-            s > c for s, c in zip(stride_t, crop_t)):
-        raise ValueError(f"sliding window crop {list(crop_t)} stride {list(stride_t)}: give (H, W) pairs of positive "
-                         f"sizes with each stride at most its crop")
-    return crop_t, stride_t
-
-
 def slide_windows(height: int, width: int, crop: Sequence[int],
                   stride: Sequence[int]) -> list[tuple[int, int, int, int]]:
     """The (y1, y2, x1, x2) windows of mmseg's ``slide_inference`` grid, row by row."""

@@ -36,7 +36,7 @@ from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, set_
 from ..config import Config
 from ..data import SegDataset, TrainTransform, build_dataset, collate
 from ..fileio import write_text
-from ..models import create_model
+from ..models import REGULARISATION_ARGS, create_model
 from .evaluate import build_val_dataset, evaluate
 from .optim import build_optimizer, set_lr
 
@@ -45,7 +45,8 @@ from .optim import build_optimizer, set_lr
 class InfiniteBatchSampler:
     """Endless batches of ``(dataset index, global position)`` for process ``rank`` of ``world``.
 
-    The global stream is epoch after epoch of ``randperm(len, seed + epoch)``; global position ``g`` belongs to rank
+    The global stream is epoch after epoch of ``randperm(len)``, each drawn from a generator seeded with
+    ``seed · 100003 + epoch`` (distinct for each seed and epoch below 100003); global position ``g`` belongs to rank
     ``g % world``. Micro-batch ``b`` of every rank together covers positions ``[b·B·world, (b+1)·B·world)``, so the
     images of an optimizer step do not depend on how they are split over processes, and resuming at micro-batch
     ``start`` needs no replay.
@@ -413,11 +414,6 @@ def read_training_state(path: Path, fix: str) -> dict[str, Any]:
     if "optimizer" not in ckpt:
         raise ValueError(f"--resume {path}: holds no training state (optimizer, iteration); {fix}")
     return ckpt
-
-
-# Builder arguments a resumed run may change: they regularise training and build the same model (mmseg resumes
-# under an edited config the same way).
-REGULARISATION_ARGS = frozenset({"drop_rate", "attn_drop_rate", "drop_path_rate", "dropout", "dropout_ratio"})
 
 
 def restore_weights(model: nn.Module, ckpt: dict[str, Any], path: Path) -> None:

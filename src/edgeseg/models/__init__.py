@@ -25,6 +25,10 @@ PAPER: dict[str, dict] = {name: fig for fam in FAMILIES.values() for name, fig i
 INPUT_SIZES: dict[str, tuple[int, int]] = {name: size for fam in FAMILIES.values()
                                            for name, size in getattr(fam, "INPUT_SIZES", {}).items()}
 
+# Builder arguments that regularise training and build the same architecture: a resumed run may change them (mmseg
+# resumes under an edited config the same way), and a model built with them keeps its published figures.
+REGULARISATION_ARGS = frozenset({"drop_rate", "attn_drop_rate", "drop_path_rate", "dropout", "dropout_ratio"})
+
 
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model`, in family order."""
