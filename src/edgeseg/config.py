@@ -59,23 +59,15 @@ class DataCfg:
 
 @dataclass
 class OptimCfg:
-    """AdamW with the official ``paramwise_cfg``.
-
-    The official configs say ``custom_keys={'head': lr_mult 10, 'norm': decay_mult 0, 'pos_block'/'absolute_pos_embed':
-    decay_mult 0}``, matched by mmcv as substrings of the parameter names. On the official networks this means:
-    the decode head learns 10× faster; LayerNorms (named ``norm*``) get no weight decay; BatchNorms are named ``bn``
-    there, so they *keep* weight decay; no MiT/TopFormer parameter contains ``pos_block``. edgeseg reproduces that
-    meaning rather than the substring: head = names starting with one of ``head_prefixes``, norm = parameters of
-    LayerNorm/GroupNorm modules, pos = names containing ``pos_block``/``pos_embed``. mmcv tries the longest key
-    first (``pos_block``, then ``head``, then ``norm``).
-    """
+    """AdamW with the official ``paramwise_cfg`` (the decode head at ``head_lr_mult`` × lr, no weight decay on
+    LayerNorms and position blocks), as :func:`edgeseg.engine.optim.param_groups` reads it from mmcv's keys."""
 
     lr: float = 6e-5
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     head_lr_mult: float = 10.0
-    head_prefixes: tuple[str, ...] = ("decode_head.", "head.", "decoder.")
+    head_prefixes: tuple[str, ...] = ("decode_head.", "head.")  # SegFormer's, TopFormer's
     norm_decay_mult: float = 0.0
     pos_decay_mult: float = 0.0
 

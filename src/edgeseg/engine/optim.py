@@ -13,12 +13,15 @@ _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm)
 def param_groups(model: nn.Module, cfg: OptimCfg) -> list[dict]:
     """Split the trainable parameters into AdamW groups by (lr multiplier, weight-decay multiplier).
 
-    The official ``paramwise_cfg`` rules in the order mmcv applies them (first match wins; mmcv tries the longest key
+    The official configs say ``custom_keys={'head': lr_mult 10, 'norm': decay_mult 0, 'pos_block'/'absolute_pos_embed':
+    decay_mult 0}``, which mmcv matches as substrings of the parameter names. On the official networks that means:
+    the decode head learns 10× faster, LayerNorms (named ``norm*``) get no weight decay, BatchNorms (named ``bn``)
+    keep theirs, and no MiT/TopFormer parameter contains ``pos_block``. edgeseg reproduces that meaning, not the
+    substrings, with the rules in the order mmcv applies them (first match wins; mmcv tries the longest key
     first, ties alphabetically: ``pos_block``, ``head``, ``norm``): a name containing ``pos_block``/``pos_embed`` →
     ``weight_decay × pos_decay_mult``; a name starting with one of ``cfg.head_prefixes`` → ``lr × head_lr_mult``; a
-    LayerNorm/GroupNorm parameter → ``weight_decay × norm_decay_mult``.
-    BatchNorm keeps its decay: in the official models BN modules are named ``bn`` and the ``'norm'`` key never
-    matched them. Each group carries ``lr_mult`` so the schedule can scale it.
+    LayerNorm/GroupNorm parameter → ``weight_decay × norm_decay_mult``. Each group carries ``lr_mult`` so the
+    schedule can scale it.
     """
     norm_params = {id(p) for m in model.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters(recurse=False)}
     groups: dict[tuple[float, float], dict] = {}
