@@ -217,7 +217,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
         (["info", str(tmp_path / "empty.pth")], "is empty (0 bytes)"),
         (["info", str(tmp_path / "text.pth")], "is not a PyTorch checkpoint"),
         (["bench", str(ckpt), "--num-classes", "19"], "has 8 classes, not 19: leave the class count out"),
-        (["info", str(ckpt), "--sparsity", "0.3"], "needs a dynamic checkpoint"),
+        (["info", str(ckpt), "--sparsity", "0.3"], "holds topformer-tiny, a dense model: a sparsity needs a"),
         (["bench", str(b0), "--sparsity", "0.3"], "holds segformer-b0, a dense model: a sparsity needs a dynamic"),
         (["export", str(ckpt), str(tmp_path / "x.txt")], "an ONNX graph is written to a .onnx file"),
         (["predict", str(ckpt), str(tmp_path / "photos"), "--out", str(tmp_path / "photos")], "is an input"),

@@ -309,13 +309,10 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
         raise ValueError(f"checkpoint '{path}' has {args.get('num_classes')} classes, not {overrides['num_classes']}: "
                          f"leave the class count out (to fine-tune for other classes, start a training run from it: "
                          f"model.pretrained)")
-    try:
-        model = create_model(name, **{**args, **overrides})
-    except ValueError as err:
-        if "sparsity" in overrides and "sparsity" not in args and "unknown" in str(err):  # a dense family's builder
-            raise ValueError(f"checkpoint '{path}' holds {name}, a dense model: a sparsity needs a dynamic "
-                             f"checkpoint (edgeseg distill makes one)") from err
-        raise
+    if "sparsity" in overrides and "sparsity" not in args:  # every dynamic model records its sparsity
+        raise ValueError(f"checkpoint '{path}' holds {name}, a dense model: a sparsity needs a dynamic checkpoint "
+                         f"(edgeseg distill makes one)")
+    model = create_model(name, **{**args, **overrides})
     try:
         _load_state_dict(model, raw, path, strict=True, drop_head=False,
                          fix="its tensors are not those of that model (a damaged or edited file?)")
@@ -323,9 +320,8 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
         changed = {k: v for k, v in overrides.items() if args.get(k) != v}
         if not changed:
             raise
-        hint = "; a sparsity needs a dynamic checkpoint (edgeseg distill makes one)" if "sparsity" in changed else ""
         raise ValueError(f"checkpoint '{path}' holds {name} {args}, which {changed} does not fit: leave it "
-                         f"out{hint}") from err
+                         f"out") from err
     try:
         set_normalization(model, *normalization)
         set_test_resize(model, *resize)

@@ -72,9 +72,7 @@ def read_image(path: str | Path, exif_orientation: bool = False) -> np.ndarray:
 def read_label(path: str | Path) -> np.ndarray:
     """``H×W`` class indices: uint8 for 8-bit ("L"/"P") PNGs, int64 for 16/32-bit ones. Never converts to RGB."""
     with _opened(path, "label") as im:
-        if im.mode in ("L", "P"):
-            return np.array(im, dtype=np.uint8)
-        if im.mode == "1":
+        if im.mode in ("L", "P", "1"):
             return np.array(im, dtype=np.uint8)
         if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
             return np.array(im).astype(np.int64)
@@ -161,13 +159,9 @@ class SegDataset(Dataset):
             y = torch.from_numpy(gt.astype(np.int64))
         else:
             out = self.transform(img, gt)
-            if isinstance(out, dict):
-                x, y = out["img"], out["gt"]
-                meta.update(out.get("meta", {}))
-            else:
-                x, y = out[0], out[1]
-                if len(out) > 2:
-                    meta.update(out[2])
+            x, y = out[0], out[1]
+            if len(out) > 2:
+                meta.update(out[2])
             if isinstance(x, np.ndarray):
                 x = torch.from_numpy(np.ascontiguousarray(x))
             if isinstance(y, np.ndarray):
