@@ -125,7 +125,7 @@ def test_tta_probabilities():
     # a pointwise model is flip-equivariant: flipping the input and the output back changes nothing
     torch.testing.assert_close(predict_probs(model, img, (12, 16), flip=True), single, rtol=0, atol=1e-6)
     small = torch.nn.functional.interpolate(img, size=(6, 8), mode="bilinear", align_corners=False)
-    probs = tta_probs(model, [small, img], (12, 16), flip=True)
+    probs = tta_probs(model, [small, img], (12, 16), add_flipped=True)
     assert probs.shape == (1, 5, 12, 16)
     torch.testing.assert_close(probs.sum(1), torch.ones(1, 12, 16))
     expected = (predict_probs(model, small, (12, 16)) + predict_probs(model, small, (12, 16), flip=True)

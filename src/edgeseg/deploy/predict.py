@@ -19,7 +19,7 @@ from torch import nn
 from ..data import CLASSES, IMAGENET_MEAN, IMAGENET_STD, PALETTES, TestTransform, read_image, save_label_png
 from ..checkpoint import check_window
 from ..data.classes import default_palette
-from ..engine.inference import predict_probs, slide_inference, whole_inference, whole_labels
+from ..engine.inference import predict_logits, predict_probs, whole_labels
 
 ImageLike = str | os.PathLike | np.ndarray | Image.Image | torch.Tensor
 
@@ -130,14 +130,12 @@ class Segmenter:
 
     def _logits(self, image: ImageLike) -> torch.Tensor:
         img, size = self._network_input(image)
-        if self.window:
-            return slide_inference(self.model, img, *self.window, out_size=size)[0]
-        return whole_inference(self.model, img, out_size=size)[0]
+        return predict_logits(self.model, img, size, self.mode, *(self.window or (None, None)))[0]
 
     @torch.inference_mode()
     def logits(self, image: ImageLike) -> torch.Tensor:
-        """Class logits (K, H, W) at the original image size (upsampled as mmseg does, :func:`whole_inference`; or
-        averaged over the sliding windows, :func:`slide_inference`), on the CPU."""
+        """Class logits (K, H, W) at the original image size, on the CPU: upsampled as mmseg does, or averaged over
+        the sliding windows (:func:`~edgeseg.engine.inference.predict_logits`)."""
         return self._logits(image).cpu()
 
     @torch.inference_mode()

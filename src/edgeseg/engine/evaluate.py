@@ -90,7 +90,7 @@ def evaluate(model: nn.Module, dataset: SegDataset, protocol: EvalCfg, workers: 
             pred = whole_labels(net, item["views"][0][None].to(device), gt.shape[-2:])[0].cpu()
         else:
             probs = tta_probs(net, [v[None].to(device) for v in item["views"]], gt.shape[-2:], protocol.mode,
-                              protocol.crop_size, protocol.stride, flip=flip)
+                              protocol.crop_size, protocol.stride, add_flipped=flip)
             pred = probs.argmax(dim=1)[0].cpu()
         cm.update(pred, gt)
         if callback is not None:

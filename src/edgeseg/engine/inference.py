@@ -94,25 +94,28 @@ def slide_inference(model: nn.Module, img: Tensor, crop: Sequence[int], stride: 
     return logits if out_size is None else _resize(logits, out_size)
 
 
+def predict_logits(model: nn.Module, img: Tensor, out_size: Sequence[int], mode: str = "whole",
+                   crop: Sequence[int] | None = None, stride: Sequence[int] | None = None) -> Tensor:
+    """Class logits (B, K, *out_size) of one view by ``mode``: :func:`whole_inference`, or :func:`slide_inference`
+    over ``crop`` windows every ``stride`` pixels."""
+    if mode == "slide":
+        if crop is None or stride is None:
+            raise ValueError("slide inference needs crop and stride, e.g. crop=(1024, 1024) stride=(768, 768)")
+        return slide_inference(model, img, crop, stride, out_size)
+    if mode == "whole":
+        return whole_inference(model, img, out_size)
+    raise ValueError(f"inference mode must be 'whole' or 'slide', got '{mode}'")
+
+
 def predict_probs(model: nn.Module, img: Tensor, out_size: Sequence[int], mode: str = "whole",
                   crop: Sequence[int] | None = None, stride: Sequence[int] | None = None,
                   flip: bool = False) -> Tensor:
-    """Class probabilities (B, K, *out_size) of one view, mmseg ``inference``: softmax, flipped back if ``flip``.
+    """Class probabilities (B, K, *out_size) of one view, mmseg ``inference``: the softmax of :func:`predict_logits`.
 
     ``flip=True`` runs the horizontally flipped image and flips the output back, so every view is aligned with the
     original image.
     """
-    if flip:
-        img = img.flip(-1)
-    if mode == "slide":
-        if crop is None or stride is None:
-            raise ValueError("slide inference needs crop and stride, e.g. crop=(1024, 1024) stride=(768, 768)")
-        logits = slide_inference(model, img, crop, stride, out_size)
-    elif mode == "whole":
-        logits = whole_inference(model, img, out_size)
-    else:
-        raise ValueError(f"inference mode must be 'whole' or 'slide', got '{mode}'")
-    probs = channel_softmax(logits)
+    probs = channel_softmax(predict_logits(model, img.flip(-1) if flip else img, out_size, mode, crop, stride))
     return probs.flip(-1) if flip else probs
 
 
@@ -130,13 +133,14 @@ def channel_softmax(logits: Tensor) -> Tensor:
 
 
 def tta_probs(model: nn.Module, views: Sequence[Tensor], out_size: Sequence[int], mode: str = "whole",
-              crop: Sequence[int] | None = None, stride: Sequence[int] | None = None, flip: bool = True) -> Tensor:
-    """Mean class probabilities (B, K, *out_size) over ``views`` (one image at several scales), each also flipped
-    when ``flip``: mmseg ``aug_test`` with ``MultiScaleFlipAug``."""
+              crop: Sequence[int] | None = None, stride: Sequence[int] | None = None, *,
+              add_flipped: bool = True) -> Tensor:
+    """Mean class probabilities (B, K, *out_size) over ``views`` (one image at several scales), with each view's
+    flipped copy too when ``add_flipped``: mmseg ``aug_test`` with ``MultiScaleFlipAug``."""
     total: Tensor | None = None
     n = 0
     for view in views:
-        for flipped in ((False, True) if flip else (False,)):
+        for flipped in ((False, True) if add_flipped else (False,)):
             probs = predict_probs(model, view, out_size, mode, crop, stride, flip=flipped)
             total = probs if total is None else total.add_(probs)
             n += 1
