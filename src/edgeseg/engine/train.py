@@ -171,9 +171,10 @@ def _all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
 # ------------------------------------------------------------------------------------------------ RNG states
 def rng_state() -> dict[str, Any]:
     """This process's generators in a form ``torch.load(weights_only=True)`` accepts (tensors, lists, ints)."""
+    version, keys, gauss = random.getstate()
     np_state = np.random.get_state()
     state = {
-        "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
+        "python": [list(keys), version, gauss],
         "numpy": [int(v) for v in np_state[1]] + [int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state(),
     }
@@ -382,13 +383,11 @@ def data_summary(train_set: SegDataset, val_set: SegDataset | None) -> str:
 
 
 def evaluate_during_training(model: nn.Module, val_set: SegDataset, cfg: Config) -> dict[str, Any]:
-    """``evaluate`` on the validation split with the config's protocol, then back to train mode.
+    """``evaluate`` on the validation split with the config's protocol (which leaves the model in the mode it found).
 
     At most 2 loader workers: the training loader's persistent workers stay alive meanwhile.
     """
-    result = evaluate(model, val_set, cfg.eval, workers=min(cfg.data.workers, 2))
-    model.train()
-    return result
+    return evaluate(model, val_set, cfg.eval, workers=min(cfg.data.workers, 2))
 
 
 def find_resume(resume: str | None, work_dir: Path, command: str = "train") -> Path | None:
