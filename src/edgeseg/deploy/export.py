@@ -67,25 +67,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
     TopFormer's unscaled attention is so sharp that float32 PyTorch itself moves by ~1 against float64. Check with
     trained weights.)
     """
-    if exporter not in EXPORTERS:
-        raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, not {exporter!r}")
-    try:
-        import onnx
-    except ImportError as err:
-        raise ImportError(f"ONNX export needs the onnx package: {ONNX_EXTRA}") from err
-    if exporter == "dynamo":
-        try:
-            import onnxscript  # noqa: F401
-        except ImportError as err:
-            raise ImportError(f"the dynamo exporter needs onnxscript: {ONNX_EXTRA}") from err
-    from torch.onnx import _constants
-
-    # The models resize by computed sizes (opset 11's Resize); each exporter has its own newest opset.
-    low, high = (18, _constants.ONNX_MAX_OPSET) if exporter == "dynamo" else \
-        (11, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
-    if not low <= opset <= high:
-        raise ValueError(f"the {exporter} exporter writes these models at opsets {low} to {high}, not {opset}: e.g. "
-                         f"--opset {max(low, 17)}")
+    onnx = _exporter_modules(exporter, opset)
     pool_stride = getattr(model, "pool_stride", None)  # TopFormer: its token pooling is adaptive
     if dynamic:
         _check_dynamic(model, pool_stride, exporter)
@@ -130,27 +112,57 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
     ops = sorted({node.op_type for node in onnx.load(str(path)).graph.node})
     result = ExportResult(path, tuple(x.shape), tuple(reference.shape), opset, fused, ops, dynamic=dynamic)
     if check:
-        try:
-            import onnxruntime as ort
-        except ImportError as err:
-            raise ImportError(f"checking the export needs onnxruntime: {ONNX_EXTRA} (or check=False)") from err
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         probes = [(x, reference)]
         if dynamic:  # another batch and another size than the traced ones, with odd multiples of the strides
             other = torch.randn(batch + 1, 3, input_size[0] + 32, input_size[1] + 96,
                                 generator=torch.Generator().manual_seed(1))
             with torch.no_grad():
                 probes.append((other, model(other)))
-        diffs, agree = [], []
-        for inp, ref in probes:
-            out = session.run(None, {"image": inp.numpy()})[0]
-            if out.shape != tuple(ref.shape):
-                raise RuntimeError(f"the exported graph gives {out.shape} for input {tuple(inp.shape)}, PyTorch "
-                                   f"{tuple(ref.shape)}")
-            diffs.append(float(abs(out - ref.numpy()).max()))
-            agree.append(float((out.argmax(1) == ref.numpy().argmax(1)).mean()))
-        result.max_abs_diff, result.argmax_agreement = max(diffs), min(agree)
+        result.max_abs_diff, result.argmax_agreement = _compare_with_onnxruntime(path, probes)
     return result
+
+
+def _exporter_modules(exporter: str, opset: int):
+    """The onnx module, once the exporter, its packages and the opset are known to fit (one-line errors)."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, not {exporter!r}")
+    try:
+        import onnx
+    except ImportError as err:
+        raise ImportError(f"ONNX export needs the onnx package: {ONNX_EXTRA}") from err
+    if exporter == "dynamo":
+        try:
+            import onnxscript  # noqa: F401
+        except ImportError as err:
+            raise ImportError(f"the dynamo exporter needs onnxscript: {ONNX_EXTRA}") from err
+    from torch.onnx import _constants
+
+    # The models resize by computed sizes (opset 11's Resize); each exporter has its own newest opset.
+    low, high = (18, _constants.ONNX_MAX_OPSET) if exporter == "dynamo" else \
+        (11, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    if not low <= opset <= high:
+        raise ValueError(f"the {exporter} exporter writes these models at opsets {low} to {high}, not {opset}: e.g. "
+                         f"--opset {max(low, 17)}")
+    return onnx
+
+
+def _compare_with_onnxruntime(path: Path, probes: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    """The graph at ``path`` run by onnxruntime on each (input, PyTorch logits) probe: the largest absolute
+    difference and the lowest fraction of positions where both pick the same class."""
+    try:
+        import onnxruntime as ort
+    except ImportError as err:
+        raise ImportError(f"checking the export needs onnxruntime: {ONNX_EXTRA} (or check=False)") from err
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    diffs, agree = [], []
+    for inp, ref in probes:
+        out = session.run(None, {"image": inp.numpy()})[0]
+        if out.shape != tuple(ref.shape):
+            raise RuntimeError(f"the exported graph gives {out.shape} for input {tuple(inp.shape)}, PyTorch "
+                               f"{tuple(ref.shape)}")
+        diffs.append(float(abs(out - ref.numpy()).max()))
+        agree.append(float((out.argmax(1) == ref.numpy().argmax(1)).mean()))
+    return max(diffs), min(agree)
 
 
 def _check_dynamic(model: nn.Module, pool_stride: int | None, exporter: str) -> None:
