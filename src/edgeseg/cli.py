@@ -354,35 +354,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"edgeseg eval: warning: '{args.checkpoint}' holds {model.model_name} but {args.config} builds "
               f"{cfg.model.name}: scoring the checkpoint's model with the recipe's data and test pipeline",
               file=sys.stderr)
-    name = model.model_name
+    model_name = model.model_name
     model = model.to(_device(args.device))
     if args.fuse:
         model = model.fuse()
-    save = None
-    if args.out:
-        from .data import save_label_png
-
-        out, palette = Path(args.out), getattr(model, "palette", None) or dataset.palette
-        dataset_files = {Path(p).resolve() for files in (getattr(dataset, "ann_files", ()),
-                                                          getattr(dataset, "img_files", ())) for p in files}
-        for i in range(len(dataset)):
-            written = out / f"{dataset.sample_name(i)}.png"
-            if written.resolve() in dataset_files:
-                raise ValueError(f"--out {out}: {written} is a file of the evaluated dataset and would be overwritten "
-                                 f"by a prediction: choose another --out folder")
-        out.mkdir(parents=True, exist_ok=True)
-
-        def save(name: str, pred: Any, gt: Any) -> None:
-            save_label_png(pred.numpy(), out / f"{name}.png", palette)
-
+    save = _prediction_writer(Path(args.out), dataset, getattr(model, "palette", None)) if args.out else None
     result = evaluate(model, dataset, cfg.eval, workers=cfg.data.workers, progress=not (args.json or args.no_progress),
                       callback=save)
     if args.json:
-        print(json.dumps({"model": name, "checkpoint": args.checkpoint, **result}, indent=2))
+        print(json.dumps({"model": model_name, "checkpoint": args.checkpoint, **result}, indent=2))
     else:
         tta = " + TTA" if cfg.eval.tta else ""
-        print(f"{name} ({args.checkpoint}) on {cfg.data.dataset} val, {cfg.eval.mode}{tta}:\n{metrics_table(result)}")
+        print(f"{model_name} ({args.checkpoint}) on {cfg.data.dataset} val, {cfg.eval.mode}{tta}:\n"
+              f"{metrics_table(result)}")
     return 0
+
+
+def _prediction_writer(out: Path, dataset: Any, palette: Any) -> Any:
+    """``eval --out``: the callback that writes each prediction as ``<sample>.png`` (the model's palette, else the
+    dataset's), refused before anything runs where a prediction would overwrite a file of the dataset."""
+    from .data import save_label_png
+
+    palette = palette or dataset.palette
+    dataset_files = {Path(p).resolve() for files in (getattr(dataset, "ann_files", ()),
+                                                      getattr(dataset, "img_files", ())) for p in files}
+    for i in range(len(dataset)):
+        written = out / f"{dataset.sample_name(i)}.png"
+        if written.resolve() in dataset_files:
+            raise ValueError(f"--out {out}: {written} is a file of the evaluated dataset and would be overwritten "
+                             f"by a prediction: choose another --out folder")
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(name: str, pred: Any, gt: Any) -> None:
+        save_label_png(pred.numpy(), out / f"{name}.png", palette)
+
+    return save
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
