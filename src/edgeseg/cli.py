@@ -11,6 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+def _model_arguments(p: argparse.ArgumentParser, builder: bool = True) -> None:
+    """The flags that shape the model a command builds or loads (read back by :func:`_model_kwargs`): its class
+    count and, where a command builds models by name, the sparsity and any builder argument."""
+    p.add_argument("--num-classes", type=POSITIVE_INT, help="classes of the model built (a checkpoint must match)")
+    if builder:
+        p.add_argument("--sparsity", type=_sparsity, help="dynamic models: fraction of gated neurons pruned")
+        p.add_argument("--arg", action="append", metavar="KEY=VALUE", help=ARG_HELP)
+
+
 def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Builder keyword arguments from ``--arg KEY=VALUE`` (values read as YAML), ``--num-classes``, ``--sparsity``."""
     import yaml
@@ -488,9 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="params, GMACs and the paper's figures of one or all models")
     p.add_argument("model", nargs="?", help="model name or checkpoint path (omit for the table of all models)")
     p.add_argument("--size", nargs=2, type=POSITIVE_INT, metavar=("H", "W"), help="input size (default: the paper's)")
-    p.add_argument("--num-classes", type=POSITIVE_INT)
-    p.add_argument("--sparsity", type=_sparsity, help="dynamic models: fraction of gated neurons pruned")
-    p.add_argument("--arg", action="append", metavar="KEY=VALUE", help=ARG_HELP)
+    _model_arguments(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
@@ -500,9 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=POSITIVE_INT, default=1)
     p.add_argument("--threads", type=POSITIVE_INT, help="torch intra-op threads (default: torch's)")
     p.add_argument("--fuse", action="store_true", help="benchmark the inference form (BN folded, decoder folded)")
-    p.add_argument("--num-classes", type=POSITIVE_INT)
-    p.add_argument("--sparsity", type=_sparsity, help="dynamic models: fraction of gated neurons pruned")
-    p.add_argument("--arg", action="append", metavar="KEY=VALUE", help=ARG_HELP)
+    _model_arguments(p)
     p.add_argument("--seconds", type=POSITIVE_FLOAT, default=3.0, help="minimum timed duration")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
@@ -520,9 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input size, fixed in the graph unless --dynamic (default: the window a slide recipe's "
                         "model carries, else 512 512)")
     p.add_argument("--batch", type=POSITIVE_INT, default=1, help="batch size, fixed in the graph unless --dynamic")
-    p.add_argument("--num-classes", type=POSITIVE_INT)
-    p.add_argument("--sparsity", type=_sparsity, help="dynamic models: fraction of gated neurons pruned")
-    p.add_argument("--arg", action="append", metavar="KEY=VALUE", help=ARG_HELP)
+    _model_arguments(p)
     p.add_argument("--opset", type=POSITIVE_INT, help="ONNX opset (default: 17; 18 with --exporter dynamo)")
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
                    help="torch.onnx's TorchScript tracer (default) or its torch.export-based one (needs onnxscript)")
@@ -549,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "eval's sliding window): for files that carry none, e.g. official checkpoints")
     p.add_argument("--mode", choices=["whole", "slide"],
                    help="one forward per image, or the recipe's sliding window (default: the recipe's eval.mode)")
-    p.add_argument("--num-classes", type=POSITIVE_INT)
+    _model_arguments(p, builder=False)
     p.add_argument("--no-fuse", action="store_true", help="run the eager model instead of fuse()'s inference form")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_predict, sparsity=None)
