@@ -19,6 +19,7 @@ import yaml
 from edgeseg.checkpoint import load_model, set_test_recipe
 from edgeseg.config import load_config
 from edgeseg.data.classes import SCENES_CLASSES, SCENES_PALETTE
+from edgeseg.engine.evaluate import build_val_dataset
 from edgeseg.engine.train import InfiniteBatchSampler, seg_loss, train
 
 
@@ -234,8 +235,8 @@ def _ddp_worker(rank: int, world: int, port: int, work_dir: str, out_dir: str) -
     torch.set_num_threads(1)
     cfg = tiny_cfg("schedule.iters=3", "train.eval_interval=3", "train.checkpoint_interval=0")
     result = train(cfg, work_dir, progress=False, log=lambda *a: None)
-    torch.save({"state_dict": result["model"].state_dict(), "mIoU": result["last_eval"]["mIoU"]},
-               Path(out_dir) / f"rank{rank}.pt")
+    torch.save({"state_dict": result["model"].state_dict(), "mIoU": result["last_eval"]["mIoU"],
+                "num_images": result["last_eval"]["num_images"]}, Path(out_dir) / f"rank{rank}.pt")
 
 
 def test_ddp_two_processes_stay_identical(tmp_path):
@@ -257,6 +258,7 @@ def test_ddp_two_processes_stay_identical(tmp_path):
     assert any(not torch.equal(r0["state_dict"][k], r1["state_dict"][k])
                for k in r0["state_dict"] if "running_mean" in k)
     assert r0["mIoU"] == r1["mIoU"]  # confusion matrices summed over both shards
+    assert r0["num_images"] == r1["num_images"] == len(build_val_dataset(tiny_cfg()))  # and the image counts
     rows = [json.loads(line) for line in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows if r["mode"] == "train"] == [1, 2, 3]  # rank 0 alone logs
     ckpt = torch.load(tmp_path / "work" / "latest.pth", weights_only=True)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import Config, EvalCfg
 from ..data import SegDataset, TestTransform, build_dataset
 from .inference import tta_probs, whole_labels
-from .metrics import ConfusionMatrix
+from .metrics import ConfusionMatrix, sum_over_processes
 
 
 def build_val_dataset(cfg: Config) -> SegDataset:
@@ -97,11 +97,8 @@ def evaluate(model: nn.Module, dataset: SegDataset, protocol: EvalCfg, workers: 
             callback(item["name"], pred, gt)
     cm.all_reduce()
     net.train(was_training)
-    num_images = torch.tensor(len(views))
-    if world > 1:
-        num_images = num_images.to(cm.hist.device if dist.get_backend() != "nccl" else "cuda")
-        dist.all_reduce(num_images)
-    return format_metrics(cm.compute(), dataset.classes, int(num_images))
+    num_images = int(sum_over_processes(torch.tensor(len(views))))
+    return format_metrics(cm.compute(), dataset.classes, num_images)
 
 
 def format_metrics(metrics: dict[str, Any], class_names: Any, num_images: int) -> dict[str, Any]:

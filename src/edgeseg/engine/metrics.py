@@ -24,6 +24,16 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+def sum_over_processes(t: Tensor) -> Tensor:
+    """``t`` summed over the processes of a DDP run, on the CPU (NCCL reduces on the GPU, gloo where ``t`` is);
+    ``t`` itself outside one."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    total = t.cuda() if dist.get_backend() == "nccl" else t.clone()
+    dist.all_reduce(total)
+    return total.cpu()
+
+
 class ConfusionMatrix:
     """Dataset-level confusion counts ``hist[label, pred]`` of shape (K + 1, K); row K = out-of-range labels.
 
@@ -87,11 +97,7 @@ class ConfusionMatrix:
 
     def all_reduce(self) -> None:
         """Sum the counts of every process (DDP evaluation: each rank saw a shard of the dataset)."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            backend = dist.get_backend()
-            hist = self.hist.cuda() if backend == "nccl" else self.hist
-            dist.all_reduce(hist)
-            self.hist = hist.cpu()
+        self.hist = sum_over_processes(self.hist)
 
     def areas(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """mmseg's (area_intersect, area_union, area_pred_label, area_label), each of shape (K,)."""
