@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+
 def _model_arguments(p: argparse.ArgumentParser, builder: bool = True) -> None:
     """The flags that shape the model a command builds or loads (read back by :func:`_model_kwargs`): its class
     count and, where a command builds models by name, the sparsity and any builder argument."""
@@ -484,7 +485,6 @@ def _distill_parser(sub: Any) -> None:
     p.add_argument("--resume", metavar="auto|PATH", help="continue exactly: 'auto' = <work-dir>/latest.pth if present")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_distill)
-
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -183,7 +183,6 @@ def test_predict_cli_takes_a_folder(tmp_path, capsys):
     assert "would both write" not in capsys.readouterr().err
 
 
-
 def test_predict_recursive_keeps_the_subfolders(tmp_path, capsys):
     """Cityscapes' leftImg8bit/val/<city>/ layout: --recursive predicts every subfolder into the same subfolder of
     --out, so images named alike in two cities stay apart; without it the folder's error says to pass it."""

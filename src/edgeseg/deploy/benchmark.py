@@ -35,10 +35,9 @@ def _conv_with_bias(x_shape, w_shape, bias, _stride, _padding, _dilation, transp
 
 def _per_element(macs: int) -> Callable[..., int]:
     def count(*args, out_shape=None, **kwargs) -> int:
-        shape = out_shape[0] if isinstance(out_shape, (tuple, list)) and isinstance(out_shape[0], (tuple, list,
-                                                                                                  torch.Size)) \
-            else out_shape
-        return 2 * macs * math.prod(shape)
+        if isinstance(out_shape, (tuple, list)) and isinstance(out_shape[0], (tuple, list, torch.Size)):
+            out_shape = out_shape[0]  # an op with several outputs: the first is its result
+        return 2 * macs * math.prod(out_shape)
 
     return count
 

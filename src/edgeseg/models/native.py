@@ -93,6 +93,9 @@ class _Site(ctypes.Structure):
                 ("outputs", ctypes.POINTER(_Output)), ("n_outputs", _I64)]
 
 
+_warned: set[str] = set()  # switches already warned about
+
+
 def env_switch(name: str) -> bool:
     """An on/off environment variable, on unless set to 0/false/no/off; another value is said once and left on
     (``EDGESEG_NATIVE=disable`` would otherwise pass for "on" unnoticed)."""
@@ -103,10 +106,6 @@ def env_switch(name: str) -> bool:
         _warned.add(name)
         log.warning("edgeseg: %s=%r is not one of 0/1, false/true, no/yes, off/on: taken as on", name, value)
     return True
-
-
-_warned: set[str] = set()
-
 
 
 def cache_dir() -> Path:
