@@ -151,29 +151,16 @@ def _load_state_dict(model: nn.Module, sd: dict[str, Tensor], path: Path, strict
         report.layout_notes.append(f"backbone weights from {src_name}; classifier skipped")
 
     mismatched = [k for k in sd if k in own and sd[k].shape != own[k].shape]
-    src_classes = src_args.get("num_classes")
-    classifier = [k for k in mismatched if sd[k].ndim >= 1 and own[k].ndim >= 1
-                  and sd[k].shape[0] == src_classes and own[k].shape[0] == model.num_classes]
-    in_head = [k for k in mismatched if k.startswith(HEAD_PREFIXES)]
-    if mismatched and (len(classifier) == len(mismatched) or len(in_head) == len(mismatched)):
-        differs = f"has {src_classes} classes but the model has {model.num_classes}" if classifier else ""
-        if classifier != mismatched:  # named by a head tensor other than the classifier's
-            k = next(k for k in in_head if k not in classifier)
-            differs += (" and" if differs else "has") + (f" another decode head (e.g. {k}: {list(sd[k].shape)} vs "
-                                                         f"{list(own[k].shape)})")
+    head = _unfit_head(sd, own, mismatched, src_args.get("num_classes"), model) if mismatched else None
+    if head is not None:
+        dropped, differs, note = head
         if not drop_head:
             raise ValueError(f"checkpoint '{path}' {differs}: pass drop_head=True to load all but the head tensors "
                              f"that do not fit (a config's model.pretrained does)")
-        dropped = classifier if classifier == mismatched else in_head
         report.skipped_keys += dropped
-        report.layout_notes.append(
-            f"classifier ({src_classes} classes) dropped; the model keeps its own {model.num_classes}-class "
-            f"classifier" if classifier == mismatched else
-            f"{len(dropped)} decode-head tensors that do not fit dropped ({', '.join(dropped)}): the model keeps "
-            f"its own")
+        report.layout_notes.append(note)
         sd = {k: v for k, v in sd.items() if k not in dropped}
-        mismatched = []
-    if mismatched:
+    elif mismatched:
         k = mismatched[0]
         raise ValueError(f"checkpoint '{path}' does not fit {model.model_name}: {len(mismatched)} tensors differ in "
                          f"shape (e.g. {k}: {list(sd[k].shape)} vs {list(own[k].shape)}); it holds {src_name} "
@@ -189,6 +176,27 @@ def _load_state_dict(model: nn.Module, sd: dict[str, Tensor], path: Path, strict
                          f"{len(report.unexpected_keys)} unexpected (e.g. {report.unexpected_keys[:2]}); "
                          f"it holds {src_name} {src_args}: {fix}")
     return report
+
+
+def _unfit_head(sd: dict[str, Tensor], own: dict[str, Tensor], mismatched: list[str], src_classes: int | None,
+                model: nn.Module) -> tuple[list[str], str, str] | None:
+    """Where every tensor of ``sd`` that does not fit ``own`` is the head's (another class count, or another decode
+    head): the tensors to drop, what differs (an error's words) and the note of dropping them; else None."""
+    classifier = [k for k in mismatched if sd[k].ndim >= 1 and own[k].ndim >= 1
+                  and sd[k].shape[0] == src_classes and own[k].shape[0] == model.num_classes]
+    in_head = [k for k in mismatched if k.startswith(HEAD_PREFIXES)]
+    only_classifier = classifier == mismatched
+    if not (only_classifier or in_head == mismatched):
+        return None
+    differs = [f"{src_classes} classes but the model has {model.num_classes}"] if classifier else []
+    if not only_classifier:  # named by a head tensor other than the classifier's
+        k = next(k for k in in_head if k not in classifier)
+        differs.append(f"another decode head (e.g. {k}: {list(sd[k].shape)} vs {list(own[k].shape)})")
+    if only_classifier:
+        return classifier, "has " + " and ".join(differs), (
+            f"classifier ({src_classes} classes) dropped; the model keeps its own {model.num_classes}-class classifier")
+    return in_head, "has " + " and ".join(differs), (
+        f"{len(in_head)} decode-head tensors that do not fit dropped ({', '.join(in_head)}): the model keeps its own")
 
 
 def set_labels(model: nn.Module, class_names: Any = None, palette: Any = None) -> nn.Module:
