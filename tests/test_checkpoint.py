@@ -218,6 +218,22 @@ def test_an_override_that_changes_nothing_is_not_blamed(tmp_path):
         edgeseg.load_model(tmp_path / "extra.pth", num_classes=5)
 
 
+
+def test_a_dynamic_checkpoint_takes_another_sparsity_and_a_dense_one_is_refused(tmp_path):
+    """A dynamic model re-pruned at load: an edgeseg file whose args record no sparsity (a TopFormer built with
+    dynamic=True) and bare state dicts (architecture read off the tensors) are dynamic too; a dense file is
+    refused in one line."""
+    files = {
+        "topformer": edgeseg.save_checkpoint(tmp_path / "t.pth", edgeseg.create_model("topformer-tiny", dynamic=True)),
+        "raw_topformer": tmp_path / "rt.pth", "raw_dyna": tmp_path / "rd.pth"}
+    torch.save(edgeseg.create_model("topformer-tiny", dynamic=True).state_dict(), files["raw_topformer"])
+    torch.save(edgeseg.create_model("dynasegformer-b0", num_classes=4).state_dict(), files["raw_dyna"])
+    for path in files.values():
+        assert edgeseg.load_model(path, sparsity=0.5).model_args["sparsity"] == 0.5
+    dense = edgeseg.save_checkpoint(tmp_path / "d.pth", edgeseg.create_model("topformer-tiny"))
+    with pytest.raises(ValueError, match="holds topformer-tiny, a dense model: a sparsity needs a dynamic"):
+        edgeseg.load_model(dense, sparsity=0.5)
+
 def test_malformed_entries_beside_sound_weights_name_the_file_and_counts_must_be_positive(tmp_path):
     from edgeseg.checkpoint import atomic_save, load_model
 

@@ -317,7 +317,8 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
         raise ValueError(f"checkpoint '{path}' has {args.get('num_classes')} classes, not {overrides['num_classes']}: "
                          f"leave the class count out (to fine-tune for other classes, start a training run from it: "
                          f"model.pretrained)")
-    if "sparsity" in overrides and "sparsity" not in args:  # every dynamic model records its sparsity
+    dynamic = "sparsity" in args or args.get("dynamic") or name.startswith("dynasegformer-")
+    if "sparsity" in overrides and not dynamic:  # a dense family's builder takes no sparsity
         raise ValueError(f"checkpoint '{path}' holds {name}, a dense model: a sparsity needs a dynamic checkpoint "
                          f"(edgeseg distill makes one)")
     model = create_model(name, **{**args, **overrides})
