@@ -22,8 +22,10 @@ what makes a pruned neuron vanish even when ``φ(0) ≠ 0`` (Mix-FFN's depthwise
 The gate's last layer starts at weight 0, bias 1, so a fresh gate outputs ``G ≡ 1``: at sparsity 0 a DGL computes
 exactly its dense layer, and a student built from a dense teacher starts as the teacher.
 
-Two execution forms of one function (in float64 they agree to rounding, ~1e-14; in float32 each, the masked one
-included, carries its own rounding: ≤ 1e-5 apart at the library's initialisation, ~2e-5 with logits ~6):
+Two execution forms of one function. In float64 they agree to rounding (~1e-14). In float32 each, the masked one
+included, carries its own rounding: ≤ 1e-5 apart at the library's initialisation; with non-trivial weights and
+gates, up to ~5e-5 from the float64 result and ~4e-5 apart for DynaSegFormer-B0 (logits ~6), and up to ~5e-4 for
+a dynamic TopFormer-Tiny, whose attention is unscaled (logits 12–27):
 
 - training (and ``gather=False``): masked dense computation, ``Y = (X W1ᵀ + b) · M``; gradients reach the gate
   through the kept values;
