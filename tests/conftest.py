@@ -14,7 +14,8 @@ REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
 
 # The [dev] extra's modules whose tests skip where they are missing: locally a convenience, in CI a hidden gap.
-DEV_MODULES = ("transformers", "safetensors", "onnx", "onnxruntime", "onnxscript", "imageio_ffmpeg", "tensorboard")
+DEV_MODULES = ("transformers", "safetensors", "onnx", "onnxruntime", "onnxscript", "imageio_ffmpeg", "tensorboard",
+               "ruff")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
