@@ -371,8 +371,9 @@ def test_eval_names_the_model_it_scored_and_warns_when_the_recipe_builds_another
 
 @pytest.mark.parametrize("command", ["train", "distill"])
 def test_a_recipe_error_under_torchrun_is_said_once(tmp_path, capsys, monkeypatch, command):
-    """Every torchrun process reads the same recipe: rank 0 says its error, the others exit with the same code in
-    silence. An error that may differ per process (here the data, which a node may lack) is said by each."""
+    """Every torchrun process reads the same recipe: rank 0 says a mistake in it, the others exit with the same code
+    in silence. An error that may differ per process (here a missing recipe file, which one node may lack; then a
+    missing data root, found after the recipe is read) is said by each."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {name: segformer-b0}\nschedul: {iters: 10}\n")  # a typo'd section
     said = {}
@@ -381,6 +382,8 @@ def test_a_recipe_error_under_torchrun_is_said_once(tmp_path, capsys, monkeypatc
         assert main([command, str(recipe), "--work-dir", str(tmp_path / "w")]) == 2
         said[rank] = capsys.readouterr().err
     assert said["0"].count("\n") == 1 and "schedul" in said["0"] and said["1"] == ""
+    assert main([command, str(tmp_path / "missing.yaml"), "--work-dir", str(tmp_path / "w")]) == 2  # still rank 1
+    assert "missing.yaml" in capsys.readouterr().err
     recipe.write_text("model: {name: dynasegformer-b0}\ndistill: {sparsity: 0.3, teacher: t.pth}\n"
                       if command == "distill" else "model: {name: segformer-b0}\n")
     assert main([command, str(recipe), "--work-dir", str(tmp_path / "w")]) == 2  # still rank 1

@@ -435,8 +435,9 @@ def _engine_parsers(sub: Any) -> None:
     _set_argument(p, "--set data.root=/data/ade")
     p.add_argument("--out", metavar="DIR", help="also write every prediction as a palette PNG of class indices")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--fuse", action="store_true", help="evaluate fuse()'s inference form (the same logits to ~1e-5, "
-                                                        "faster) instead of the published computation")
+    p.add_argument("--fuse", action="store_true", help="evaluate fuse()'s inference form (the same logits up to "
+                                                        "float32 rounding, faster) instead of the published "
+                                                        "computation")
     p.add_argument("--json", action="store_true", help="one JSON object: model, checkpoint, mIoU, mAcc, aAcc (%%), "
                                                         "per_class, num_images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -555,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(p, builder=False)
     p.add_argument("--no-fuse", action="store_true", help="run the eager model instead of fuse()'s inference form")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.set_defaults(func=cmd_predict, sparsity=None)
+    p.set_defaults(func=cmd_predict)
 
     _engine_parsers(sub)
     _distill_parser(sub)
@@ -584,12 +585,12 @@ def main(argv: list[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _same_on_every_rank() -> Iterator[None]:
-    """Errors of the command line and the recipe, which every torchrun process reads alike: only rank 0 says them
-    (the others exit with the same code), so a typo in a recipe prints one line, not one per process. Errors that
-    may differ between processes (data, devices, checkpoints) are said by each."""
+    """Mistakes in a recipe's content, which every torchrun process reads alike: only rank 0 says them (the others
+    exit with the same code), so a typo in a recipe prints one line, not one per process. Errors that may differ
+    between processes (a file missing on one node, data, devices, checkpoints) are said by each."""
     try:
         yield
-    except (OSError, ValueError) as err:
+    except ValueError as err:
         err.same_on_every_rank = True
         raise
 

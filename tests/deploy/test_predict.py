@@ -201,6 +201,11 @@ def test_predict_recursive_keeps_the_subfolders(tmp_path, capsys):
     with Image.open(out / "lindau/part/a.png") as label:
         assert label.size == (40, 32)
     assert capsys.readouterr().out.splitlines()[0].startswith(str(val / "bonn" / "a.png"))
+    # predictions inside the searched folder are not inputs of the next run
+    for _ in range(2):
+        assert main(["predict", str(ckpt), str(val), "--out", str(val / "pred"), "--scale", "64", "32", "-r"]) == 0
+    assert (val / "pred" / "lindau" / "part" / "a.png").is_file() and not (val / "pred" / "pred").exists()
+
 
 def test_missing_or_damaged_image_is_one_line(tmp_path, capsys):
     model = edgeseg.create_model("topformer-tiny", num_classes=4)

@@ -25,6 +25,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -67,7 +68,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
     TopFormer's unscaled attention is so sharp that float32 PyTorch itself moves by ~1 against float64. Check with
     trained weights.)
     """
-    onnx = _exporter_modules(exporter, opset)
+    onnx = _checked_onnx(exporter, opset)
     pool_stride = getattr(model, "pool_stride", None)  # TopFormer: its token pooling is adaptive
     if dynamic:
         _check_dynamic(model, pool_stride, exporter)
@@ -122,8 +123,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
     return result
 
 
-def _exporter_modules(exporter: str, opset: int):
-    """The onnx module, once the exporter, its packages and the opset are known to fit (one-line errors)."""
+def _checked_onnx(exporter: str, opset: int) -> ModuleType:
+    """The ``onnx`` module, once the exporter, the packages it needs and the opset are known to fit (one-line
+    errors)."""
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, not {exporter!r}")
     try:

@@ -67,11 +67,12 @@ class Segmenter:
         scale: ``(long, short)`` keep-ratio bound of the test resize; default: the model's recipe's
             (``model.test_scale``, which edgeseg checkpoints carry), else ADE20K's ``(2048, 512)``.
         size_divisor: round the resized image up to a multiple of this (SegFormer's ADE20K pipeline: 32); default:
-            the recipe's (``model.test_size_divisor``) when the scale is the recipe's too, else none.
+            the recipe's (``model.test_size_divisor``) when ``scale`` is left to the recipe too, else none.
         class_names, palette: for reports and colour maps; default to the model's own (``model.class_names``,
             ``model.palette``: from its checkpoint or training set), else to the dataset with its class count.
         fuse: run the model's inference form (``model.fuse()``: BN and SegFormer's decoder folded, DGL gates
-            folded; a copy, ``model`` itself is left as it is) — the same logits to ~1e-5, about twice as fast.
+            folded; a copy, ``model`` itself is left as it is) — the same logits up to float32 rounding (a few 1e-6
+            to a few 1e-5 of logits ~3–20), about twice as fast.
         mode: ``"whole"`` (one forward per image) or ``"slide"`` (mmseg's sliding window, as SegFormer's Cityscapes
             recipe evaluates); default: the recipe's — ``"slide"`` where the model carries a window
             (``model.test_crop_size``, ``model.test_stride``: edgeseg checkpoints of slide recipes), else whole.
@@ -177,7 +178,9 @@ def expand_inputs(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike
     a folder's subfolders too, each predicted into its own path under ``out_dir``: a dataset laid out by subfolder
     (Cityscapes' ``leftImg8bit/val/<city>/``) keeps its layout, and images named alike in two subfolders stay apart.
 
-    A folder with nothing to predict is an error; a missing file is left for the reader to report.
+    A recursive search skips ``out_dir`` (earlier predictions are not inputs), and, as ``Path.rglob`` on Python 3.11,
+    folders that are symbolic links. A folder with nothing to predict is an error; a missing file is left for the
+    reader to report.
     """
     readable, out_dir = IMAGE_SUFFIXES | VIDEO_SUFFIXES, Path(out_dir)
     inputs = []
@@ -185,7 +188,11 @@ def expand_inputs(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike
         if not path.is_dir():
             inputs.append((path, out_dir))
             continue
-        found = path.rglob("*") if recursive else path.iterdir()
+        if recursive:
+            earlier = out_dir.resolve()
+            found = [p for p in path.rglob("*") if earlier not in p.resolve().parents]
+        else:
+            found = list(path.iterdir())
         inside = sorted(p for p in found if p.is_file() and p.suffix.lower() in readable)
         if not inside:
             deeper = not recursive and any(p.is_file() and p.suffix.lower() in readable for p in path.rglob("*"))
