@@ -16,8 +16,8 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
-from ..data import CLASSES, IMAGENET_MEAN, IMAGENET_STD, PALETTES, TestTransform, read_image, save_label_png
 from ..checkpoint import check_window
+from ..data import CLASSES, IMAGENET_MEAN, IMAGENET_STD, PALETTES, TestTransform, read_image, save_label_png
 from ..data.classes import default_palette
 from ..engine.inference import predict_logits, predict_probs, whole_labels
 
