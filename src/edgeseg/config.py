@@ -92,6 +92,7 @@ class TrainCfg:
     log_interval: int = 50
     eval_interval: int = 16_000  # 0: never during training
     checkpoint_interval: int = 16_000
+    max_keep_checkpoints: int = 0  # the newest N iter_*.pth of the run are kept; 0 keeps all (mmseg's default)
     seed: int = 0
     sync_bn: bool = True  # official runs use SyncBN; only possible with CUDA + DDP
     device: str = "auto"  # auto | cpu | cuda
@@ -340,7 +341,8 @@ def validate(cfg: Config, source: str = "config") -> Config:
     for name, val in (("optim.lr", cfg.optim.lr), ("optim.weight_decay", cfg.optim.weight_decay),
                       ("train.seed", cfg.train.seed), ("data.workers", d.workers),
                       ("train.eval_interval", cfg.train.eval_interval),
-                      ("train.checkpoint_interval", cfg.train.checkpoint_interval)):
+                      ("train.checkpoint_interval", cfg.train.checkpoint_interval),
+                      ("train.max_keep_checkpoints", cfg.train.max_keep_checkpoints)):
         if val < 0:
             raise ValueError(f"{source}: {name} must be >= 0, got {val}")
     if cfg.distill is not None:

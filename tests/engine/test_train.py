@@ -111,6 +111,22 @@ def test_log_holds_only_this_run_after_a_resume_from_an_earlier_checkpoint_or_a_
     assert [(r["mode"], r["iter"]) for r in previous] == [(r["mode"], r["iter"]) for r in reference]  # kept whole
 
 
+def test_max_keep_checkpoints_keeps_the_newest_of_this_run(tmp_path):
+    stale = tmp_path / "iter_100.pth"  # left by an earlier, longer run in the same folder
+    tmp_path.mkdir(exist_ok=True)
+    stale.write_bytes(b"an earlier run")
+    cfg = tiny_cfg("schedule.iters=6", "train.eval_interval=0", "train.max_keep_checkpoints=2")
+    train(cfg, tmp_path, progress=False, log=lambda *a: None)
+    assert sorted(p.name for p in tmp_path.glob("iter_*.pth")) == ["iter_100.pth", "iter_4.pth", "iter_6.pth"]
+    latest = torch.load(tmp_path / "latest.pth", map_location="cpu", weights_only=True)
+    assert latest["iteration"] == 6
+    # the default keeps every one, as mmseg does
+    train(tiny_cfg("train.eval_interval=0"), tmp_path / "all", progress=False, log=lambda *a: None)
+    assert sorted(p.name for p in (tmp_path / "all").glob("iter_*.pth")) == ["iter_2.pth", "iter_4.pth"]
+    with pytest.raises(ValueError, match=r"train.max_keep_checkpoints must be >= 0, got -1"):
+        tiny_cfg("train.max_keep_checkpoints=-1")
+
+
 def test_resuming_another_model_or_training_on_foreign_labels_is_one_line(tmp_path):
     from edgeseg.engine.train import check_labels
 

@@ -346,7 +346,8 @@ def distill(cfg: Config, work_dir: str | Path, resume: str | None = None, progre
             if saves:
                 save_training_state(work_dir, student, {
                     "iteration": step, "stage": stage, "best_mIoU": best, "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "config": cfg.to_dict(), "teacher_sha256": teacher_sha256}, info)
+                    "scaler": scaler.state_dict(), "config": cfg.to_dict(), "teacher_sha256": teacher_sha256}, info,
+                    cfg.train.max_keep_checkpoints)
 
     if bar is not None:
         bar.close()

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 import warnings
@@ -442,8 +443,11 @@ def restore_rng(states: list[dict[str, Any]], info: DistInfo) -> None:
     set_rng_state(states[info.rank % len(states)])
 
 
-def save_training_state(work_dir: Path, model: nn.Module, state: dict[str, Any], info: DistInfo) -> None:
+def save_training_state(work_dir: Path, model: nn.Module, state: dict[str, Any], info: DistInfo,
+                        keep: int = 0) -> None:
     """``iter_<state["iteration"]>.pth``: weights, ``state`` and every rank's generators; then ``latest.pth``.
+    With ``keep`` > 0 (``train.max_keep_checkpoints``) only the newest ``keep`` of the ``iter_*.pth`` up to this one
+    stay: a long run at SegFormer-B5's size would otherwise leave gigabytes of them.
 
     Collective: every rank calls it (the generators are gathered), rank 0 writes.
     """
@@ -452,6 +456,21 @@ def save_training_state(work_dir: Path, model: nn.Module, state: dict[str, Any],
         path = save_checkpoint(work_dir / f"iter_{state['iteration']}.pth", model,
                                {**state, "rng": rng, "world_size": info.world})
         _replace_copy(path, work_dir / "latest.pth")
+        if keep > 0:
+            prune_checkpoints(work_dir, state["iteration"], keep)
+
+
+def prune_checkpoints(work_dir: Path, iteration: int, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` ``iter_N.pth`` with N ≤ ``iteration``; returns the deleted paths.
+
+    Later iterations are left alone: they belong to an earlier run, which a user may still want, not to this one.
+    ``latest.pth`` is a hard link or a copy, so it survives its ``iter_N.pth``."""
+    numbered = sorted((int(m[1]), p) for p in work_dir.glob("iter_*.pth")
+                      if (m := re.fullmatch(r"iter_(\d+)\.pth", p.name)) and int(m[1]) <= iteration)
+    stale = [p for _, p in numbered[:-keep]]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 # --------------------------------------------------------------------------------------------------------- loop
@@ -554,7 +573,7 @@ def train(cfg: Config, work_dir: str | Path, resume: str | None = None, progress
         if saves:
             save_training_state(work_dir, model, {
                 "iteration": done, "best_mIoU": best_miou, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "config": cfg.to_dict()}, info)
+                "scaler": scaler.state_dict(), "config": cfg.to_dict()}, info, cfg.train.max_keep_checkpoints)
 
     if bar is not None:
         bar.close()
