@@ -286,6 +286,22 @@ def test_an_imagenet_classifier_exports(tmp_path, capsys):
     assert "-> 1x10" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name", ["mit-b0", "topformer-tiny-cls"])
+def test_predict_and_eval_refuse_an_imagenet_backbone_in_one_line(tmp_path, capsys, name):
+    from PIL import Image
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    ckpt = save_checkpoint(tmp_path / "backbone.pth", create_model(name))
+    recipe = Path(__file__).parents[1] / "configs" / "demo_scenes.yaml"
+    for argv in (["predict", str(ckpt), str(tmp_path / "a.png"), "--out", str(tmp_path / "out")],
+                 ["eval", str(recipe), "--checkpoint", str(ckpt)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"edgeseg {argv[0]}: error: '{ckpt}' holds {name}, an ImageNet backbone without a segmentation "
+                       f"head: pass a segmentation checkpoint (a backbone starts training: model.pretrained in a "
+                       f"recipe)"]
+
+
 def test_predict_with_a_model_name_warns_of_untrained_weights(tmp_path, capsys):
     from PIL import Image
 

@@ -127,6 +127,16 @@ def _build(args: argparse.Namespace):
         raise ValueError(f"{args.model}: {err}; {given}") from err
 
 
+def _segmentation_model(model: Any, source: str) -> Any:
+    """``model``, refused with a one-line fix when it is an ImageNet backbone or classifier (``mit-bX``,
+    ``*-cls``), which has no segmentation head to predict or score with."""
+    name = getattr(model, "model_name", "")
+    if name.startswith("mit-") or name.endswith("-cls"):
+        raise ValueError(f"'{source}' holds {name}, an ImageNet backbone without a segmentation head: pass a "
+                         f"segmentation checkpoint (a backbone starts training: model.pretrained in a recipe)")
+    return model
+
+
 DEVICE_HELP = "where the model runs: auto (the GPU where there is one, else the CPU), cpu, cuda, cuda:N"
 ARG_HELP = "builder argument, repeatable (value read as YAML), e.g. --arg head_depthwise=false or --arg decoder=mmseg"
 
@@ -280,7 +290,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not _is_checkpoint(args.model):  # a name builds a fresh model: fine for bench and export, noise here
         print(f"edgeseg predict: warning: '{args.model}' is a model name, not a checkpoint: its weights are "
               f"untrained (pass a .pth or a Hugging Face folder)", file=sys.stderr)
-    model = _build(args)
+    model = _segmentation_model(_build(args), args.model)
     if args.config:
         _apply_recipe(model, args.config)
     if args.mode == "slide" and not getattr(model, "test_crop_size", None):
@@ -357,7 +367,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         flags = " ".join(f for f in (args.mode and f"--mode {args.mode}", args.tta and "--tta") if f)
         validate(cfg, f"{flags} with {args.config}")
     dataset = build_val_dataset(cfg)
-    model = load_model(args.checkpoint)
+    model = _segmentation_model(load_model(args.checkpoint), args.checkpoint)
     check_class_count(cfg, dataset, model.num_classes, f"checkpoint '{args.checkpoint}' predicts "
                       f"{model.num_classes} classes", "pass the config of the checkpoint's dataset", split="val")
     if model.model_name != cfg.model.name:  # mmseg builds the config's model; here the file's own is scored

@@ -50,6 +50,19 @@ def test_segmenter_takes_gray_rgba_and_tensor_images_as_pil_reads_them():
         seg(torch.zeros(3, 40, 56, dtype=torch.bfloat16))
 
 
+def test_a_16_bit_or_float_pil_image_is_read_as_its_file_is(tmp_path):
+    model = edgeseg.create_model("topformer-tiny", num_classes=5).eval()
+    seg = Segmenter(model, scale=(128, 64), fuse=False)
+    grey = (np.arange(40 * 56).reshape(40, 56) * 29).astype(np.uint16)  # 0…65 k: Pillow's RGB would clip it white
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as im:
+        assert im.mode == "I;16"
+        assert np.array_equal(seg(im), seg(tmp_path / "grey16.png"))
+        assert np.array_equal(seg(im), seg(np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=2)))
+    with pytest.raises(ValueError, match=r"^the F image given holds floating-point pixels: convert it to 8-bit RGB$"):
+        seg(Image.fromarray(grey.astype(np.float32)))
+
+
 def test_segmenter_slides_windows_as_mmseg_slide_inference():
     model = random_weights_(edgeseg.create_model("topformer-tiny", num_classes=5)).eval()  # labels that vary
     rgb = (np.random.default_rng(0).random((70, 100, 3)) * 255).astype(np.uint8)

@@ -13,6 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from edgeseg.deploy.benchmark import random_weights_
 from edgeseg.models import segformer as S
+from edgeseg.models.dynamic import random_gates_
+from edgeseg.models.dynasegformer import from_segformer
 from edgeseg.models.layers import upsample_logits
 
 REF = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference"
@@ -309,6 +311,25 @@ def test_shapes_and_fuse_equivalence(random_b0, shape):
     assert fused.decode_head.linear_pred.out_channels == 24  # 19 classes padded to 24, sliced off in forward
     assert fused.model_name == "segformer-b0" and fused.model_args == {"num_classes": 19}
     assert isinstance(random_b0.decode_head, S.MLPDecoder)  # fuse() leaves the original untouched
+
+
+@pytest.mark.parametrize("hw", [(3, 70), (70, 3), (1, 1), (28, 40)])
+def test_a_map_thinner_than_one_reduction_window_is_zero_padded_to_it(random_b0, hw):
+    """Under ~29 px on a side the stage-1 map is narrower than the 8×8 sequence-reduction window, which the official
+    conv refuses: the tokens are zero-padded to one window, in every form, and the output keeps its usual size."""
+    x = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(3))
+    dynamic = random_gates_(from_segformer(random_b0, 0.3))
+    with torch.inference_mode():
+        logits = random_b0(x)
+        assert logits.shape == (2, 19, (hw[0] - 1) // 4 + 1, (hw[1] - 1) // 4 + 1)
+        assert (random_b0.fuse()(x) - logits).abs().max() <= 1e-5
+        assert (dynamic.fuse()(x) - dynamic(x)).abs().max() <= 1e-5
+    attn = random_b0.encoder.stages[0].blocks[0].attn
+    tokens = torch.randn(1, 3 * 5, 32)
+    padded = torch.zeros(1, 8, 8, 32)
+    padded[:, :3, :5] = tokens.reshape(1, 3, 5, 32)
+    with torch.no_grad():
+        assert (attn.reduce(tokens, (3, 5)) - attn.reduce(padded.reshape(1, 64, 32), (8, 8))).abs().max() <= 1e-6
 
 
 def test_additive_decoder_folds_its_batchnorm():

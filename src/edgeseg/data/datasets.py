@@ -57,16 +57,21 @@ def read_image(path: str | Path, exif_orientation: bool = False) -> np.ndarray:
     the pixels stay aligned with the label maps, which carry no EXIF; ``exif_orientation=True`` (prediction on
     photos) turns them upright as viewers show them, as mmseg's OpenCV-based loading does."""
     with _opened(path, "image") as im:
-        if exif_orientation:
-            im = ImageOps.exif_transpose(im)
-        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey: its top 8 bits, as OpenCV reads it
-            grey = np.array(im).astype(np.int64)
-            if grey.size and (grey.min() < 0 or grey.max() > 65535):
-                raise ValueError(f"image {path} is a 32-bit {im.mode} image: convert it to 8-bit RGB")
-            return np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=2)
-        if im.mode == "F":
-            raise ValueError(f"image {path} holds floating-point pixels: convert it to 8-bit RGB")
-        return np.array(im if im.mode == "RGB" else im.convert("RGB"))
+        return pil_to_rgb(ImageOps.exif_transpose(im) if exif_orientation else im, f"image {path}")
+
+
+def pil_to_rgb(im: Image.Image, what: str = "the image") -> np.ndarray:
+    """``H×W×3`` uint8 RGB of a PIL image of any mode: 16-bit grey gives its top 8 bits, as OpenCV reads it (Pillow's
+    own ``convert("RGB")`` would clip it to white); 32-bit and floating-point pixels have no such reading and are
+    refused, naming ``what``."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        grey = np.array(im).astype(np.int64)
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise ValueError(f"{what} is a 32-bit {im.mode} image: convert it to 8-bit RGB")
+        return np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    if im.mode == "F":
+        raise ValueError(f"{what} holds floating-point pixels: convert it to 8-bit RGB")
+    return np.array(im if im.mode == "RGB" else im.convert("RGB"))
 
 
 def read_label(path: str | Path) -> np.ndarray:

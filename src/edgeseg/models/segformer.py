@@ -122,7 +122,13 @@ class EfficientSelfAttention(nn.Module):
         if self.sr_ratio == 1:
             return x
         B, _, C = x.shape
-        x = self.sr(x.reshape(B, *hw, C).permute(0, 3, 1, 2))
+        x = x.reshape(B, *hw, C).permute(0, 3, 1, 2)
+        short = [max(self.sr_ratio - n, 0) for n in hw]
+        if any(short):
+            # A map thinner than one R×R window (an input under ~29 px on a side), which the official conv refuses:
+            # zero tokens below and to the right make it one window, as a zero-padded conv would. Exact elsewhere.
+            x = F.pad(x, (0, short[1], 0, short[0]))
+        x = self.sr(x)
         return self.norm(x.flatten(2).transpose(1, 2))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
