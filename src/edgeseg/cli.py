@@ -313,7 +313,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.scale is None and not getattr(model, "test_scale", None) and _is_checkpoint(args.model):
         # said once the outputs exist: a failing run prints its one-line error alone
         print(f"edgeseg predict: warning: '{args.model}' carries no test pipeline (official files have none): "
-              f"predicted at ADE20K's 2048x512 bound; pass its recipe (--config, e.g. the configs/ file of its "
+              f"predicted at ADE20K's 2048x512 bound with ImageNet's normalisation; pass its recipe (--config, e.g. the configs/ file of its "
               f"model and dataset) or --scale", file=sys.stderr)
     return 0
 
