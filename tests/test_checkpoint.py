@@ -63,6 +63,36 @@ def test_drop_head_keeps_the_models_own_head_where_the_files_does_not_fit(refere
         edgeseg.load_checkpoint(edgeseg.create_model("topformer-small", num_classes=19), path, drop_head=True)
 
 
+def test_a_damaged_or_headless_file_is_named_with_a_fix_the_command_line_can_follow(tmp_path):
+    """``load_model`` (what every command calls) never suggests ``drop_head``, an API argument; a classifier edited
+    to another width is another head, not "3 classes but the model has 3"."""
+    tiny = edgeseg.create_model("topformer-tiny", num_classes=3)
+    edgeseg.save_checkpoint(tmp_path / "edited.pth", tiny)
+    ckpt = torch.load(tmp_path / "edited.pth", weights_only=True)
+    ckpt["model_args"] = {"num_classes": 19}
+    torch.save(ckpt, tmp_path / "args.pth")
+    with pytest.raises(ValueError, match=r"^checkpoint '.*args.pth' has 3 classes but the model has 19: its tensors "
+                                         r"are not those of that model \(a damaged or edited file\?\)$"):
+        edgeseg.load_model(tmp_path / "args.pth")
+    sd = dict(tiny.state_dict())
+    sd["head.conv_seg.weight"] = torch.zeros(3, 64, 1, 1)  # the classifier's input width edited
+    with pytest.raises(ValueError, match=r"has another decode head \(e.g. head.conv_seg.weight: \[3, 64, 1, 1\] vs "
+                                         r"\[3, 128, 1, 1\]\): pass drop_head=True"):
+        edgeseg.load_checkpoint(tiny, _saved(tmp_path / "width.pth", sd))
+    headless = {k: v for k, v in tiny.state_dict().items() if not k.startswith("head.")}
+    with pytest.raises(ValueError, match=r"^checkpoint '.*headless.pth': TopFormer-tiny weights without a head .*: a "
+                                         r"backbone starts a training run \(model.pretrained\), it cannot segment$"):
+        edgeseg.load_model(_saved(tmp_path / "headless.pth", headless))
+    with pytest.raises(ValueError, match=r"^checkpoint '.*list.pth' holds a list, not a state dict: pass a file saved "
+                                         r"from model.state_dict\(\) or by edgeseg, mmseg or Hugging Face$"):
+        edgeseg.load_model(_saved(tmp_path / "list.pth", [1, 2, 3]))
+
+
+def _saved(path: Path, obj) -> Path:
+    torch.save(obj, path)
+    return path
+
+
 def test_drop_head_stays_strict_about_the_rest(tmp_path):
     sd = edgeseg.create_model("topformer-tiny", num_classes=150).state_dict()
     sd = {k: v for k, v in sd.items() if not k.startswith("injection.1.")}  # a backbone block missing

@@ -55,7 +55,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if Path(path).suffix == ".safetensors":
         return {"state_dict": obj}
     if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint '{path}' holds a {type(obj).__name__}, not a state dict")
+        raise ValueError(f"checkpoint '{path}' holds a {type(obj).__name__}, not a state dict: pass a file saved from "
+                         f"model.state_dict() or by edgeseg, mmseg or Hugging Face")
     return obj
 
 
@@ -124,7 +125,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
 def _load_state_dict(model: nn.Module, sd: dict[str, Tensor], path: Path, strict: bool, drop_head: bool,
                      fix: str | None = None) -> LoadReport:
     """:func:`load_checkpoint` of a state dict already read from ``path`` (named in the errors); ``fix`` ends the
-    error of a strict load that leaves keys missing or unexpected."""
+    errors of a strict load whose keys or head do not fit (``load_model``'s: the model was built from the file)."""
+    head_fix = fix or "pass drop_head=True to load all but the head tensors that do not fit (a config's " \
+                      "model.pretrained does)"
     fix = fix or f"build it with edgeseg.load_model('{path}'), or pass strict=False to load the rest"
     family, sd, notes = detect_layout(sd, source=f"checkpoint '{path}'")
     target = _model_family(model)
@@ -155,8 +158,7 @@ def _load_state_dict(model: nn.Module, sd: dict[str, Tensor], path: Path, strict
     if head is not None:
         dropped, differs, note = head
         if not drop_head:
-            raise ValueError(f"checkpoint '{path}' {differs}: pass drop_head=True to load all but the head tensors "
-                             f"that do not fit (a config's model.pretrained does)")
+            raise ValueError(f"checkpoint '{path}' {differs}: {head_fix}")
         report.skipped_keys += dropped
         report.layout_notes.append(note)
         sd = {k: v for k, v in sd.items() if k not in dropped}
@@ -182,7 +184,7 @@ def _unfit_head(sd: dict[str, Tensor], own: dict[str, Tensor], mismatched: list[
                 model: nn.Module) -> tuple[list[str], str, str] | None:
     """Where every tensor of ``sd`` that does not fit ``own`` is the head's (another class count, or another decode
     head): the tensors to drop, what differs (an error's words) and the note of dropping them; else None."""
-    classifier = [k for k in mismatched if sd[k].ndim >= 1 and own[k].ndim >= 1
+    classifier = [k for k in mismatched if src_classes != model.num_classes and sd[k].ndim >= 1 and own[k].ndim >= 1
                   and sd[k].shape[0] == src_classes and own[k].shape[0] == model.num_classes]
     in_head = [k for k in mismatched if k.startswith(HEAD_PREFIXES)]
     only_classifier = classifier == mismatched
@@ -307,7 +309,10 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
             args = dict(args)
         else:  # foreign layouts, and models saved without a registered name (built from their class)
             family, sd, _ = detect_layout(raw, source=f"checkpoint '{path}'")
-            name, args = FAMILIES[family].infer_model(sd)
+            try:
+                name, args = FAMILIES[family].infer_model(sd)
+            except ValueError as err:  # shapes no variant has, or no head to count the classes by
+                raise ValueError(f"checkpoint '{path}': {err}") from err
             # What the layout implies beyond the shapes (LayerNorm eps of mmsegmentation's or HF's SegFormer), where
             # a family says.
             layout_args = getattr(FAMILIES[family], "layout_args", None)

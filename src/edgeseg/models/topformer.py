@@ -646,7 +646,8 @@ def infer_model(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict]:
     if "head.fc.weight" in state_dict:
         return f"topformer-{variant}-cls", {"num_classes": state_dict["head.fc.weight"].shape[0]}
     if "head.linear_fuse.conv.weight" not in state_dict:
-        raise ValueError(f"TopFormer-{variant} weights without a head (neither head.linear_fuse nor head.fc)")
+        raise ValueError(f"TopFormer-{variant} weights without a head (neither head.linear_fuse nor head.fc): a "
+                         f"backbone starts a training run (model.pretrained), it cannot segment")
     fuse_weight = state_dict["head.linear_fuse.conv.weight"]
     args: dict = {"num_classes": state_dict["head.conv_seg.weight"].shape[0]}
     head_channels = fuse_weight.shape[0]
