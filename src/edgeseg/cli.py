@@ -313,8 +313,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.scale is None and not getattr(model, "test_scale", None) and _is_checkpoint(args.model):
         # said once the outputs exist: a failing run prints its one-line error alone
         print(f"edgeseg predict: warning: '{args.model}' carries no test pipeline (official files have none): "
-              f"predicted at ADE20K's 2048x512 bound with ImageNet's normalisation; pass its recipe (--config, e.g. the configs/ file of its "
-              f"model and dataset) or --scale", file=sys.stderr)
+              f"predicted at ADE20K's 2048x512 bound with ImageNet's normalisation; pass its recipe (--config, "
+              f"e.g. the configs/ file of its model and dataset) or --scale", file=sys.stderr)
     return 0
 
 
@@ -330,13 +330,31 @@ def _apply_recipe(model: Any, config: str) -> None:
         raise ValueError(f"{config} is a recipe for {cfg.model.name} but the model is {model.model_name}: pass the "
                          f"config of the model's architecture and dataset")
     dataset = cfg.data.dataset
-    expected = cfg.model.num_classes or (len(CLASSES[dataset]) if dataset in CLASSES else None)
+    classes, palette = (CLASSES[dataset], PALETTES.get(dataset)) if dataset in CLASSES else _own_classes(cfg)
+    expected = cfg.model.num_classes or (len(classes) if classes else None)
     if expected is not None and expected != model.num_classes:
         raise ValueError(f"{config} is a recipe for {expected} classes but the model predicts {model.num_classes}: "
                          f"pass the config of the model's dataset")
     set_test_recipe(model, cfg)
-    if not getattr(model, "class_names", None) and dataset in CLASSES and len(CLASSES[dataset]) == model.num_classes:
-        set_labels(model, CLASSES[dataset], PALETTES.get(dataset))
+    if not getattr(model, "class_names", None) and classes and len(classes) == model.num_classes:
+        set_labels(model, classes, palette)
+
+
+def _own_classes(cfg: Any) -> tuple[list | None, list | None]:
+    """The class names and palette of a folder dataset's recipe: its ``data`` kwargs, else its ``dataset.yaml``
+    where the data root is on this machine; (None, None) where neither says."""
+    import yaml
+
+    d = cfg.data
+    kwargs = {**d.kwargs, **d.val_kwargs}
+    if "classes" not in kwargs and d.dataset == "folder" and d.root:
+        meta = Path(d.root).expanduser() / kwargs.get("meta_file", "dataset.yaml")
+        try:
+            kwargs = {**(yaml.safe_load(meta.read_text(encoding="utf-8")) or {}), **kwargs}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return None, None
+    classes = kwargs.get("classes") if isinstance(kwargs, dict) else None
+    return (list(classes), kwargs.get("palette")) if isinstance(classes, list) else (None, None)
 
 
 # ------------------------------------------------------------------------------------ train, eval, demo, distill

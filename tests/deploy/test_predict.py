@@ -287,3 +287,24 @@ def test_video_errors_are_one_line(tmp_path, capsys, monkeypatch, video_io):
     assert main(["predict", str(ckpt), str(broken), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'edgeseg[video]'" in err
+
+
+def test_predict_config_of_a_folder_recipe_checks_and_brings_its_class_list(tmp_path, capsys):
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "dataset.yaml").write_text("classes: [sky, sea, sand]\n"
+                                       "palette: [[0, 0, 200], [0, 90, 160], [220, 200, 150]]\n")
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(f"model:\n  name: topformer-tiny\ndata:\n  dataset: folder\n  root: {root}\n"
+                      f"  test_scale: [64, 32]\n")
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    eight = edgeseg.save_checkpoint(tmp_path / "eight.pth", edgeseg.create_model("topformer-tiny", num_classes=8))
+    assert main(["predict", str(eight), str(tmp_path / "a.png"), "--config", str(recipe), "--out",
+                 str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == (f"edgeseg predict: error: {recipe} is a recipe for 3 classes but the "
+                                               f"model predicts 8: pass the config of the model's dataset")
+    three = edgeseg.save_checkpoint(tmp_path / "three.pth", edgeseg.create_model("topformer-tiny", num_classes=3))
+    assert main(["predict", str(three), str(tmp_path / "a.png"), "--config", str(recipe), "--out",
+                 str(tmp_path / "out")]) == 0
+    with Image.open(tmp_path / "out" / "a.png") as labels:  # coloured with the dataset's own palette
+        assert labels.getpalette()[:9] == [0, 0, 200, 0, 90, 160, 220, 200, 150]
