@@ -300,6 +300,14 @@ def _set(cfg: Config, assignment: str) -> None:
 
 def validate(cfg: Config, source: str = "config") -> Config:
     """Check the values that have a fixed vocabulary or must agree with each other."""
+    from .data import DATASETS
+    from .models import MODELS
+
+    for key, name, known in (("model.name", cfg.model.name, MODELS), ("data.dataset", cfg.data.dataset, DATASETS)):
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else f"; one of {', '.join(known)}"
+            raise ValueError(f"{source}: {key} '{name}' is unknown{hint}")
     if cfg.eval.mode not in ("whole", "slide"):
         raise ValueError(f"{source}: eval.mode must be 'whole' or 'slide', got '{cfg.eval.mode}'")
     if cfg.eval.mode == "slide" and (cfg.eval.crop_size is None or cfg.eval.stride is None):
@@ -390,6 +398,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 from None
         if not isinstance(data, dict):
             raise ValueError(f"config '{path}' must be a mapping of sections (model:, data:, ...)")
+        if not data:  # every default is ADE20K's 160k-iteration TopFormer-Tiny: not what an empty file means
+            raise ValueError(f"config '{path}' is empty: start from a configs/*.yaml recipe of the same model and "
+                             f"dataset")
     cfg = _build(Config, data, source)
     for assignment in overrides:
         _set(cfg, assignment)

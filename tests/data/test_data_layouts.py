@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ def test_layout_lengths_shapes_and_classes(make_tree, name):
     meta = sample["meta"]
     assert meta["ori_size"] == (H, W)
     assert Path(meta["img_path"]).is_file()
+    assert Path(train.label_path(0)).is_file() and Path(train.label_path(0)).suffix == ".png"
     assert meta["name"] and meta["name"] in Path(meta["img_path"]).name
     assert "." not in meta["name"]  # the suffix is stripped
     assert len({train[i]["meta"]["name"] for i in range(len(train))}) == len(train)
@@ -342,3 +344,17 @@ def test_a_folder_of_other_images_names_their_suffix_and_the_key_to_set(make_tre
         image.rename(image.with_suffix(".png"))
     with pytest.raises(FileNotFoundError, match=r"no \*\.jpg images in \S+training; expected"):
         build_dataset("ade20k", ade, "train")
+
+
+def test_images_of_another_suffix_beside_the_read_ones_are_said(make_tree):
+    root = make_tree("folder")
+    train = root / "img_dir" / "train"
+    (train / "img0.jpg").rename(train / "img0.jpeg")
+    (train / "img1.jpg").rename(train / "img1.JPG")
+    with pytest.warns(UserWarning, match=r"train: 1 \*\.JPG, 1 \*\.jpeg files skipped, only \*\.jpg images are read "
+                                         r"\(mmseg's img_suffix, case-sensitive\): rename them, or set img_suffix in "
+                                         r"dataset.yaml$"):
+        assert len(build_dataset("folder", root, "train")) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(build_dataset("folder", root, "val")) == 2

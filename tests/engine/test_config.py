@@ -81,6 +81,18 @@ def test_bad_values_name_the_field(tmp_path):
         load_config(_write(tmp_path, "_base_: other.yaml\n"))
     with pytest.raises(ValueError, match="'model.overrides.depth' is 3, not a mapping"):
         load_config(None, ["model.overrides.depth=3", "model.overrides.depth.x=1"])
+    recipe = _write(tmp_path, "model:\n  name: topformer-tinny\n")
+    with pytest.raises(ValueError, match=rf"^{recipe}: model.name 'topformer-tinny' is unknown \(did you mean "
+                                         rf"topformer-tiny, "):
+        load_config(recipe)
+    with pytest.raises(ValueError, match=r"^config with --set: data.dataset 'foldr' is unknown \(did you mean folder"):
+        load_config(None, ["data.dataset=foldr"])
+    with pytest.raises(ValueError, match=r"^config with --set: data.dataset 'imagenet' is unknown; one of ade20k, "):
+        load_config(None, ["data.dataset=imagenet"])
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(ValueError, match=r"empty.yaml' is empty: start from a configs/\*.yaml recipe"):
+        load_config(empty)
 
 
 def test_dump_roundtrip(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -166,3 +168,16 @@ def test_evaluate_whole_slide_and_tta():
     assert "mIoU" in metrics_table(whole)
     with pytest.raises(ValueError, match="slide"):
         predict_probs(model, torch.zeros(1, 3, 8, 8), (8, 8), mode="slide")
+
+
+def test_evaluate_warns_of_labels_that_are_neither_a_class_nor_ignore():
+    """mmseg scores such pixels (in the predicted class's area only) without a word; the count stays mmseg's, and the
+    first image holding one is named."""
+    val = ScenesDataset(split="val", num_images=2, size=(48, 64), transform=TestTransform((96, 48)))
+    assert int(val[0]["gt"].max()) >= 3  # scenes labels reach class 7
+    with pytest.warns(UserWarning, match=rf"^the label of {val.sample_name(0)} \(and maybe others\) holds values >= 3 "
+                                         r"that are not the ignore value 255: scored as mmseg scores them"):
+        evaluate(Pointwise(3).eval(), val, EvalCfg())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate(Pointwise(val.num_classes).eval(), val, EvalCfg())

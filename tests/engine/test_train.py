@@ -144,6 +144,9 @@ def test_resuming_another_model_or_training_on_foreign_labels_is_one_line(tmp_pa
     with pytest.raises(ValueError, match=r"the label map of b.jpg holds class 6, but the model has 5 classes"):
         check_labels(batch, 5)
     check_labels(batch, 7)
+    batch["meta"][1]["label_path"] = "ann/b.png"  # a file to fix: named, rather than its image
+    with pytest.raises(ValueError, match=r"^the label ann/b.png holds class 6, but the model has 5 classes"):
+        check_labels(batch, 5)
 
 
 def test_a_class_list_of_another_length_than_model_num_classes_is_refused_at_start(tmp_path):
@@ -162,7 +165,7 @@ def test_a_class_list_of_another_length_than_model_num_classes_is_refused_at_sta
         train(tiny_cfg(*folder, "model.num_classes=8", "data.kwargs={classes: [a, b, c, d, e]}"), tmp_path / "run",
               progress=False, log=lambda *a: None)
     # the class count from the list: a mask beyond it is named at its first batch
-    with pytest.raises(ValueError, match=r"the label map of .*scene_\d+.jpg holds class [5-7], but the model has 5 "
+    with pytest.raises(ValueError, match=r"^the label \S*scene_\d+.png holds class [5-7], but the model has 5 "
                                          r"classes"):
         train(tiny_cfg(*folder), tmp_path / "run", progress=False, log=lambda *a: None)
 

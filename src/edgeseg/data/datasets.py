@@ -142,6 +142,10 @@ class SegDataset(Dataset):
     def img_path(self, i: int) -> str:
         raise NotImplementedError
 
+    def label_path(self, i: int) -> str | None:
+        """The file of sample ``i``'s label map, named where a label needs fixing; None for computed labels."""
+        return None
+
     def load_pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         return self.load_image(i), self.load_label(i)
 
@@ -228,6 +232,12 @@ class FileSegDataset(SegDataset):
     def img_path(self, i: int) -> str:
         return self.img_files[i]
 
+    def label_path(self, i: int) -> str:
+        return self.ann_files[i]
+
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
 
 def scan_pairs(
     img_dir: Path,
@@ -253,14 +263,21 @@ def scan_pairs(
             raise FileNotFoundError(f"split file {split_file} not found; expected {what}")
         stems = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
     else:
-        stems = []
+        stems, others = [], collections.Counter()
         for dirpath, _, files in os.walk(img_dir, followlinks=True):
             rel = os.path.relpath(dirpath, img_dir)
             for f in files:
                 if f.endswith(img_suffix):
                     stem = f[: -len(img_suffix)]
                     stems.append(stem if rel == "." else os.path.join(rel, stem))
+                elif not f.endswith(seg_map_suffix) and os.path.splitext(f)[1].lower() in _IMAGE_SUFFIXES:
+                    others[os.path.splitext(f)[1]] += 1
         stems.sort(key=lambda s: s + img_suffix)
+        if stems and others and suffix_setting is not None:  # e.g. a few .jpeg or .JPG among .jpg: not silently left
+            found = ", ".join(f"{n} *{suffix}" for suffix, n in sorted(others.items(), key=lambda o: (-o[1], o[0])))
+            warnings.warn(f"{img_dir}: {found} files skipped, only *{img_suffix} images are read (mmseg's "
+                          f"img_suffix, case-sensitive): rename them, or set img_suffix in {suffix_setting}",
+                          stacklevel=2)
     if not stems:
         hint = ""
         if split_file is None and suffix_setting is not None:
@@ -281,7 +298,8 @@ def scan_pairs(
 
 def _root(name: str, root: str | Path | None, layout: str) -> Path:
     if root is None:
-        raise ValueError(f"{name}: a data root is required; expected {layout}")
+        raise ValueError(f"{name}: a data root is required (a recipe's data.root, or --set data.root=PATH); expected "
+                         f"{layout}")
     path = Path(root).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"{name}: data root {path} not found; expected {layout}")

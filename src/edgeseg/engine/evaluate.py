@@ -5,6 +5,7 @@ summed, so the result equals a single-process run."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -83,6 +84,7 @@ def evaluate(model: nn.Module, dataset: SegDataset, protocol: EvalCfg, workers: 
 
         loader = tqdm(loader, desc="eval", total=len(views), dynamic_ncols=True, leave=False)
     flip = protocol.tta and protocol.tta_flip
+    foreign: str | None = None  # the first image whose label holds a value that is neither a class nor ignore
     for item in loader:
         gt = item["gt"]
         if len(item["views"]) == 1 and not flip and protocol.mode == "whole":
@@ -92,9 +94,16 @@ def evaluate(model: nn.Module, dataset: SegDataset, protocol: EvalCfg, workers: 
             probs = tta_probs(net, [v[None].to(device) for v in item["views"]], gt.shape[-2:], protocol.mode,
                               protocol.crop_size, protocol.stride, add_flipped=flip)
             pred = probs.argmax(dim=1)[0].cpu()
+        seen = int(cm.hist[num_classes].sum())
         cm.update(pred, gt)
+        if foreign is None and int(cm.hist[num_classes].sum()) > seen:
+            foreign = str(item["name"])
         if callback is not None:
             callback(item["name"], pred, gt)
+    if foreign is not None:  # mmseg scores them silently; training refuses them (check_labels)
+        warnings.warn(f"the label of {foreign} (and maybe others) holds values >= {num_classes} that are not the "
+                      f"ignore value {dataset.ignore_index}: scored as mmseg scores them (in the predicted class's "
+                      f"area only); fix those masks or map the values to {dataset.ignore_index}", stacklevel=2)
     cm.all_reduce()
     net.train(was_training)
     num_images = int(sum_over_processes(torch.tensor(len(views))))

@@ -90,7 +90,8 @@ class SeededTrainSet(Dataset):
         index, position = key
         img, gt = self.dataset.load_pair(index)
         x, y, _ = self.transform(img, gt, rng=np.random.default_rng([self.seed, position]))
-        return {"img": x, "gt": y, "meta": {"index": index, "img_path": self.dataset.img_path(index)}}
+        return {"img": x, "gt": y, "meta": {"index": index, "img_path": self.dataset.img_path(index),
+                                           "label_path": self.dataset.label_path(index)}}
 
 
 # -------------------------------------------------------------------------------------------------- processes
@@ -203,14 +204,16 @@ def seed_everything(seed: int) -> None:
 
 # ------------------------------------------------------------------------------------------------------ parts
 def check_labels(batch: dict[str, Any], num_classes: int, ignore_index: int = 255) -> None:
-    """Every label of a training batch is a class of the model or ignored; else one line naming the image (the
-    loss would fail deep inside, or on a GPU with a device-side assert)."""
+    """Every label of a training batch is a class of the model or ignored; else one line naming the label file to
+    fix (the loss would fail deep inside, or on a GPU with a device-side assert)."""
     gt = batch["gt"]
     bad = ((gt >= num_classes) | (gt < 0)) & (gt != ignore_index)
     if bad.any():
         i = int(bad.flatten(1).any(1).nonzero()[0])
         meta = batch["meta"][i] if isinstance(batch.get("meta"), list) else {}
-        raise ValueError(f"the label map of {meta.get('img_path', f'image {i} of the batch')} holds class "
+        label = f"label {meta['label_path']}" if meta.get("label_path") else \
+            f"label map of {meta.get('img_path', f'image {i} of the batch')}"
+        raise ValueError(f"the {label} holds class "
                          f"{int(gt[i][bad[i]][0])}, but the model has {num_classes} classes (and {ignore_index} "
                          f"ignored): set model.num_classes to the dataset's class count, or fix the masks")
 
