@@ -94,6 +94,16 @@ def test_an_error_during_a_progress_bar_is_a_line_of_its_own(capsys, monkeypatch
     err = capsys.readouterr().err
     assert err.endswith("\nedgeseg info: error: data/x.png could not be read\n") and "2/4" in err
 
+    def failing_eval(args):  # as an evaluation, whose bar erases itself when closed
+        bar = tqdm(total=4, desc="eval", leave=False)
+        bar.update(1)
+        raise ValueError("data/y.png could not be read")
+
+    monkeypatch.setattr(edgeseg.cli, "cmd_info", failing_eval)
+    assert main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("\r\nedgeseg info: error: data/y.png could not be read\n") and "eval" in err
+
 
 def test_a_reader_that_goes_away_stops_the_output_quietly():
     """``edgeseg info | head -1``: the pipe closes before edgeseg writes; no error message, exit 1."""

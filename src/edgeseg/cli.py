@@ -648,8 +648,12 @@ def _end_progress_bars() -> None:
     """Close the tqdm bars a failing command left open: a bar's last state has no newline, and the one-line error
     would otherwise continue it (in a log file, on the same line)."""
     tqdm = sys.modules.get("tqdm")
-    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+    bars = list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()))
+    for bar in bars:
+        ends_line = getattr(bar, "leave", True)  # a transient bar (leave=False) is erased by '\r', not ended
         bar.close()
+        if not ends_line and not getattr(bar.fp, "isatty", lambda: False)():
+            bar.fp.write("\n")  # a log file keeps the erased bar's text; the error starts a line of its own
 
 
 def _explain(err: Exception, args: argparse.Namespace) -> str:

@@ -285,7 +285,7 @@ def test_unknown_dataset_arguments_are_named():
 
 
 @pytest.mark.parametrize("text, message", [
-    ("classes: [a, b\n", "not valid YAML at line 2"),
+    ("classes: [a, b\n", "not valid YAML at line 2, column 1: expected ',' or ']', but got '<stream end>'; fix"),
     ("classes: abc\n", "classes must be a list"),
     ("classes: [a, b]\nreduce_zero_label: 'false'\n", "reduce_zero_label must be true or false"),
     ("classes: [a, b]\npalette: [[300, 0, 0], [0, 0, 0]]\n", "values 0..255"),
@@ -304,6 +304,9 @@ def test_folder_yaml_unknown_keys_are_said_and_ignored(make_tree):
     (root / "dataset.yaml").write_text("classes: [a, b, c, d]\nname: my street scenes\n")
     with pytest.warns(UserWarning, match="unknown key 'name' ignored"):
         assert build_dataset("folder", root, "train").num_classes == 4
+    with warnings.catch_warnings():  # said once: the other split reads the same file
+        warnings.simplefilter("error")
+        assert build_dataset("folder", root, "val").num_classes == 4
     (root / "dataset.yaml").write_text("classes: [a, b, c, d]\nreduce_zero_labels: true\n")  # a typo: refused
     with pytest.raises(ValueError, match="unknown key 'reduce_zero_labels': did you mean 'reduce_zero_label'"):
         build_dataset("folder", root, "train")

@@ -308,3 +308,13 @@ def test_predict_config_of_a_folder_recipe_checks_and_brings_its_class_list(tmp_
                  str(tmp_path / "out")]) == 0
     with Image.open(tmp_path / "out" / "a.png") as labels:  # coloured with the dataset's own palette
         assert labels.getpalette()[:9] == [0, 0, 200, 0, 90, 160, 220, 200, 150]
+
+
+def test_an_animated_image_is_read_by_its_first_frame_and_said_so(tmp_path, capsys):
+    frames = [Image.new("RGB", (40, 30), (60 * i, 0, 0)) for i in range(3)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    assert main(["predict", "topformer-tiny", str(tmp_path / "anim.gif"), "--out", str(tmp_path / "out"),
+                 "--scale", "64", "32"]) == 0
+    assert f"edgeseg predict: warning: image {tmp_path / 'anim.gif'} has 3 frames: the first is read" in \
+        capsys.readouterr().err
+    assert (tmp_path / "out" / "anim.png").is_file()

@@ -57,13 +57,19 @@ def read_image(path: str | Path, exif_orientation: bool = False) -> np.ndarray:
     the pixels stay aligned with the label maps, which carry no EXIF; ``exif_orientation=True`` (prediction on
     photos) turns them upright as viewers show them, as mmseg's OpenCV-based loading does."""
     with _opened(path, "image") as im:
-        return pil_to_rgb(ImageOps.exif_transpose(im) if exif_orientation else im, f"image {path}")
+        return pil_to_rgb(im, f"image {path}", upright=exif_orientation)
 
 
-def pil_to_rgb(im: Image.Image, what: str = "the image") -> np.ndarray:
+def pil_to_rgb(im: Image.Image, what: str = "the image", upright: bool = False) -> np.ndarray:
     """``H×W×3`` uint8 RGB of a PIL image of any mode: 16-bit grey gives its top 8 bits, as OpenCV reads it (Pillow's
     own ``convert("RGB")`` would clip it to white); 32-bit and floating-point pixels have no such reading and are
-    refused, naming ``what``."""
+    refused, naming ``what``. Of an animation or a multi-page file, the first frame (said); ``upright`` turns it
+    by its EXIF orientation."""
+    if getattr(im, "n_frames", 1) > 1:
+        warnings.warn(f"{what} has {im.n_frames} frames: the first is read (a video file is segmented frame by "
+                      f"frame)", stacklevel=3)
+    if upright:
+        im = ImageOps.exif_transpose(im)
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         grey = np.array(im).astype(np.int64)
         if grey.size and (grey.min() < 0 or grey.max() > 65535):
@@ -427,6 +433,9 @@ _DATASET_YAML = {"classes": list, "palette": list, "img_dir": str, "ann_dir": st
                  "seg_map_suffix": str, "reduce_zero_label": bool, "splits": dict, "generator": dict}
 
 
+_noted_keys: set[tuple[str, Any]] = set()  # (dataset.yaml, key) pairs already said to be ignored
+
+
 def _read_dataset_yaml(path: Path) -> dict[str, Any]:
     """A folder dataset's description, checked key by key: a typo or a quoted ``'false'`` would otherwise change
     what is trained and scored without a word."""
@@ -435,7 +444,8 @@ def _read_dataset_yaml(path: Path) -> dict[str, Any]:
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ValueError(f"{path} is not valid YAML{where}: fix the file") from None
+        reason = getattr(err, "problem", None) or type(err).__name__
+        raise ValueError(f"{path} is not valid YAML{where}: {reason}; fix the file") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} must be a mapping (classes:, palette:, ...), got {type(cfg).__name__}")
     for key, value in cfg.items():
@@ -444,9 +454,11 @@ def _read_dataset_yaml(path: Path) -> dict[str, Any]:
             close = difflib.get_close_matches(str(key), _DATASET_YAML, n=1, cutoff=0.8)
             if close:  # a typo: its key's default would silently change the labels (reduce_zero_labels)
                 raise ValueError(f"{path}: unknown key {key!r}: did you mean {close[0]!r}?")
-            # a note of the user's own (name:, source:): said, not refused
-            warnings.warn(f"{path}: unknown key {key!r} ignored; the keys are {', '.join(_DATASET_YAML)}",
-                          stacklevel=3)
+            # a note of the user's own (name:, source:): said once, not refused (both splits read the file)
+            if (str(path), key) not in _noted_keys:
+                _noted_keys.add((str(path), key))
+                warnings.warn(f"{path}: unknown key {key!r} ignored; the keys are {', '.join(_DATASET_YAML)}",
+                              stacklevel=3)
             continue
         if not isinstance(value, kind):
             expected = {list: "a list", str: "a string", bool: "true or false", dict: "a mapping"}[kind]

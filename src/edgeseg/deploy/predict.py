@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 
 from ..checkpoint import check_window
@@ -31,7 +31,7 @@ def _as_rgb_array(image: ImageLike) -> np.ndarray:
             raise FileNotFoundError(f"image '{path}' does not exist")
         return read_image(path, exif_orientation=True)
     if isinstance(image, Image.Image):  # upright, as its file path would be read
-        return pil_to_rgb(ImageOps.exif_transpose(image), f"the {image.mode} image given")
+        return pil_to_rgb(image, f"the {image.mode} image given", upright=True)
     if isinstance(image, torch.Tensor):  # torchvision.io.read_image's layout: 3×H×W uint8
         if image.dim() != 3 or image.shape[0] not in (1, 3, 4) or image.dtype != torch.uint8:
             raise ValueError(f"expected a C×H×W uint8 image tensor (torchvision.io's layout), got {image.dtype} "
