@@ -80,29 +80,23 @@ def test_info_counts_a_model_without_figures_at_its_recipes_size(capsys):
     assert json.loads(capsys.readouterr().out)["input_size"] == [224, 224]
 
 
-def test_an_error_during_a_progress_bar_is_a_line_of_its_own(capsys, monkeypatch):
+@pytest.mark.parametrize("leave, bar_ends_with", [(True, "it/s] "), (False, "\r")])
+def test_an_error_during_a_progress_bar_is_a_line_of_its_own(capsys, monkeypatch, leave, bar_ends_with):
+    """A training bar stays (leave=True), an evaluation's erases itself when closed: either way, in a log file, the
+    error starts a line of its own."""
     import edgeseg.cli
     from tqdm import tqdm
 
-    def failing(args):  # as a training run whose data fails halfway
-        bar = tqdm(total=4, desc="train")
+    def failing(args):  # as a run whose data fails halfway
+        bar = tqdm(total=4, desc="train", leave=leave, mininterval=0)
         bar.update(2)
         raise ValueError("data/x.png could not be read")
 
     monkeypatch.setattr(edgeseg.cli, "cmd_info", failing)
     assert main(["info"]) == 2
     err = capsys.readouterr().err
-    assert err.endswith("\nedgeseg info: error: data/x.png could not be read\n") and "2/4" in err
-
-    def failing_eval(args):  # as an evaluation, whose bar erases itself when closed
-        bar = tqdm(total=4, desc="eval", leave=False)
-        bar.update(1)
-        raise ValueError("data/y.png could not be read")
-
-    monkeypatch.setattr(edgeseg.cli, "cmd_info", failing_eval)
-    assert main(["info"]) == 2
-    err = capsys.readouterr().err
-    assert err.endswith("\r\nedgeseg info: error: data/y.png could not be read\n") and "eval" in err
+    before, _, last = err.rpartition("\n" + "edgeseg info: error: data/x.png could not be read\n")
+    assert last == "" and before.endswith(bar_ends_with) and "2/4" in before  # the bar's last state, then the error
 
 
 def test_a_reader_that_goes_away_stops_the_output_quietly():
