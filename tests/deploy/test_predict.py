@@ -220,6 +220,22 @@ def test_predict_recursive_keeps_the_subfolders(tmp_path, capsys):
     assert (val / "pred" / "lindau" / "part" / "a.png").is_file() and not (val / "pred" / "pred").exists()
 
 
+def test_predict_recursive_follows_linked_folders_once(tmp_path):
+    from edgeseg.deploy.predict import expand_inputs
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    Image.new("RGB", (8, 8)).save(shared / "b.png")
+    (shared / "loop").symlink_to(shared, target_is_directory=True)  # a link back up the tree
+    top = tmp_path / "top"
+    top.mkdir()
+    Image.new("RGB", (8, 8)).save(top / "a.png")
+    (top / "linked").symlink_to(shared, target_is_directory=True)
+    found = [(str(p.relative_to(top)), str(o.relative_to(tmp_path))) for p, o in expand_inputs([top], tmp_path / "o",
+                                                                                                recursive=True)]
+    assert found == [("a.png", "o"), ("linked/b.png", "o/linked")]
+
+
 def test_missing_or_damaged_image_is_one_line(tmp_path, capsys):
     model = edgeseg.create_model("topformer-tiny", num_classes=4)
     ckpt = edgeseg.save_checkpoint(tmp_path / "m.pth", model)

@@ -178,9 +178,9 @@ def expand_inputs(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike
     a folder's subfolders too, each predicted into its own path under ``out_dir``: a dataset laid out by subfolder
     (Cityscapes' ``leftImg8bit/val/<city>/``) keeps its layout, and images named alike in two subfolders stay apart.
 
-    A recursive search skips ``out_dir`` (earlier predictions are not inputs), and, as ``Path.rglob`` on Python 3.11,
-    folders that are symbolic links. A folder with nothing to predict is an error; a missing file is left for the
-    reader to report.
+    A recursive search follows folders that are symbolic links (each real folder once), as the dataset scans do, and
+    skips ``out_dir`` (earlier predictions are not inputs). A folder with nothing to predict is an error; a missing
+    file is left for the reader to report.
     """
     readable, out_dir = IMAGE_SUFFIXES | VIDEO_SUFFIXES, Path(out_dir)
     inputs = []
@@ -188,20 +188,30 @@ def expand_inputs(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike
         if not path.is_dir():
             inputs.append((path, out_dir))
             continue
-        if recursive:
-            earlier = out_dir.resolve()
-            found = [p for p in path.rglob("*") if earlier not in p.resolve().parents]
-        else:
-            found = list(path.iterdir())
+        found = _files_below(path, skip=out_dir) if recursive else list(path.iterdir())
         inside = sorted(p for p in found if p.is_file() and p.suffix.lower() in readable)
         if not inside:
-            deeper = not recursive and any(p.is_file() and p.suffix.lower() in readable for p in path.rglob("*"))
+            deeper = not recursive and any(p.suffix.lower() in readable for p in _files_below(path, skip=out_dir))
             fix = "its subfolders hold some: pass --recursive" if deeper else \
                 "pass the files, or the folder that holds them"
             raise ValueError(f"folder '{path}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) or videos "
                              f"({', '.join(sorted(VIDEO_SUFFIXES))}): {fix}")
         inputs.extend((p, out_dir / p.parent.relative_to(path)) for p in inside)
     return inputs
+
+
+def _files_below(folder: Path, skip: Path) -> list[Path]:
+    """Every file under ``folder``, through symbolic links to folders, each real folder visited once (a link back
+    up the tree ends there), ``skip`` and what lies below it left out."""
+    seen, files, skip = set(), [], skip.resolve()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = Path(dirpath).resolve()
+        if real in seen or real == skip or skip in real.parents:
+            dirnames.clear()
+            continue
+        seen.add(real)
+        files.extend(Path(dirpath) / f for f in filenames)
+    return files
 
 
 def is_video(path: str | os.PathLike) -> bool:
