@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .fileio import write_text
+from .fileio import read_yaml, write_text
 
 
 @dataclass
@@ -387,15 +387,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if path.suffix == ".py":  # an mmseg config: its _base_ inheritance and type= registries are not ours
             raise ValueError(f"config '{path}' is a Python (mmseg) config: edgeseg reads YAML recipes; start from the "
                              f"configs/*.yaml of the same model and dataset, whose values follow the official files")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError:
-            raise ValueError(f"config '{path}' is not UTF-8 text: pass a YAML file") from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise ValueError(f"config '{path}' is not valid YAML{where}: {getattr(err, 'problem', None) or err}") \
-                from None
+        data = read_yaml(path, f"config '{path}'") or {}
         if not isinstance(data, dict):
             raise ValueError(f"config '{path}' must be a mapping of sections (model:, data:, ...)")
         if not data:  # every default is ADE20K's 160k-iteration TopFormer-Tiny: not what an empty file means

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,24 @@ import torch
 
 _UMASK = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it)
 os.umask(_UMASK)
+
+
+def walk_files(folder: str | os.PathLike, skip: str | os.PathLike | None = None) -> Iterator[tuple[str, list[str]]]:
+    """``(folder path, file names)`` of ``folder`` and every folder below it, through symbolic links to folders.
+
+    Each real folder is read once: a link back up the tree ends there, and where a link and the folder it names are
+    both in the tree, the real folder is walked first (so its files keep their own path). ``skip`` and what lies
+    below it are left out (e.g. a command's output folder inside its input folder)."""
+    seen: set[Path] = set()
+    skip = Path(skip).resolve() if skip is not None else None
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = Path(dirpath).resolve()
+        if real in seen or (skip is not None and (real == skip or skip in real.parents)):
+            dirnames.clear()
+            continue
+        seen.add(real)
+        dirnames.sort(key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d))
+        yield dirpath, filenames
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
@@ -49,6 +67,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """:func:`atomic_write` of a UTF-8 text file."""
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def read_yaml(path: str | os.PathLike, name: str) -> Any:
+    """The YAML document at ``path`` (``safe_load``: plain data only), or a one-line error naming ``name`` (how the
+    message calls the file) and where the syntax breaks."""
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{name} is not UTF-8 text: pass a YAML file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{name} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
 
 
 def read_weights(path: str | os.PathLike) -> Any:

@@ -231,9 +231,12 @@ def test_predict_recursive_follows_linked_folders_once(tmp_path):
     top.mkdir()
     Image.new("RGB", (8, 8)).save(top / "a.png")
     (top / "linked").symlink_to(shared, target_is_directory=True)
+    (top / "real").mkdir()
+    Image.new("RGB", (8, 8)).save(top / "real" / "c.png")
+    (top / "0link").symlink_to(top / "real", target_is_directory=True)  # listed first, walked after the folder
     found = [(str(p.relative_to(top)), str(o.relative_to(tmp_path))) for p, o in expand_inputs([top], tmp_path / "o",
                                                                                                 recursive=True)]
-    assert found == [("a.png", "o"), ("linked/b.png", "o/linked")]
+    assert found == [("a.png", "o"), ("linked/b.png", "o/linked"), ("real/c.png", "o/real")]
 
 
 def test_missing_or_damaged_image_is_one_line(tmp_path, capsys):

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from ..fileio import read_yaml, walk_files
 from .classes import CLASSES, PALETTES, default_palette
 
 Transform = Callable[..., Any]
@@ -63,9 +63,9 @@ def read_image(path: str | Path, exif_orientation: bool = False) -> np.ndarray:
 def pil_to_rgb(im: Image.Image, what: str = "the image", upright: bool = False) -> np.ndarray:
     """``H×W×3`` uint8 RGB of a PIL image of any mode: 16-bit grey gives its top 8 bits, as OpenCV reads it (Pillow's
     own ``convert("RGB")`` would clip it to white); 32-bit and floating-point pixels have no such reading and are
-    refused, naming ``what``. Of an animation or a multi-page file, the first frame (said); ``upright`` turns it
-    by its EXIF orientation."""
-    if getattr(im, "n_frames", 1) > 1:
+    refused, naming ``what``. Of an animation or a multi-page file, the first frame (said, except for the
+    previews a camera stores beside its JPEG); ``upright`` turns it by its EXIF orientation."""
+    if getattr(im, "n_frames", 1) > 1 and im.format != "MPO":  # a camera JPEG's extra pictures are previews
         warnings.warn(f"{what} has {im.n_frames} frames: the first is read (a video file is segmented frame by "
                       f"frame)", stacklevel=3)
     if upright:
@@ -242,7 +242,7 @@ class FileSegDataset(SegDataset):
         return self.ann_files[i]
 
 
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})  # read as images
 
 
 def scan_pairs(
@@ -270,13 +270,14 @@ def scan_pairs(
         stems = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
     else:
         stems, others = [], collections.Counter()
-        for dirpath, _, files in os.walk(img_dir, followlinks=True):
+        shared = img_dir.resolve() == ann_dir.resolve()  # images and label maps side by side
+        for dirpath, files in walk_files(img_dir):
             rel = os.path.relpath(dirpath, img_dir)
             for f in files:
                 if f.endswith(img_suffix):
                     stem = f[: -len(img_suffix)]
                     stems.append(stem if rel == "." else os.path.join(rel, stem))
-                elif not f.endswith(seg_map_suffix) and os.path.splitext(f)[1].lower() in _IMAGE_SUFFIXES:
+                elif os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES and not (shared and f.endswith(seg_map_suffix)):
                     others[os.path.splitext(f)[1]] += 1
         stems.sort(key=lambda s: s + img_suffix)
         if stems and others and suffix_setting is not None:  # e.g. a few .jpeg or .JPG among .jpg: not silently left
@@ -287,8 +288,8 @@ def scan_pairs(
     if not stems:
         hint = ""
         if split_file is None and suffix_setting is not None:
-            found = collections.Counter(Path(f).suffix for _, _, files in os.walk(img_dir, followlinks=True)
-                                        for f in files if Path(f).suffix)
+            found = collections.Counter(Path(f).suffix for _, files in walk_files(img_dir) for f in files
+                                        if Path(f).suffix)
             if found:
                 suffix, count = found.most_common(1)[0]
                 hint = f" (it holds {count} *{suffix} files: set img_suffix: {suffix} in {suffix_setting})"
@@ -436,16 +437,10 @@ _DATASET_YAML = {"classes": list, "palette": list, "img_dir": str, "ann_dir": st
 _noted_keys: set[tuple[str, Any]] = set()  # (dataset.yaml, key) pairs already said to be ignored
 
 
-def _read_dataset_yaml(path: Path) -> dict[str, Any]:
+def read_dataset_yaml(path: Path) -> dict[str, Any]:
     """A folder dataset's description, checked key by key: a typo or a quoted ``'false'`` would otherwise change
     what is trained and scored without a word."""
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        reason = getattr(err, "problem", None) or type(err).__name__
-        raise ValueError(f"{path} is not valid YAML{where}: {reason}; fix the file") from None
+    cfg = read_yaml(path, str(path)) or {}
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} must be a mapping (classes:, palette:, ...), got {type(cfg).__name__}")
     for key, value in cfg.items():
@@ -512,7 +507,7 @@ class FolderDataset(FileSegDataset):
         cfg: dict[str, Any] = {}
         meta_path = path / meta_file
         if meta_path.is_file():
-            cfg = _read_dataset_yaml(meta_path)
+            cfg = read_dataset_yaml(meta_path)
         img_dir = img_dir if img_dir is not None else cfg.get("img_dir", "img_dir")
         ann_dir = ann_dir if ann_dir is not None else cfg.get("ann_dir", "ann_dir")
         img_suffix = img_suffix if img_suffix is not None else cfg.get("img_suffix", ".jpg")

@@ -17,9 +17,11 @@ from PIL import Image
 from torch import nn
 
 from ..checkpoint import check_window
-from ..data import CLASSES, IMAGENET_MEAN, IMAGENET_STD, PALETTES, TestTransform, pil_to_rgb, read_image, save_label_png
+from ..data import (CLASSES, IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, PALETTES, TestTransform, pil_to_rgb,
+                    read_image, save_label_png)
 from ..data.classes import default_palette
 from ..engine.inference import predict_logits, predict_probs, whole_labels
+from ..fileio import walk_files
 
 ImageLike = str | os.PathLike | np.ndarray | Image.Image | torch.Tensor
 
@@ -168,7 +170,6 @@ class Segmenter:
 
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv"})
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 
 
 def expand_inputs(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
@@ -201,17 +202,7 @@ def expand_inputs(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike
 
 
 def _files_below(folder: Path, skip: Path) -> list[Path]:
-    """Every file under ``folder``, through symbolic links to folders, each real folder visited once (a link back
-    up the tree ends there), ``skip`` and what lies below it left out."""
-    seen, files, skip = set(), [], skip.resolve()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = Path(dirpath).resolve()
-        if real in seen or real == skip or skip in real.parents:
-            dirnames.clear()
-            continue
-        seen.add(real)
-        files.extend(Path(dirpath) / f for f in filenames)
-    return files
+    return [Path(dirpath) / f for dirpath, files in walk_files(folder, skip) for f in files]
 
 
 def is_video(path: str | os.PathLike) -> bool:
