@@ -79,6 +79,13 @@ def test_a_damaged_or_headless_file_is_named_with_a_fix_the_command_line_can_fol
     with pytest.raises(ValueError, match=r"has another decode head \(e.g. head.conv_seg.weight: \[3, 64, 1, 1\] vs "
                                          r"\[3, 128, 1, 1\]\): pass drop_head=True"):
         edgeseg.load_checkpoint(tiny, _saved(tmp_path / "width.pth", sd))
+    ckpt["model_args"] = {"num_classes": 3}
+    first = next(k for k, v in ckpt["state_dict"].items() if v.ndim == 4)  # a backbone conv edited
+    ckpt["state_dict"][first] = torch.zeros(1, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"^checkpoint '.*backbone.pth' does not fit topformer-tiny: 1 tensors differ "
+                                         r"in shape .*: its tensors are not those of that model \(a damaged or edited "
+                                         r"file\?\)$"):
+        edgeseg.load_model(_saved(tmp_path / "backbone.pth", ckpt))
     headless = {k: v for k, v in tiny.state_dict().items() if not k.startswith("head.")}
     with pytest.raises(ValueError, match=r"^checkpoint '.*headless.pth': TopFormer-tiny weights without a head .*: a "
                                          r"backbone starts a training run \(model.pretrained\), it cannot segment$"):

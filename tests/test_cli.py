@@ -256,6 +256,12 @@ def test_zero_or_negative_counts_are_refused_before_anything_runs(argv, capsys):
     assert exit_.value.code == 2 and "must be positive" in capsys.readouterr().err
 
 
+def test_demo_takes_an_iteration_count_or_a_time_budget_not_both(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--iters", "3", "--minutes", "1"])
+    assert exit_.value.code == 2 and "argument --minutes: not allowed with argument --iters" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("arg, message", [("head_depthwise=maybe", "head_depthwise='maybe': expected bool"),
                                           ("head_channels=abc", "head_channels='abc': expected int")])
 def test_builder_arguments_of_the_wrong_type_are_refused(capsys, arg, message):

@@ -128,6 +128,7 @@ def _load_state_dict(model: nn.Module, sd: dict[str, Tensor], path: Path, strict
     errors of a strict load whose keys or head do not fit (``load_model``'s: the model was built from the file)."""
     head_fix = fix or "pass drop_head=True to load all but the head tensors that do not fit (a config's " \
                       "model.pretrained does)"
+    shape_fix = fix or f"build it with edgeseg.load_model('{path}')"
     fix = fix or f"build it with edgeseg.load_model('{path}'), or pass strict=False to load the rest"
     family, sd, notes = detect_layout(sd, source=f"checkpoint '{path}'")
     target = _model_family(model)
@@ -166,8 +167,7 @@ def _load_state_dict(model: nn.Module, sd: dict[str, Tensor], path: Path, strict
         k = mismatched[0]
         raise ValueError(f"checkpoint '{path}' does not fit {model.model_name}: {len(mismatched)} tensors differ in "
                          f"shape (e.g. {k}: {list(sd[k].shape)} vs {list(own[k].shape)}); it holds {src_name} "
-                         f"{src_args}, the model is {model.model_name} {model.model_args}: build it with "
-                         f"edgeseg.load_model('{path}')")
+                         f"{src_args}, the model is {model.model_name} {model.model_args}: {shape_fix}")
 
     result = model.load_state_dict(sd, strict=False)
     report.missing_keys = [k for k in result.missing_keys if k not in report.skipped_keys]
@@ -206,10 +206,11 @@ def set_labels(model: nn.Module, class_names: Any = None, palette: Any = None) -
     it has one entry per output class: they travel with it into checkpoints, Hugging Face folders and predictions, so
     a model trained on a custom dataset labels and colours its outputs as that dataset does."""
     k = getattr(model, "num_classes", None)
-    if class_names is not None and len(class_names) == k:
+    if isinstance(class_names, (list, tuple)) and len(class_names) == k:
         model.class_names = [str(c) for c in class_names]
-    if palette is not None and len(palette) == k and all(
-            len(c) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c) for c in palette):
+    if isinstance(palette, (list, tuple)) and len(palette) == k and all(
+            isinstance(c, (list, tuple)) and len(c) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
+            for c in palette):
         model.palette = [tuple(int(v) for v in c) for c in palette]
     return model
 

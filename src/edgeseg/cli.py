@@ -130,8 +130,10 @@ def _build(args: argparse.Namespace):
 def _segmentation_model(model: Any, source: str) -> Any:
     """``model``, refused with a one-line fix when it is an ImageNet backbone or classifier (``mit-bX``,
     ``*-cls``), which has no segmentation head to predict or score with."""
+    from .models import is_classifier
+
     name = getattr(model, "model_name", "")
-    if name.startswith("mit-") or name.endswith("-cls"):
+    if is_classifier(name):
         raise ValueError(f"'{source}' holds {name}, an ImageNet backbone without a segmentation head: pass a "
                          f"segmentation checkpoint (a backbone starts training: model.pretrained in a recipe)")
     return model
@@ -312,9 +314,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"{image} -> {label_path}")
     if args.scale is None and not getattr(model, "test_scale", None) and _is_checkpoint(args.model):
         # said once the outputs exist: a failing run prints its one-line error alone
+        norm = "" if getattr(model, "input_mean", None) else " with ImageNet's normalisation"
         print(f"edgeseg predict: warning: '{args.model}' carries no test pipeline (official files have none): "
-              f"predicted at ADE20K's 2048x512 bound with ImageNet's normalisation; pass its recipe (--config, "
-              f"e.g. the configs/ file of its model and dataset) or --scale", file=sys.stderr)
+              f"predicted at ADE20K's 2048x512 bound{norm}; pass its recipe (--config, e.g. the configs/ file of its "
+              f"model and dataset) or --scale", file=sys.stderr)
     return 0
 
 
@@ -342,18 +345,16 @@ def _apply_recipe(model: Any, config: str) -> None:
 
 def _own_classes(cfg: Any) -> tuple[list | None, list | None]:
     """The class names and palette of a folder dataset's recipe: its ``data`` kwargs, else its ``dataset.yaml``
-    where the data root is on this machine; (None, None) where neither says."""
-    import yaml
+    (read as training reads it) where the data root is on this machine; (None, None) where neither says."""
+    from .data.datasets import read_dataset_yaml
 
     d = cfg.data
     kwargs = {**d.kwargs, **d.val_kwargs}
     if "classes" not in kwargs and d.dataset == "folder" and d.root:
         meta = Path(d.root).expanduser() / kwargs.get("meta_file", "dataset.yaml")
-        try:
-            kwargs = {**(yaml.safe_load(meta.read_text(encoding="utf-8")) or {}), **kwargs}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            return None, None
-    classes = kwargs.get("classes") if isinstance(kwargs, dict) else None
+        if meta.is_file():
+            kwargs = {**read_dataset_yaml(meta), **kwargs}
+    classes = kwargs.get("classes")
     return (list(classes), kwargs.get("palette")) if isinstance(classes, list) else (None, None)
 
 
@@ -473,10 +474,11 @@ def _engine_parsers(sub: Any) -> None:
 
     p = sub.add_parser("demo", help="train TopFormer-Tiny from scratch on procedural scenes on the CPU, then report")
     p.add_argument("--work-dir", default="work_dirs/demo", help="output folder (default: work_dirs/demo)")
-    p.add_argument("--iters", type=POSITIVE_INT,
-                   help="training iterations (default 900, about 2.5 min of training on 2 idle cores)")
-    p.add_argument("--minutes", type=POSITIVE_FLOAT,
-                   help="instead of --iters: fit the iteration count to this time budget")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--iters", type=POSITIVE_INT,
+                        help="training iterations (default 900, about 2.5 min of training on 2 idle cores)")
+    length.add_argument("--minutes", type=POSITIVE_FLOAT,
+                        help="instead of --iters: fit the iteration count to this time budget")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 

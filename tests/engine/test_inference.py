@@ -175,8 +175,8 @@ def test_evaluate_warns_of_labels_that_are_neither_a_class_nor_ignore():
     first image holding one is named."""
     val = ScenesDataset(split="val", num_images=2, size=(48, 64), transform=TestTransform((96, 48)))
     assert int(val[0]["gt"].max()) >= 3  # scenes labels reach class 7
-    with pytest.warns(UserWarning, match=rf"^the label of {val.sample_name(0)} \(and maybe others\) holds values >= 3 "
-                                         r"that are not the ignore value 255: scored as mmseg scores them"):
+    with pytest.warns(UserWarning, match=rf"^the label of image {val.sample_name(0)} \(and maybe others\) holds "
+                                         r"values >= 3 that are not the ignore value 255: scored as mmseg scores them"):
         evaluate(Pointwise(3).eval(), val, EvalCfg())
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -147,6 +147,9 @@ def test_resuming_another_model_or_training_on_foreign_labels_is_one_line(tmp_pa
     batch["meta"][1]["label_path"] = "ann/b.png"  # a file to fix: named, rather than its image
     with pytest.raises(ValueError, match=r"^the label ann/b.png holds class 6, but the model has 5 classes"):
         check_labels(batch, 5)
+    batch["meta"][1]["reduce_zero_label"] = True  # the file holds 7, which became class 6
+    with pytest.raises(ValueError, match=r"^the label ann/b.png holds value 7 \(class 6 after reduce_zero_label\), "):
+        check_labels(batch, 5)
 
 
 def test_a_class_list_of_another_length_than_model_num_classes_is_refused_at_start(tmp_path):

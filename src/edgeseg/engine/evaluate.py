@@ -47,10 +47,10 @@ class _Views(Dataset):
         index = self.indices[i]
         if self.transforms is None:
             item = self.dataset[index]
-            return {"views": [item["img"]], "gt": item["gt"], "name": item["meta"]["name"]}
+            return {"views": [item["img"]], "gt": item["gt"], "name": item["meta"]["name"], "index": index}
         img, gt = self.dataset.load_pair(index)
         views = [t(img)[0] for t in self.transforms]
-        return {"views": views, "gt": torch.as_tensor(gt), "name": self.dataset.sample_name(index)}
+        return {"views": views, "gt": torch.as_tensor(gt), "name": self.dataset.sample_name(index), "index": index}
 
 
 def _dist() -> tuple[int, int]:
@@ -84,7 +84,7 @@ def evaluate(model: nn.Module, dataset: SegDataset, protocol: EvalCfg, workers: 
 
         loader = tqdm(loader, desc="eval", total=len(views), dynamic_ncols=True, leave=False)
     flip = protocol.tta and protocol.tta_flip
-    foreign: str | None = None  # the first image whose label holds a value that is neither a class nor ignore
+    foreign: str | None = None  # the first label file holding a value that is neither a class nor ignore
     for item in loader:
         gt = item["gt"]
         if len(item["views"]) == 1 and not flip and protocol.mode == "whole":
@@ -97,14 +97,15 @@ def evaluate(model: nn.Module, dataset: SegDataset, protocol: EvalCfg, workers: 
         seen = int(cm.hist[num_classes].sum())
         cm.update(pred, gt)
         if foreign is None and int(cm.hist[num_classes].sum()) > seen:
-            foreign = str(item["name"])
+            foreign = dataset.label_path(int(item["index"])) or f"of image {item['name']}"
         if callback is not None:
             callback(item["name"], pred, gt)
-    if foreign is not None:  # mmseg scores them silently; training refuses them (check_labels)
-        warnings.warn(f"the label of {foreign} (and maybe others) holds values >= {num_classes} that are not the "
-                      f"ignore value {dataset.ignore_index}: scored as mmseg scores them (in the predicted class's "
-                      f"area only); fix those masks or map the values to {dataset.ignore_index}", stacklevel=2)
     cm.all_reduce()
+    if rank == 0 and int(cm.hist[num_classes].sum()):  # mmseg scores them silently; training refuses them
+        warnings.warn(f"the label {foreign or 'of an image another process scored'} (and maybe others) holds values "
+                      f">= {num_classes} that are not the ignore value {dataset.ignore_index}: scored as mmseg scores "
+                      f"them (in the predicted class's area only); fix those masks or map the values to "
+                      f"{dataset.ignore_index}", stacklevel=2)
     net.train(was_training)
     num_images = int(sum_over_processes(torch.tensor(len(views))))
     return format_metrics(cm.compute(), dataset.classes, num_images)

@@ -91,7 +91,8 @@ class SeededTrainSet(Dataset):
         img, gt = self.dataset.load_pair(index)
         x, y, _ = self.transform(img, gt, rng=np.random.default_rng([self.seed, position]))
         return {"img": x, "gt": y, "meta": {"index": index, "img_path": self.dataset.img_path(index),
-                                           "label_path": self.dataset.label_path(index)}}
+                                           "label_path": self.dataset.label_path(index),
+                                           "reduce_zero_label": bool(getattr(self.dataset, "reduce_zero_label", 0))}}
 
 
 # -------------------------------------------------------------------------------------------------- processes
@@ -213,8 +214,11 @@ def check_labels(batch: dict[str, Any], num_classes: int, ignore_index: int = 25
         meta = batch["meta"][i] if isinstance(batch.get("meta"), list) else {}
         label = f"label {meta['label_path']}" if meta.get("label_path") else \
             f"label map of {meta.get('img_path', f'image {i} of the batch')}"
-        raise ValueError(f"the {label} holds class "
-                         f"{int(gt[i][bad[i]][0])}, but the model has {num_classes} classes (and {ignore_index} "
+        value = int(gt[i][bad[i]][0])
+        # the value as the file holds it: reduce_zero_label moved it down by one
+        held = f"value {value + 1} (class {value} after reduce_zero_label)" if meta.get("reduce_zero_label") else \
+            f"class {value}"
+        raise ValueError(f"the {label} holds {held}, but the model has {num_classes} classes (and {ignore_index} "
                          f"ignored): set model.num_classes to the dataset's class count, or fix the masks")
 
 
@@ -466,8 +470,9 @@ def save_training_state(work_dir: Path, model: nn.Module, state: dict[str, Any],
 def prune_checkpoints(work_dir: Path, iteration: int, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` ``iter_N.pth`` with N ≤ ``iteration``; returns the deleted paths.
 
-    Later iterations are left alone: they belong to an earlier run, which a user may still want, not to this one.
-    ``latest.pth`` is a hard link or a copy, so it survives its ``iter_N.pth``."""
+    Later iterations are left alone: they belong to an earlier run, which a user may still want, not to this one;
+    an earlier run's lower ones count among the ``keep`` (mmseg also prunes by name). ``latest.pth`` is a hard link
+    or a copy, so it survives its ``iter_N.pth``."""
     numbered = sorted((int(m[1]), p) for p in work_dir.glob("iter_*.pth")
                       if (m := re.fullmatch(r"iter_(\d+)\.pth", p.name)) and int(m[1]) <= iteration)
     stale = [p for _, p in numbered[:-keep]]

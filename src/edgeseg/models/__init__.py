@@ -35,6 +35,12 @@ def list_models() -> list[str]:
     return list(MODELS)
 
 
+def is_classifier(name: str) -> bool:
+    """Whether ``name`` is an ImageNet classifier (``mit-bX``, ``*-cls``): a backbone with no segmentation head, whose
+    weights start a segmentation model's training."""
+    return name.startswith("mit-") or name.endswith("-cls")
+
+
 def family_of(model: str | nn.Module) -> str:
     """The family ("TopFormer", "SegFormer", ...) a model, or a model name, belongs to. A model built from its class
     rather than by :func:`create_model` has no registered name: the module that defines its class says."""
@@ -66,7 +72,7 @@ def create_model(name: str, num_classes: int | None = None, **overrides: Any) ->
             count = operator.index(num_classes)  # ints of any kind (NumPy's too), never floats or strings
         except TypeError:
             count = -1
-        least = 0 if name.startswith("mit-") or name.endswith("-cls") else 1  # 0: a classifier's bare backbone
+        least = 0 if is_classifier(name) else 1  # 0: a classifier's bare backbone
         if count < least or isinstance(num_classes, bool):
             raise ValueError(f"num_classes must be an integer ≥ {least} for {name}, got {num_classes!r}")
         overrides["num_classes"] = count
