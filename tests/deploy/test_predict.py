@@ -327,6 +327,11 @@ def test_predict_config_of_a_folder_recipe_checks_and_brings_its_class_list(tmp_
                  str(tmp_path / "out")]) == 0
     with Image.open(tmp_path / "out" / "a.png") as labels:  # coloured with the dataset's own palette
         assert labels.getpalette()[:9] == [0, 0, 200, 0, 90, 160, 220, 200, 150]
+    (root / "dataset.yaml").write_text("classes: [sky, sea, sand]\npalette: [1, 2, 3]\n")  # read as training reads it
+    assert main(["predict", str(three), str(tmp_path / "a.png"), "--config", str(recipe), "--out",
+                 str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"edgeseg predict: error: {root / 'dataset.yaml'}: palette colours are [r, g, b] with values 0..255, got 1"]
 
 
 def test_an_animated_image_is_read_by_its_first_frame_and_said_so(tmp_path, capsys):
