@@ -123,11 +123,11 @@ class EfficientSelfAttention(nn.Module):
             return x
         B, _, C = x.shape
         x = x.reshape(B, *hw, C).permute(0, 3, 1, 2)
-        short = [max(self.sr_ratio - n, 0) for n in hw]
-        if any(short):
+        R = self.sr_ratio
+        if min(hw) < R:  # one comparison on the forward's common path
             # A map thinner than one R×R window (an input under ~29 px on a side), which the official conv refuses:
             # zero tokens below and to the right make it one window, as a zero-padded conv would. Exact elsewhere.
-            x = F.pad(x, (0, short[1], 0, short[0]))
+            x = F.pad(x, (0, max(R - hw[1], 0), 0, max(R - hw[0], 0)))
         x = self.sr(x)
         return self.norm(x.flatten(2).transpose(1, 2))
 
